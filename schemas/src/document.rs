@@ -1,0 +1,375 @@
+//! The control documents of the master repository and the refs they point at.
+//!
+//! `refs/heads/datacenters/<dc>` holds `datacenter.json` ([`DatacenterDoc`]): which
+//! datacenter-configuration the datacenter follows and its inventory. That
+//! configuration (`datacenter-configuration.json`, [`DatacenterConfiguration`]) pins
+//! each service, application and device to a branch head or a tag.
+//!
+//! Parsing is strict (unknown fields are errors, so a typo cannot silently drop a pin)
+//! and every error names the file, the field and the problem.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// File holding a datacenter's document at the root of `refs/heads/datacenters/<dc>`.
+pub const DATACENTER_FILE: &str = "datacenter.json";
+/// File holding a configuration at the root of a `datacenter-configuration` ref.
+pub const CONFIGURATION_FILE: &str = "datacenter-configuration.json";
+/// The tag value that follows a branch head instead of pinning a tag.
+pub const LATEST: &str = "latest";
+
+/// What a pinned tree configures; each has its own ref namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `services/<name>/<branch>`.
+    Service,
+    /// `applications/<name>/<branch>`.
+    Application,
+    /// `devices/<name>/<branch>`.
+    Device,
+}
+
+impl Kind {
+    /// Every kind, in resolution order.
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::Application, Kind::Device];
+
+    /// Singular name, used in subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "service",
+            Kind::Application => "application",
+            Kind::Device => "device",
+        }
+    }
+
+    /// Plural name: the ref namespace and the document field.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::Application => "applications",
+            Kind::Device => "devices",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One pinned service, application or device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// Name of the service: its refs live under `<kind>s/<name>/`.
+    pub name: String,
+    /// Branch followed when `tag` is `latest`, and reported in the index.
+    pub branch: String,
+    /// A tag under `refs/tags/<kind>s/<name>/`, or `latest` to follow the branch head.
+    #[serde(default = "latest")]
+    pub tag: String,
+}
+
+fn latest() -> String {
+    LATEST.to_owned()
+}
+
+impl Pin {
+    /// The full ref this pin resolves through.
+    pub fn ref_name(&self, kind: Kind) -> String {
+        if self.tag == LATEST {
+            format!("refs/heads/{}/{}/{}", kind.plural(), self.name, self.branch)
+        } else {
+            format!("refs/tags/{}/{}/{}", kind.plural(), self.name, self.tag)
+        }
+    }
+
+    /// The version under which the index records this pin: the tag, or `latest`.
+    pub fn version(&self) -> &str {
+        &self.tag
+    }
+}
+
+/// `datacenter-configuration.json`: what a class of datacenter runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatacenterConfiguration {
+    /// Services and the branch or tag each one runs.
+    #[serde(default)]
+    pub services: Vec<Pin>,
+    /// Applications, pinned like services.
+    #[serde(default)]
+    pub applications: Vec<Pin>,
+    /// Devices, pinned like services.
+    #[serde(default)]
+    pub devices: Vec<Pin>,
+}
+
+impl DatacenterConfiguration {
+    /// Pins of one kind.
+    pub fn pins(&self, kind: Kind) -> &[Pin] {
+        match kind {
+            Kind::Service => &self.services,
+            Kind::Application => &self.applications,
+            Kind::Device => &self.devices,
+        }
+    }
+
+    /// Parses and validates the document.
+    pub fn parse(bytes: &[u8]) -> Result<Self, DocumentError> {
+        let doc: Self = parse_json(CONFIGURATION_FILE, bytes)?;
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    fn validate(&self) -> Result<(), DocumentError> {
+        for kind in Kind::ALL {
+            let mut seen = BTreeSet::new();
+            for (i, pin) in self.pins(kind).iter().enumerate() {
+                let at = |field: &str| format!("{}[{i}].{field}", kind.plural());
+                check_name(CONFIGURATION_FILE, &at("name"), &pin.name)?;
+                check_ref_component(CONFIGURATION_FILE, &at("branch"), &pin.branch)?;
+                check_ref_component(CONFIGURATION_FILE, &at("tag"), &pin.tag)?;
+                if !seen.insert(pin.name.as_str()) {
+                    return Err(DocumentError::invalid(
+                        CONFIGURATION_FILE,
+                        at("name"),
+                        format!("{} {:?} is pinned more than once", kind, pin.name),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The services, applications and devices one host runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostInventory {
+    /// Names of services this host runs.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Names of applications this host runs.
+    #[serde(default)]
+    pub applications: Vec<String>,
+    /// Names of devices this host configures.
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+impl HostInventory {
+    /// Names of one kind.
+    pub fn names(&self, kind: Kind) -> &[String] {
+        match kind {
+            Kind::Service => &self.services,
+            Kind::Application => &self.applications,
+            Kind::Device => &self.devices,
+        }
+    }
+}
+
+/// The inventory part of `datacenter.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Inventories {
+    /// Hosts by id.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HostInventory>,
+}
+
+/// `datacenter.json`: the configuration a datacenter follows, and its inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatacenterDoc {
+    /// `datacenter-configuration/<name>/<version>` (a tag) or
+    /// `datacenter-configuration/<name>` (follow that branch's head).
+    pub conf: String,
+    /// Which host runs what.
+    #[serde(default)]
+    pub inventories: Inventories,
+}
+
+impl DatacenterDoc {
+    /// Parses and validates the document.
+    pub fn parse(bytes: &[u8]) -> Result<Self, DocumentError> {
+        let doc: Self = parse_json(DATACENTER_FILE, bytes)?;
+        doc.conf_ref()?;
+        for (host, inv) in &doc.inventories.hosts {
+            check_name(DATACENTER_FILE, "inventories.hosts", host)?;
+            for kind in Kind::ALL {
+                for (i, name) in inv.names(kind).iter().enumerate() {
+                    check_name(DATACENTER_FILE, &format!("inventories.hosts.{host}.{}[{i}]", kind.plural()), name)?;
+                }
+            }
+        }
+        Ok(doc)
+    }
+
+    /// The ref named by `conf`: a tag for `<name>/<version>`, a branch for `<name>`.
+    pub fn conf_ref(&self) -> Result<String, DocumentError> {
+        let bad = |why: &str| DocumentError::invalid(DATACENTER_FILE, "conf", format!("{:?} {why}", self.conf));
+        let rest = self
+            .conf
+            .strip_prefix("datacenter-configuration/")
+            .ok_or_else(|| bad("must start with \"datacenter-configuration/\""))?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.iter().any(|p| p.is_empty() || !valid_ref_component(p)) {
+            return Err(bad("is not a valid ref name"));
+        }
+        match parts.as_slice() {
+            [name] => Ok(format!("refs/heads/datacenter-configuration/{name}")),
+            [name, version] => Ok(format!("refs/tags/datacenter-configuration/{name}/{version}")),
+            _ => Err(bad("must be datacenter-configuration/<name> or datacenter-configuration/<name>/<version>")),
+        }
+    }
+}
+
+/// What is wrong with a control document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocumentError {
+    /// Not JSON, or JSON of the wrong shape.
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The file name.
+        file: &'static str,
+        /// serde_json's description, with line and column.
+        message: String,
+    },
+    /// Well-formed but a field's value is not acceptable.
+    #[error("{file}: field `{field}`: {problem}")]
+    Invalid {
+        /// The file name.
+        file: &'static str,
+        /// Path of the field, e.g. `services[2].tag`.
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl DocumentError {
+    fn invalid(file: &'static str, field: impl Into<String>, problem: impl Into<String>) -> Self {
+        DocumentError::Invalid { file, field: field.into(), problem: problem.into() }
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(file: &'static str, bytes: &[u8]) -> Result<T, DocumentError> {
+    serde_json::from_slice(bytes).map_err(|e| DocumentError::Syntax { file, message: e.to_string() })
+}
+
+/// Names end up in ref names, paths and subjects: they must be non-empty, contain no
+/// `/`, and no control characters. Everything else is encoded where needed.
+fn check_name(file: &'static str, field: &str, name: &str) -> Result<(), DocumentError> {
+    if name.is_empty() {
+        return Err(DocumentError::invalid(file, field, "must not be empty"));
+    }
+    if name.contains('/') || name.chars().any(char::is_control) || name == "." || name == ".." {
+        return Err(DocumentError::invalid(file, field, format!("{name:?} is not a valid name (no '/', control characters, '.' or '..')")));
+    }
+    Ok(())
+}
+
+fn check_ref_component(file: &'static str, field: &str, value: &str) -> Result<(), DocumentError> {
+    if value.is_empty() {
+        return Err(DocumentError::invalid(file, field, "must not be empty"));
+    }
+    if !value.split('/').all(valid_ref_component) {
+        return Err(DocumentError::invalid(file, field, format!("{value:?} is not a valid git ref name")));
+    }
+    Ok(())
+}
+
+/// The part of git's `check-ref-format` rules that applies to one path component.
+fn valid_ref_component(c: &str) -> bool {
+    !c.is_empty()
+        && !c.starts_with('.')
+        && !c.ends_with(".lock")
+        && !c.contains("..")
+        && !c.contains("@{")
+        && !c.bytes().any(|b| b < 0x20 || b == 0x7f || b" ~^:?*[\\".contains(&b))
+}
+
+/// JSON Schema of `datacenter.json`, as checked in under `schemas/json/`.
+pub fn datacenter_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(DatacenterDoc)).expect("a schema serializes to JSON")
+}
+
+/// JSON Schema of `datacenter-configuration.json`, as checked in under `schemas/json/`.
+pub fn configuration_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(DatacenterConfiguration)).expect("a schema serializes to JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_seed_examples() {
+        let conf = DatacenterConfiguration::parse(
+            br#"{ "services": [ { "name": "service0", "branch": "master", "tag": "v1.0" },
+                { "name": "test_service0", "branch": "experimental_branch", "tag": "latest" } ],
+              "applications": [], "devices": [] }"#,
+        )
+        .expect("valid");
+        assert_eq!(conf.services[0].ref_name(Kind::Service), "refs/tags/services/service0/v1.0");
+        assert_eq!(conf.services[1].ref_name(Kind::Service), "refs/heads/services/test_service0/experimental_branch");
+
+        let dc = DatacenterDoc::parse(
+            br#"{ "conf": "datacenter-configuration/bigdatacenter/v1.1",
+                  "inventories": { "hosts": { "host-a": { "services": ["service0"] } } } }"#,
+        )
+        .expect("valid");
+        assert_eq!(dc.conf_ref().expect("ref"), "refs/tags/datacenter-configuration/bigdatacenter/v1.1");
+        let dc = DatacenterDoc::parse(br#"{ "conf": "datacenter-configuration/big" }"#).expect("valid");
+        assert_eq!(dc.conf_ref().expect("ref"), "refs/heads/datacenter-configuration/big");
+    }
+
+    #[test]
+    fn tag_defaults_to_latest() {
+        let conf = DatacenterConfiguration::parse(br#"{"services":[{"name":"a","branch":"main"}]}"#).expect("valid");
+        assert_eq!(conf.services[0].tag, LATEST);
+    }
+
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let e = DatacenterDoc::parse(br#"{ "conf": "bigdatacenter/v1" }"#).expect_err("bad conf");
+        assert_eq!(
+            e.to_string(),
+            "datacenter.json: field `conf`: \"bigdatacenter/v1\" must start with \"datacenter-configuration/\""
+        );
+        let e = DatacenterDoc::parse(br#"{ "conf": "datacenter-configuration/a", "inventory": {} }"#).expect_err("typo");
+        assert!(e.to_string().contains("unknown field `inventory`"), "{e}");
+        let e = DatacenterDoc::parse(b"{ \"conf\": ").expect_err("truncated");
+        assert!(e.to_string().starts_with("datacenter.json: EOF while parsing"), "{e}");
+        let e = DatacenterConfiguration::parse(br#"{"services":[{"name":"a","branch":"m"},{"name":"a","branch":"n"}]}"#)
+            .expect_err("duplicate");
+        assert_eq!(e.to_string(), "datacenter-configuration.json: field `services[1].name`: service \"a\" is pinned more than once");
+        let e = DatacenterConfiguration::parse(br#"{"services":[{"name":"a","branch":"m..x"}]}"#).expect_err("bad branch");
+        assert!(e.to_string().contains("field `services[0].branch`"), "{e}");
+        let e = DatacenterConfiguration::parse(br#"{"devices":[{"name":"a/b","branch":"m"}]}"#).expect_err("bad name");
+        assert!(e.to_string().contains("field `devices[0].name`"), "{e}");
+    }
+
+    #[test]
+    fn checked_in_schemas_match_the_types() {
+        for (file, schema) in [
+            ("datacenter.schema.json", datacenter_schema()),
+            ("datacenter-configuration.schema.json", configuration_schema()),
+        ] {
+            let path = format!("{}/json/{file}", env!("CARGO_MANIFEST_DIR"));
+            let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+            let generated = serde_json::to_string_pretty(&schema).expect("serializes") + "\n";
+            if std::env::var_os("CONFCAST_BLESS").is_some() {
+                std::fs::write(&path, &generated).expect("write schema");
+                continue;
+            }
+            assert_eq!(checked_in, generated, "{path} is stale: rerun with CONFCAST_BLESS=1");
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The messages confcast publishes, encoded as MessagePack maps (`to_vec_named`) so
+//! that a message can gain fields without breaking older readers.
+//!
+//! Every message carries `v`, the wire version. A reader refuses a message whose `v`
+//! is newer than [`WIRE_VERSION`]: a field it does not know may change the meaning.
+//! Which message a payload holds is told by its subject (see [`crate::subject`]).
+
+use std::collections::BTreeMap;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::document::{HostInventory, Kind};
+
+/// Version of the wire format written by this build.
+pub const WIRE_VERSION: u16 = 1;
+
+/// Implemented by every wire message, so [`decode`] can check its version.
+pub trait Versioned {
+    /// The message's `v` field.
+    fn version(&self) -> u16;
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => { $(impl Versioned for $t { fn version(&self) -> u16 { self.v } })* };
+}
+versioned!(CommitEvent, ServiceUpdate, ServiceHead, Inventory, ErrorEvent, HostStatus);
+
+/// Why a payload could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not MessagePack of the expected shape.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] rmp_serde::decode::Error),
+    /// Written by a newer confcast.
+    #[error("message has wire version {found}, this build reads up to {WIRE_VERSION}")]
+    TooNew {
+        /// The message's version.
+        found: u16,
+    },
+}
+
+/// Encodes a message as a MessagePack map.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(message).expect("confcast messages always serialize")
+}
+
+/// Decodes and version-checks a message.
+pub fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let message: T = rmp_serde::from_slice(bytes)?;
+    match message.version() {
+        v if v > WIRE_VERSION => Err(DecodeError::TooNew { found: v }),
+        _ => Ok(message),
+    }
+}
+
+/// One ref update of the master, published by its post-receive hook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitEvent {
+    /// Wire version.
+    pub v: u16,
+    /// Name of the master repository (`confcast.repo` in its git config).
+    pub repo: String,
+    /// Full ref name, e.g. `refs/heads/services/service0/master`.
+    pub ref_name: String,
+    /// Previous object id, `None` for a created ref.
+    pub old: Option<String>,
+    /// New object id, `None` for a deleted ref.
+    pub new: Option<String>,
+    /// Paths changed between the old and new trees (capped, see `paths_truncated`).
+    pub paths: Vec<String>,
+    /// True when `paths` was cut short.
+    pub paths_truncated: bool,
+    /// When the hook saw the push, in milliseconds since the Unix epoch.
+    pub pushed_at_ms: u64,
+}
+
+impl CommitEvent {
+    /// The JetStream dedup id: the same ref update always gets the same id, so a hook
+    /// retried after a lost ack, or a drained spool, is stored once.
+    pub fn dedup_id(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.repo,
+            self.ref_name,
+            self.old.as_deref().unwrap_or("0"),
+            self.new.as_deref().unwrap_or("0")
+        )
+    }
+}
+
+/// A file's git mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileMode {
+    /// `100644`.
+    Regular,
+    /// `100755`.
+    Executable,
+    /// `120000`: the content is the link target.
+    Symlink,
+}
+
+impl FileMode {
+    /// The mode as git writes it in a tree object.
+    pub fn git_mode(self) -> &'static str {
+        match self {
+            FileMode::Regular => "100644",
+            FileMode::Executable => "100755",
+            FileMode::Symlink => "120000",
+        }
+    }
+}
+
+/// How an entry changed between the two commits of an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// A new path.
+    Add,
+    /// Same path, new content or mode.
+    Modify,
+    /// The path is gone.
+    Delete,
+    /// Moved unchanged from `from_path` (same blob, same mode).
+    Rename,
+}
+
+/// One changed path of a [`ServiceUpdate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the service tree, as raw bytes (git paths need not be UTF-8).
+    pub path: ByteBuf,
+    /// What happened to it.
+    pub change: ChangeKind,
+    /// The new mode; `None` for deletions.
+    pub mode: Option<FileMode>,
+    /// The new git blob id (hex); `None` for deletions.
+    pub blob: Option<String>,
+    /// The content, when it travels inline.
+    pub content: Option<ByteBuf>,
+    /// The object store name holding the content, when it is too large to travel inline.
+    pub object: Option<String>,
+    /// The old path of a rename.
+    pub from_path: Option<ByteBuf>,
+}
+
+/// A change of one service in one datacenter: the diff from the last commit the relay
+/// published for it to the newly resolved one, or (`snapshot`) the whole tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceUpdate {
+    /// Wire version.
+    pub v: u16,
+    /// Datacenter id.
+    pub dc: String,
+    /// Service, application or device.
+    pub kind: Kind,
+    /// Its name.
+    pub name: String,
+    /// Ref resolved to `to` (the branch or the tag), empty when removed.
+    pub ref_name: String,
+    /// Branch named by the pin.
+    pub branch: String,
+    /// Tag named by the pin, or `latest`.
+    pub version: String,
+    /// The commit the diff starts from; `None` for a first publish and for snapshots.
+    pub from: Option<String>,
+    /// The new commit; `None` when the service was dropped from the datacenter.
+    pub to: Option<String>,
+    /// Git tree id of `to`: what the subscriber must obtain, or refuse the update.
+    pub tree: Option<String>,
+    /// True when `entries` is the complete tree rather than a diff.
+    pub snapshot: bool,
+    /// The changed paths (every path, as adds, for a snapshot).
+    pub entries: Vec<Entry>,
+    /// Stream sequence of the commit event that caused this update.
+    pub event_seq: u64,
+    /// When the push happened (from the commit event), ms since the Unix epoch.
+    pub pushed_at_ms: u64,
+    /// When the relay published this, ms since the Unix epoch.
+    pub published_at_ms: u64,
+}
+
+impl ServiceUpdate {
+    /// True when the service is no longer part of the datacenter.
+    pub fn is_removal(&self) -> bool {
+        self.to.is_none()
+    }
+}
+
+/// The last commit a relay published for a service; small, so a relay can learn where
+/// every service stands without reading snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceHead {
+    /// Wire version.
+    pub v: u16,
+    /// Service, application or device.
+    pub kind: Kind,
+    /// Its name.
+    pub name: String,
+    /// The ref it resolved through.
+    pub ref_name: String,
+    /// Branch named by the pin.
+    pub branch: String,
+    /// Tag named by the pin, or `latest`.
+    pub version: String,
+    /// The published commit; `None` once removed.
+    pub commit: Option<String>,
+    /// Its tree.
+    pub tree: Option<String>,
+}
+
+/// The datacenter's inventory as last resolved, so hosts can find their services
+/// without reading git.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Wire version.
+    pub v: u16,
+    /// Datacenter id.
+    pub dc: String,
+    /// The configuration ref the datacenter follows.
+    pub conf_ref: String,
+    /// Hosts and what each runs.
+    pub hosts: BTreeMap<String, HostInventory>,
+}
+
+/// Something an operator must look at: a bad document or an unresolvable pin reached
+/// a relay. The relay keeps the last good resolution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorEvent {
+    /// Wire version.
+    pub v: u16,
+    /// Datacenter id.
+    pub dc: String,
+    /// The ref whose update triggered the error, if any.
+    pub ref_name: Option<String>,
+    /// The commit it pointed at, if any.
+    pub commit: Option<String>,
+    /// What is wrong, naming the ref, file and field.
+    pub message: String,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// What a host reports after handling an update of one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// Wire version.
+    pub v: u16,
+    /// Datacenter id.
+    pub dc: String,
+    /// Host id.
+    pub host: String,
+    /// Service, application or device.
+    pub kind: Kind,
+    /// Its name.
+    pub name: String,
+    /// The commit now in place (`None` when removed or never applied).
+    pub commit: Option<String>,
+    /// Whether the last update was applied.
+    pub ok: bool,
+    /// Why not, if not.
+    pub error: Option<String>,
+    /// Exit status of `--exec`, if it ran.
+    pub exec_status: Option<i32>,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch, for message timestamps.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> CommitEvent {
+        CommitEvent {
+            v: WIRE_VERSION,
+            repo: "master".into(),
+            ref_name: "refs/heads/services/a/main".into(),
+            old: None,
+            new: Some("ab".repeat(20)),
+            paths: vec!["x".into()],
+            paths_truncated: false,
+            pushed_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn round_trips_as_named_map() {
+        let bytes = encode(&event());
+        // Named encoding: field names are on the wire, so readers tolerate new fields.
+        assert!(bytes.windows(8).any(|w| w == b"ref_name"));
+        assert_eq!(decode::<CommitEvent>(&bytes).expect("decodes"), event());
+    }
+
+    #[test]
+    fn newer_versions_and_garbage_are_refused() {
+        let mut e = event();
+        e.v = WIRE_VERSION + 1;
+        assert!(matches!(decode::<CommitEvent>(&encode(&e)), Err(DecodeError::TooNew { .. })));
+        assert!(matches!(decode::<CommitEvent>(b"\xc1garbage"), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn dedup_id_is_derived_from_content() {
+        assert_eq!(event().dedup_id(), format!("master:refs/heads/services/a/main:0:{}", "ab".repeat(20)));
+    }
+}
