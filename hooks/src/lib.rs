@@ -1,1 +1,223 @@
+//! The git side of a confcast master: what the `post-receive` and `pre-receive` hooks
+//! read from git.
+//!
+//! Both hooks get `<old> <new> <ref>` lines on stdin. `post-receive` turns each into a
+//! `CommitEvent` (with the paths it changed) and hands them to
+//! `confcast_publisher::announce`; `pre-receive` refuses a push whose control documents
+//! do not parse, before any ref moves.
 
+use std::time::Duration;
+
+use confcast_publisher::{config_keys, default_spool_dir, DEFAULT_HOOK_TIMEOUT};
+use confcast_schemas::{
+    document::{CONFIGURATION_FILE, DATACENTER_FILE},
+    message::now_ms,
+    CommitEvent, DatacenterConfiguration, DatacenterDoc, DocumentError, WIRE_VERSION,
+};
+use git2::{Oid, Repository};
+
+/// At most this many changed paths travel in an event; the relay does not need them to
+/// be complete (it diffs trees itself), they are for people reading the stream.
+pub const MAX_PATHS: usize = 1000;
+
+/// One `<old> <new> <ref>` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefUpdate {
+    /// Previous id, `None` when the ref was created.
+    pub old: Option<Oid>,
+    /// New id, `None` when the ref was deleted.
+    pub new: Option<Oid>,
+    /// Full ref name.
+    pub ref_name: String,
+}
+
+/// Parses the hook's stdin; malformed lines are reported, not fatal.
+pub fn parse_updates(input: &str) -> (Vec<RefUpdate>, Vec<String>) {
+    let mut updates = Vec::new();
+    let mut bad = Vec::new();
+    for line in input.lines().filter(|l| !l.trim().is_empty()) {
+        let mut parts = line.splitn(3, ' ');
+        let parsed = (|| {
+            let old = Oid::from_str(parts.next()?).ok()?;
+            let new = Oid::from_str(parts.next()?).ok()?;
+            let ref_name = parts.next()?.trim_end().to_owned();
+            let non_zero = |o: Oid| (!o.is_zero()).then_some(o);
+            Some(RefUpdate { old: non_zero(old), new: non_zero(new), ref_name })
+        })();
+        match parsed {
+            Some(update) => updates.push(update),
+            None => bad.push(line.to_owned()),
+        }
+    }
+    (updates, bad)
+}
+
+/// Hook settings from the repository's git config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// NATS URL.
+    pub nats_url: String,
+    /// Repository name in events.
+    pub repo_name: String,
+    /// Spool directory.
+    pub spool_dir: std::path::PathBuf,
+    /// How long the hook may wait for the bus.
+    pub timeout: Duration,
+}
+
+impl Settings {
+    /// Reads `confcast.*` from the repository's config, with defaults.
+    pub fn from_repo(repo: &Repository) -> Settings {
+        let config = repo.config().ok();
+        let get = |key: &str| config.as_ref().and_then(|c| c.get_string(key).ok()).filter(|v| !v.is_empty());
+        let repo_name = get(config_keys::REPO).unwrap_or_else(|| {
+            let path = repo.path().canonicalize().unwrap_or_else(|_| repo.path().to_owned());
+            let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "master".into());
+            base.strip_suffix(".git").unwrap_or(&base).to_owned()
+        });
+        Settings {
+            nats_url: get(config_keys::NATS).unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            repo_name,
+            spool_dir: get(config_keys::SPOOL_DIR).map(Into::into).unwrap_or_else(|| default_spool_dir(repo.path())),
+            timeout: get(config_keys::TIMEOUT_MS)
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+        }
+    }
+}
+
+fn tree_of(repo: &Repository, oid: Option<Oid>) -> Option<git2::Tree<'_>> {
+    repo.find_object(oid?, None).ok()?.peel_to_tree().ok()
+}
+
+/// Paths that differ between the trees of `old` and `new` (each peeled to a tree;
+/// a missing side counts as the empty tree), capped at [`MAX_PATHS`].
+pub fn changed_paths(repo: &Repository, old: Option<Oid>, new: Option<Oid>) -> (Vec<String>, bool) {
+    let (old_tree, new_tree) = (tree_of(repo, old), tree_of(repo, new));
+    let diff = match repo.diff_tree_to_tree(old_tree.as_ref(), new_tree.as_ref(), None) {
+        Ok(diff) => diff,
+        Err(_) => return (Vec::new(), true),
+    };
+    let mut paths = Vec::new();
+    let mut truncated = false;
+    for delta in diff.deltas() {
+        if paths.len() == MAX_PATHS {
+            truncated = true;
+            break;
+        }
+        if let Some(path) = delta.new_file().path().or(delta.old_file().path()) {
+            paths.push(path.to_string_lossy().into_owned());
+        }
+    }
+    (paths, truncated)
+}
+
+/// One commit event per ref update.
+pub fn commit_events(repo: &Repository, repo_name: &str, updates: &[RefUpdate]) -> Vec<CommitEvent> {
+    let now = now_ms();
+    updates
+        .iter()
+        .map(|u| {
+            let (paths, paths_truncated) = changed_paths(repo, u.old, u.new);
+            CommitEvent {
+                v: WIRE_VERSION,
+                repo: repo_name.to_owned(),
+                ref_name: u.ref_name.clone(),
+                old: u.old.map(|o| o.to_string()),
+                new: u.new.map(|o| o.to_string()),
+                paths,
+                paths_truncated,
+                pushed_at_ms: now,
+            }
+        })
+        .collect()
+}
+
+/// Why pre-receive refuses a ref update.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    /// The document is missing from the pushed tree.
+    #[error("{ref_name}: {file} is missing from the pushed tree")]
+    Missing {
+        /// The ref.
+        ref_name: String,
+        /// The expected file.
+        file: &'static str,
+    },
+    /// The document does not validate.
+    #[error("{ref_name}: {error}")]
+    Invalid {
+        /// The ref.
+        ref_name: String,
+        /// What is wrong, naming file and field.
+        error: DocumentError,
+    },
+    /// The pushed object cannot be read.
+    #[error("{ref_name}: cannot read pushed object: {error}")]
+    Git {
+        /// The ref.
+        ref_name: String,
+        /// libgit2's message.
+        error: git2::Error,
+    },
+}
+
+/// Which control document a ref holds, if any.
+pub fn control_file(ref_name: &str) -> Option<&'static str> {
+    if ref_name.starts_with("refs/heads/datacenters/") {
+        Some(DATACENTER_FILE)
+    } else if ref_name.starts_with("refs/heads/datacenter-configuration/")
+        || ref_name.starts_with("refs/tags/datacenter-configuration/")
+    {
+        Some(CONFIGURATION_FILE)
+    } else {
+        None
+    }
+}
+
+/// Validates the control document of one ref update (deletions always pass).
+pub fn validate(repo: &Repository, update: &RefUpdate) -> Result<(), Rejection> {
+    let (Some(file), Some(new)) = (control_file(&update.ref_name), update.new) else {
+        return Ok(());
+    };
+    let git = |error| Rejection::Git { ref_name: update.ref_name.clone(), error };
+    let tree = repo.find_object(new, None).and_then(|o| o.peel_to_tree()).map_err(git)?;
+    let entry = tree
+        .get_name(file)
+        .ok_or_else(|| Rejection::Missing { ref_name: update.ref_name.clone(), file })?;
+    let blob = entry.to_object(repo).and_then(|o| o.peel_to_blob()).map_err(git)?;
+    let invalid = |error| Rejection::Invalid { ref_name: update.ref_name.clone(), error };
+    if file == DATACENTER_FILE {
+        DatacenterDoc::parse(blob.content()).map_err(invalid)?;
+    } else {
+        DatacenterConfiguration::parse(blob.content()).map_err(invalid)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hook_input() {
+        let zero = "0".repeat(40);
+        let a = "a".repeat(40);
+        let input = format!("{zero} {a} refs/heads/x\n{a} {zero} refs/tags/t y\n\nnot a line\n");
+        let (updates, bad) = parse_updates(&input);
+        assert_eq!(updates.len(), 2);
+        assert_eq!(updates[0].old, None);
+        assert_eq!(updates[0].new.map(|o| o.to_string()), Some(a.clone()));
+        assert_eq!(updates[1].ref_name, "refs/tags/t y");
+        assert_eq!(updates[1].new, None);
+        assert_eq!(bad, vec!["not a line".to_owned()]);
+    }
+
+    #[test]
+    fn control_files_by_namespace() {
+        assert_eq!(control_file("refs/heads/datacenters/dc1"), Some(DATACENTER_FILE));
+        assert_eq!(control_file("refs/tags/datacenter-configuration/big/v1"), Some(CONFIGURATION_FILE));
+        assert_eq!(control_file("refs/heads/services/a/main"), None);
+    }
+}

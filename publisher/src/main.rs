@@ -1,1 +1,142 @@
-fn main(){}
+//! `publisher`: installs the hooks of a master repository, drains its spool, and
+//! re-announces its refs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use confcast_publisher::{backfill, config_keys, connect, default_spool_dir, drain, ensure_commit_stream, install, publish_event, Spool};
+
+/// Publishes the master repository's ref updates as commit events on NATS JetStream.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install the post-receive and pre-receive hooks into a bare repository and record
+    /// the settings (`confcast.nats`, `confcast.repo`) in its git config.
+    InstallHooks {
+        /// The bare master repository.
+        repo: PathBuf,
+        /// NATS URL the hooks publish to.
+        #[arg(long, env = "CONFCAST_NATS", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// Name of the repository in commit events (default: its directory name).
+        #[arg(long, env = "CONFCAST_REPO_NAME")]
+        repo_name: Option<String>,
+        /// Directory holding the `post-receive` and `pre-receive` binaries (default:
+        /// the directory of this binary).
+        #[arg(long, env = "CONFCAST_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+        /// Replace existing hooks that confcast did not install.
+        #[arg(long, env = "CONFCAST_FORCE")]
+        force: bool,
+    },
+    /// Publish the events spooled while NATS was unreachable, oldest first.
+    Drain {
+        /// The bare master repository.
+        repo: PathBuf,
+        /// NATS URL (default: `confcast.nats` of the repository).
+        #[arg(long, env = "CONFCAST_NATS")]
+        nats: Option<String>,
+        /// How long to wait for NATS, in seconds.
+        #[arg(long, env = "CONFCAST_TIMEOUT_SECS", default_value_t = 10)]
+        timeout_secs: u64,
+    },
+    /// Re-announce every current ref head (after the commit stream was lost).
+    Backfill {
+        /// The bare master repository.
+        repo: PathBuf,
+        /// NATS URL (default: `confcast.nats` of the repository).
+        #[arg(long, env = "CONFCAST_NATS")]
+        nats: Option<String>,
+        /// How long to wait for NATS, in seconds.
+        #[arg(long, env = "CONFCAST_TIMEOUT_SECS", default_value_t = 10)]
+        timeout_secs: u64,
+    },
+}
+
+fn nats_url(repo: &std::path::Path, flag: Option<String>) -> String {
+    flag.or_else(|| install::config_value(repo, config_keys::NATS))
+        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn spool_of(repo: &std::path::Path) -> anyhow::Result<Spool> {
+    let dir = match install::config_value(repo, config_keys::SPOOL_DIR) {
+        Some(dir) => PathBuf::from(dir),
+        None => default_spool_dir(&install::git_dir(repo)?),
+    };
+    Ok(Spool::new(dir))
+}
+
+async fn jetstream(url: &str, timeout: Duration) -> anyhow::Result<async_nats::jetstream::Context> {
+    let js = async_nats::jetstream::new(connect(url, timeout).await?);
+    tokio::time::timeout(timeout, ensure_commit_stream(&js)).await.context("creating the commit stream timed out")??;
+    Ok(js)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("publisher: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::InstallHooks { repo, nats, repo_name, bin_dir, force } => {
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => std::env::current_exe()?.parent().context("binary has no directory")?.to_owned(),
+            };
+            let written = install::install_hooks(&install::InstallOptions { repo, nats_url: nats, repo_name, bin_dir, force })?;
+            for hook in written {
+                println!("installed {}", hook.display());
+            }
+        }
+        Command::Drain { repo, nats, timeout_secs } => {
+            let url = nats_url(&repo, nats);
+            let spool = spool_of(&repo)?;
+            let js = jetstream(&url, Duration::from_secs(timeout_secs)).await?;
+            let drained = drain(&js, &spool).await?;
+            println!(
+                "published {} spooled event(s) ({} already stored), {} left, {} quarantined",
+                drained.published,
+                drained.duplicates,
+                spool.pending()?.len(),
+                drained.quarantined
+            );
+        }
+        Command::Backfill { repo, nats, timeout_secs } => {
+            let url = nats_url(&repo, nats);
+            let events = backfill::current_refs(&repo)?;
+            let js = jetstream(&url, Duration::from_secs(timeout_secs)).await?;
+            let mut failed = 0;
+            for event in &events {
+                if let Err(e) = publish_event(&js, event).await {
+                    eprintln!("publisher: {}: {e}", event.ref_name);
+                    failed += 1;
+                }
+            }
+            println!("announced {} ref(s)", events.len() - failed);
+            if failed > 0 {
+                bail!("{failed} ref(s) could not be announced");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,50 @@
-fn main(){}
+//! git `post-receive` hook of a confcast master: announces every ref update on NATS,
+//! or spools it when NATS is unreachable. Never fails the push and never waits longer
+//! than `confcast.timeoutMs` (1.5 s by default) for the bus.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use confcast_hooks::{commit_events, parse_updates, Settings};
+
+fn main() -> ExitCode {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("confcast: cannot read hook input: {e}");
+        return ExitCode::SUCCESS;
+    }
+    let (updates, bad) = parse_updates(&input);
+    for line in bad {
+        eprintln!("confcast: ignoring malformed hook input line {line:?}");
+    }
+    let repo = match git2::Repository::open_from_env() {
+        Ok(repo) => repo,
+        Err(e) => {
+            eprintln!("confcast: cannot open the repository, nothing announced: {e}");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let settings = Settings::from_repo(&repo);
+    let events = commit_events(&repo, &settings.repo_name, &updates);
+    let count = events.len();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("confcast: cannot start the runtime, nothing announced: {e}");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let outcome =
+        runtime.block_on(confcast_publisher::announce(&settings.nats_url, &settings.spool_dir, events, settings.timeout));
+    // Do not wait for the client's background tasks: the push must return now.
+    runtime.shutdown_background();
+    match &outcome.error {
+        None => eprintln!("confcast: announced {count} ref update(s)"),
+        Some(why) => eprintln!(
+            "confcast: {why}; spooled {} event(s) in {}, published on the next push or by `publisher drain`",
+            outcome.spooled,
+            settings.spool_dir.display()
+        ),
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,81 @@
+//! The commit stream: connecting, creating the stream, publishing one event.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use confcast_schemas::{encode, subject, CommitEvent};
+
+/// How long JetStream remembers a dedup id. Long enough to cover a hook retried after a
+/// lost ack and a spool drained within minutes; relays are idempotent beyond it.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// How long commit events are kept: a relay that was down for longer than this must be
+/// re-seeded with `publisher backfill`.
+pub const COMMITS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Failures talking to the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The server could not be reached.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The commit stream could not be created or looked up.
+    #[error("commit stream unavailable: {0}")]
+    Stream(String),
+    /// A publish was refused or not acknowledged.
+    #[error("publish failed: {0}")]
+    Publish(String),
+}
+
+impl BusError {
+    /// Every bus failure is worth retrying later; none is the event's fault.
+    pub fn is_transient(&self) -> bool {
+        true
+    }
+}
+
+/// Connects with a bounded wait and without background reconnect attempts at start.
+pub async fn connect(url: &str, timeout: Duration) -> Result<async_nats::Client, BusError> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(timeout)
+        .name("confcast-publisher")
+        .connect(url)
+        .await
+        .map_err(|e| BusError::Connect { url: url.to_owned(), reason: e.to_string() })
+}
+
+/// The commit stream's configuration (see RELIABILITY notes in the README).
+pub fn commit_stream_config() -> stream::Config {
+    stream::Config {
+        name: subject::COMMITS_STREAM.to_owned(),
+        subjects: vec![subject::commits_wildcard()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: DEDUP_WINDOW,
+        max_age: COMMITS_MAX_AGE,
+        ..Default::default()
+    }
+}
+
+/// Creates the commit stream if it does not exist.
+pub async fn ensure_commit_stream(js: &jetstream::Context) -> Result<(), BusError> {
+    js.get_or_create_stream(commit_stream_config()).await.map_err(|e| BusError::Stream(e.to_string()))?;
+    Ok(())
+}
+
+/// Publishes one event and awaits its ack; returns whether JetStream already had it.
+pub async fn publish_event(js: &jetstream::Context, event: &CommitEvent) -> Result<bool, BusError> {
+    let message = PublishMessage::build().payload(encode(event).into()).message_id(event.dedup_id());
+    let ack = js
+        .send_publish(subject::commit_subject(&event.ref_name), message)
+        .await
+        .map_err(|e| BusError::Publish(e.to_string()))?
+        .await
+        .map_err(|e| BusError::Publish(e.to_string()))?;
+    Ok(ack.duplicate)
+}
