@@ -1,1 +1,15 @@
+//! The relay of one datacenter (the seed's *Conf-Slave*).
+//!
+//! It consumes the master's commit events, keeps a bare [`mirror`] of only the refs its
+//! datacenter depends on, [`resolve`]s what the datacenter runs, and for every service
+//! whose resolved commit changed publishes a `ServiceUpdate` — the [`diff`] from the
+//! commit it last published — on the datacenter's stream ([`publish`]), then writes the
+//! configuration index. The loop itself lives in [`run`].
 
+pub mod diff;
+pub mod mirror;
+pub mod publish;
+pub mod resolve;
+pub mod run;
+
+pub use run::{run, Config};

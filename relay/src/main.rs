@@ -1,1 +1,68 @@
-fn main(){}
+//! `relay`: one per datacenter. See the crate docs of `confcast_relay`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Mirrors the master for one datacenter and publishes per-service updates to its hosts.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// NATS URL of the datacenter's server.
+    #[arg(long, env = "CONFCAST_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Datacenter id: follows `refs/heads/datacenters/<DC>` of the master.
+    #[arg(long, env = "CONFCAST_DC")]
+    dc: String,
+    /// The master repository: a path, `file://`, `git://`, `ssh://` or `http(s)://` URL.
+    #[arg(long, env = "CONFCAST_MASTER")]
+    master: String,
+    /// Directory for the relay's mirror of the master.
+    #[arg(long, env = "CONFCAST_STATE_DIR")]
+    state_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let master = match std::path::Path::new(&cli.master).canonicalize() {
+        Ok(abs) if !cli.master.contains("://") => abs.display().to_string(),
+        _ => cli.master.clone(),
+    };
+    let config = confcast_relay::Config { nats_url: cli.nats, dc: cli.dc, master_url: master, state_dir: cli.state_dir };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    match confcast_relay::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "relay failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or ctrl-c.
+async fn signal_shutdown(token: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            token.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    token.cancel();
+}

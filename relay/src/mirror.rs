@@ -1,0 +1,215 @@
+//! The relay's bare mirror of the master, kept with gix.
+//!
+//! The mirror only ever holds the refs its datacenter depends on. A fetch names exactly
+//! those refs, negotiates with the master, and receives only the objects the mirror
+//! lacks; refs that vanished from the master are deleted here too. All calls block
+//! (gix's network client is blocking): the relay runs them in `spawn_blocking`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use confcast_schemas::FileMode;
+use gix::bstr::ByteSlice;
+use gix::objs::tree::EntryKind;
+use gix::refs::transaction::{Change, PreviousValue, RefEdit, RefLog};
+
+use crate::diff::{Item, Listing};
+use crate::resolve::RefSource;
+
+/// Failures of the mirror.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// Talking to the master failed: worth retrying with backoff.
+    #[error("fetching from {url}: {message}")]
+    Fetch {
+        /// The master's URL.
+        url: String,
+        /// gix's message.
+        message: String,
+    },
+    /// The local repository could not be read or written.
+    #[error("mirror {path}: {message}")]
+    Local {
+        /// The mirror's path.
+        path: PathBuf,
+        /// gix's message.
+        message: String,
+    },
+}
+
+impl MirrorError {
+    /// Whether a retry may succeed. A master that is unreachable or busy, yes; a local
+    /// repository that cannot be read is retried too, since a disk can come back.
+    pub fn is_transient(&self) -> bool {
+        true
+    }
+}
+
+/// What a fetch found on the master.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Refs that exist on the master and are now current in the mirror.
+    pub present: BTreeSet<String>,
+    /// Refs asked for that the master does not have (deleted from the mirror).
+    pub missing: BTreeSet<String>,
+}
+
+/// A bare mirror of the master at `path`, fetching from `url`.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    repo: gix::ThreadSafeRepository,
+    path: PathBuf,
+    url: String,
+}
+
+impl Mirror {
+    /// Opens the mirror, creating an empty bare repository on first use.
+    pub fn open_or_init(path: &Path, url: &str) -> Result<Mirror, MirrorError> {
+        let repo = if path.join("HEAD").exists() {
+            gix::open(path).map_err(|e| MirrorError::Local { path: path.to_owned(), message: e.to_string() })?
+        } else {
+            std::fs::create_dir_all(path).map_err(|e| MirrorError::Local { path: path.to_owned(), message: e.to_string() })?;
+            gix::init_bare(path).map_err(|e| MirrorError::Local { path: path.to_owned(), message: e.to_string() })?
+        };
+        Ok(Mirror { repo: repo.into_sync(), path: path.to_owned(), url: url.to_owned() })
+    }
+
+    fn local(&self) -> impl Fn(gix::Error) -> MirrorError + '_ {
+        move |e| MirrorError::Local { path: self.path.clone(), message: format!("{e:#}") }
+    }
+
+    /// Brings `refs` up to date with the master in one negotiated fetch.
+    pub fn fetch(&self, refs: &BTreeSet<String>) -> Result<Fetched, MirrorError> {
+        let repo = self.repo.to_thread_local();
+        let remote_err = |e: gix::Error| MirrorError::Fetch { url: self.url.clone(), message: format!("{e:#}") };
+        let valid: Vec<&String> = refs.iter().filter(|r| gix::refs::FullName::try_from(r.as_str()).is_ok()).collect();
+        let mut fetched = Fetched::default();
+        fetched.missing.extend(refs.iter().filter(|r| !valid.contains(r)).cloned());
+        if valid.is_empty() {
+            return Ok(fetched);
+        }
+        let specs: Vec<String> = valid.iter().map(|r| format!("+{r}:{r}")).collect();
+        let remote = repo
+            .remote_at(self.url.as_str())
+            .map_err(remote_err)?
+            .with_refspecs(specs.iter().map(String::as_str), gix::remote::Direction::Fetch)
+            .map_err(remote_err)?;
+        let connection = remote.connect(gix::remote::Direction::Fetch).map_err(remote_err)?;
+        let prepare = connection.prepare_fetch(gix::progress::Discard, Default::default()).map_err(remote_err)?;
+        fetched.present = prepare
+            .ref_map()
+            .mappings
+            .iter()
+            .filter_map(|m| m.remote.as_name())
+            .map(|name| name.to_str_lossy().into_owned())
+            .filter(|name| refs.contains(name))
+            .collect();
+        if !fetched.present.is_empty() {
+            prepare.receive(gix::progress::Discard, &AtomicBool::new(false)).map_err(remote_err)?;
+        } else {
+            drop(prepare);
+        }
+        for name in valid {
+            if !fetched.present.contains(name) {
+                fetched.missing.insert(name.clone());
+                self.delete_ref(&repo, name)?;
+            }
+        }
+        Ok(fetched)
+    }
+
+    fn delete_ref(&self, repo: &gix::Repository, name: &str) -> Result<(), MirrorError> {
+        if repo.try_find_reference(name).map_err(self.local())?.is_none() {
+            return Ok(());
+        }
+        let edit = RefEdit {
+            change: Change::Delete { expected: PreviousValue::Any, log: RefLog::AndReference },
+            name: name.try_into().map_err(|e: gix::validate::reference::name::Error| MirrorError::Local {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?,
+            deref: false,
+        };
+        repo.edit_reference(edit).map_err(self.local())?;
+        Ok(())
+    }
+
+    /// The tree id of a commit.
+    pub fn tree_of(&self, commit: &str) -> Result<String, MirrorError> {
+        let repo = self.repo.to_thread_local();
+        let id = parse_id(commit, &self.path)?;
+        let tree = repo.find_object(id).map_err(self.local())?.peel_to_tree().map_err(self.local())?;
+        Ok(tree.id.to_string())
+    }
+
+    /// Every blob and symlink of a commit's tree. Submodule entries (gitlinks) carry no
+    /// content and are skipped.
+    pub fn listing(&self, commit: &str) -> Result<Listing, MirrorError> {
+        let repo = self.repo.to_thread_local();
+        let id = parse_id(commit, &self.path)?;
+        let tree = repo.find_object(id).map_err(self.local())?.peel_to_tree().map_err(self.local())?;
+        let mut recorder = gix::traverse::tree::Recorder::default();
+        tree.traverse().breadthfirst(&mut recorder).map_err(self.local())?;
+        let mut listing = Listing::new();
+        for record in recorder.records {
+            let mode = match record.mode.kind() {
+                EntryKind::Blob => FileMode::Regular,
+                EntryKind::BlobExecutable => FileMode::Executable,
+                EntryKind::Link => FileMode::Symlink,
+                EntryKind::Tree | EntryKind::Commit => continue,
+            };
+            let mut blob = [0u8; 20];
+            blob.copy_from_slice(record.oid.as_bytes());
+            listing.insert(record.filepath.into(), Item { mode, blob });
+        }
+        Ok(listing)
+    }
+
+    /// A blob's content.
+    pub fn blob(&self, blob: &[u8; 20]) -> Result<Vec<u8>, MirrorError> {
+        let repo = self.repo.to_thread_local();
+        let id = gix::ObjectId::from_bytes_or_panic(blob);
+        let data = repo.find_blob(id).map_err(self.local())?.detach().data;
+        Ok(data)
+    }
+}
+
+fn parse_id(hex: &str, path: &Path) -> Result<gix::ObjectId, MirrorError> {
+    gix::ObjectId::from_hex(hex.as_bytes())
+        .map_err(|e| MirrorError::Local { path: path.to_owned(), message: format!("bad object id {hex:?}: {e}") })
+}
+
+impl RefSource for Mirror {
+    fn commit_of(&self, ref_name: &str) -> Result<Option<String>, String> {
+        if gix::refs::FullName::try_from(ref_name).is_err() {
+            return Ok(None); // git cannot hold such a ref, so it does not exist
+        }
+        let repo = self.repo.to_thread_local();
+        let Some(mut reference) = repo.try_find_reference(ref_name).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let id = reference.peel_to_id().map_err(|e| e.to_string())?;
+        let object = repo.find_object(id).map_err(|e| e.to_string())?;
+        let commit = match object.peel_to_kind(gix::object::Kind::Commit) {
+            Ok(commit) => Some(commit.id.to_string()),
+            // A tag of a tree or blob is not a configuration version.
+            Err(_) => None,
+        };
+        Ok(commit)
+    }
+
+    fn root_file(&self, commit: &str, file: &str) -> Result<Option<Vec<u8>>, String> {
+        let repo = self.repo.to_thread_local();
+        let id = parse_id(commit, &self.path).map_err(|e| e.to_string())?;
+        let tree = repo.find_object(id).and_then(|o| o.peel_to_tree()).map_err(|e| e.to_string())?;
+        let Some(entry) = tree.find_entry(file) else {
+            return Ok(None);
+        };
+        if !entry.mode().is_blob() {
+            return Ok(None);
+        }
+        let blob = repo.find_blob(entry.object_id()).map_err(|e| e.to_string())?;
+        Ok(Some(blob.detach().data))
+    }
+}

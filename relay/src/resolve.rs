@@ -1,0 +1,250 @@
+//! Resolution: what a datacenter runs, as `{ (kind, name) → (ref, commit) }`.
+//!
+//! `refs/heads/datacenters/<dc>` → `datacenter.json` → `conf` → the configuration's
+//! pins → each pin's branch head or tag. Pure logic over [`RefSource`], so it is tested
+//! on maps as well as on the relay's real mirror.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use confcast_schemas::document::{HostInventory, CONFIGURATION_FILE, DATACENTER_FILE};
+use confcast_schemas::{DatacenterConfiguration, DatacenterDoc, DocumentError, Kind};
+
+/// Read access to the refs and files the resolution needs.
+pub trait RefSource {
+    /// The commit a ref points at (annotated tags peeled), if the ref exists.
+    fn commit_of(&self, ref_name: &str) -> Result<Option<String>, String>;
+    /// A file at the root of a commit's tree, if present.
+    fn root_file(&self, commit: &str, file: &str) -> Result<Option<Vec<u8>>, String>;
+}
+
+/// Where one service of the datacenter resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The ref followed (branch head or tag).
+    pub ref_name: String,
+    /// Branch named by the pin.
+    pub branch: String,
+    /// Tag named by the pin, or `latest`.
+    pub version: String,
+    /// The commit it resolves to.
+    pub commit: String,
+}
+
+/// A complete, good resolution (individual pins may still be unresolvable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// The configuration ref the datacenter follows.
+    pub conf_ref: String,
+    /// Services that resolved.
+    pub targets: BTreeMap<(Kind, String), Target>,
+    /// Pins whose ref does not exist: these keep what was last published.
+    pub unresolved: BTreeMap<(Kind, String), String>,
+    /// Hosts and what they run.
+    pub hosts: BTreeMap<String, HostInventory>,
+}
+
+/// Why a datacenter cannot be resolved at all; the last good resolution stays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// `refs/heads/datacenters/<dc>` does not exist.
+    #[error("{0} does not exist on the master")]
+    NoDatacenter(String),
+    /// A control document is missing from its ref.
+    #[error("{ref_name}: {file} is missing")]
+    MissingDocument {
+        /// The ref.
+        ref_name: String,
+        /// The file.
+        file: &'static str,
+    },
+    /// A control document does not validate.
+    #[error("{ref_name}: {error}")]
+    BadDocument {
+        /// The ref.
+        ref_name: String,
+        /// What is wrong.
+        error: DocumentError,
+    },
+    /// `conf` names a configuration that does not exist.
+    #[error("{dc_ref}: datacenter.json: field `conf`: {conf_ref} does not exist on the master")]
+    NoConfiguration {
+        /// The datacenter ref.
+        dc_ref: String,
+        /// The missing ref.
+        conf_ref: String,
+    },
+    /// Reading the mirror failed.
+    #[error("reading the mirror: {0}")]
+    Mirror(String),
+}
+
+impl ResolveError {
+    /// Only mirror read failures are worth retrying; the others wait for a new push.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ResolveError::Mirror(_))
+    }
+}
+
+/// A resolution attempt and the refs it depends on, known even when it failed, so the
+/// relay knows which pushes can change it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Every ref read or named along the way.
+    pub watched: BTreeSet<String>,
+    /// The result.
+    pub outcome: Result<Resolution, ResolveError>,
+}
+
+/// The ref holding a datacenter's document.
+pub fn datacenter_ref(dc: &str) -> String {
+    format!("refs/heads/datacenters/{dc}")
+}
+
+/// Resolves datacenter `dc` from `source`.
+pub fn resolve(dc: &str, source: &impl RefSource) -> Resolved {
+    let mut watched = BTreeSet::new();
+    let outcome = resolve_into(dc, source, &mut watched);
+    Resolved { watched, outcome }
+}
+
+fn read_document(source: &impl RefSource, ref_name: &str, file: &'static str) -> Result<Option<Vec<u8>>, ResolveError> {
+    let Some(commit) = source.commit_of(ref_name).map_err(ResolveError::Mirror)? else {
+        return Ok(None);
+    };
+    match source.root_file(&commit, file).map_err(ResolveError::Mirror)? {
+        Some(bytes) => Ok(Some(bytes)),
+        None => Err(ResolveError::MissingDocument { ref_name: ref_name.to_owned(), file }),
+    }
+}
+
+fn resolve_into(dc: &str, source: &impl RefSource, watched: &mut BTreeSet<String>) -> Result<Resolution, ResolveError> {
+    let dc_ref = datacenter_ref(dc);
+    watched.insert(dc_ref.clone());
+    let bytes = read_document(source, &dc_ref, DATACENTER_FILE)?.ok_or_else(|| ResolveError::NoDatacenter(dc_ref.clone()))?;
+    let bad = |ref_name: &str| {
+        let ref_name = ref_name.to_owned();
+        move |error| ResolveError::BadDocument { ref_name, error }
+    };
+    let doc = DatacenterDoc::parse(&bytes).map_err(bad(&dc_ref))?;
+    let conf_ref = doc.conf_ref().map_err(bad(&dc_ref))?;
+    watched.insert(conf_ref.clone());
+    let bytes = read_document(source, &conf_ref, CONFIGURATION_FILE)?
+        .ok_or_else(|| ResolveError::NoConfiguration { dc_ref: dc_ref.clone(), conf_ref: conf_ref.clone() })?;
+    let conf = DatacenterConfiguration::parse(&bytes).map_err(bad(&conf_ref))?;
+
+    let mut targets = BTreeMap::new();
+    let mut unresolved = BTreeMap::new();
+    for kind in Kind::ALL {
+        for pin in conf.pins(kind) {
+            let ref_name = pin.ref_name(kind);
+            watched.insert(ref_name.clone());
+            match source.commit_of(&ref_name).map_err(ResolveError::Mirror)? {
+                Some(commit) => {
+                    let target = Target { ref_name, branch: pin.branch.clone(), version: pin.version().to_owned(), commit };
+                    targets.insert((kind, pin.name.clone()), target);
+                }
+                None => {
+                    unresolved.insert((kind, pin.name.clone()), ref_name);
+                }
+            }
+        }
+    }
+    Ok(Resolution { conf_ref, targets, unresolved, hosts: doc.inventories.hosts })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A map-backed [`RefSource`]: `refs` maps ref → commit, `files` (commit, file) → bytes.
+    #[derive(Default)]
+    pub(crate) struct Fake {
+        pub(crate) refs: BTreeMap<String, String>,
+        pub(crate) files: BTreeMap<(String, String), Vec<u8>>,
+    }
+
+    impl Fake {
+        pub(crate) fn with(mut self, ref_name: &str, commit: &str, file: Option<(&str, &str)>) -> Self {
+            self.refs.insert(ref_name.into(), commit.into());
+            if let Some((name, body)) = file {
+                self.files.insert((commit.into(), name.into()), body.as_bytes().to_vec());
+            }
+            self
+        }
+    }
+
+    impl RefSource for Fake {
+        fn commit_of(&self, ref_name: &str) -> Result<Option<String>, String> {
+            Ok(self.refs.get(ref_name).cloned())
+        }
+        fn root_file(&self, commit: &str, file: &str) -> Result<Option<Vec<u8>>, String> {
+            Ok(self.files.get(&(commit.to_owned(), file.to_owned())).cloned())
+        }
+    }
+
+    fn master() -> Fake {
+        Fake::default()
+            .with(
+                "refs/heads/datacenters/dc1",
+                "d1",
+                Some((DATACENTER_FILE, r#"{"conf":"datacenter-configuration/big/v1","inventories":{"hosts":{"h":{"services":["s0"]}}}}"#)),
+            )
+            .with(
+                "refs/tags/datacenter-configuration/big/v1",
+                "c1",
+                Some((
+                    CONFIGURATION_FILE,
+                    r#"{"services":[{"name":"s0","branch":"master","tag":"v1.0"},{"name":"s1","branch":"exp"}],
+                        "applications":[{"name":"app","branch":"main"}]}"#,
+                )),
+            )
+            .with("refs/tags/services/s0/v1.0", "s0-v1", None)
+            .with("refs/heads/services/s0/master", "s0-head", None)
+            .with("refs/heads/services/s1/exp", "s1-head", None)
+    }
+
+    #[test]
+    fn follows_datacenter_conf_and_pins() {
+        let resolved = resolve("dc1", &master());
+        let res = resolved.outcome.expect("resolves");
+        assert_eq!(res.conf_ref, "refs/tags/datacenter-configuration/big/v1");
+        assert_eq!(res.targets[&(Kind::Service, "s0".into())].commit, "s0-v1", "tag pin, not the branch head");
+        assert_eq!(res.targets[&(Kind::Service, "s0".into())].version, "v1.0");
+        assert_eq!(res.targets[&(Kind::Service, "s1".into())].commit, "s1-head", "latest follows the branch");
+        assert_eq!(res.unresolved[&(Kind::Application, "app".into())], "refs/heads/applications/app/main");
+        assert!(resolved.watched.contains("refs/heads/applications/app/main"), "a missing pin is still watched");
+        assert!(!resolved.watched.contains("refs/heads/services/s0/master"), "the branch of a tag pin is not watched");
+        assert_eq!(res.hosts["h"].services, vec!["s0".to_owned()]);
+    }
+
+    #[test]
+    fn conf_can_follow_a_branch() {
+        let fake = master()
+            .with("refs/heads/datacenters/dc2", "d2", Some((DATACENTER_FILE, r#"{"conf":"datacenter-configuration/small"}"#)))
+            .with("refs/heads/datacenter-configuration/small", "c2", Some((CONFIGURATION_FILE, r#"{"services":[{"name":"s0","branch":"master"}]}"#)));
+        let res = resolve("dc2", &fake).outcome.expect("resolves");
+        assert_eq!(res.targets[&(Kind::Service, "s0".into())].commit, "s0-head");
+    }
+
+    #[test]
+    fn failures_name_what_is_wrong_and_keep_watching() {
+        let missing_dc = resolve("nowhere", &master());
+        assert_eq!(missing_dc.outcome.expect_err("no dc").to_string(), "refs/heads/datacenters/nowhere does not exist on the master");
+        assert!(missing_dc.watched.contains("refs/heads/datacenters/nowhere"));
+
+        let fake = master().with("refs/heads/datacenters/dc3", "d3", Some((DATACENTER_FILE, r#"{"conf":"datacenter-configuration/none"}"#)));
+        let resolved = resolve("dc3", &fake);
+        assert_eq!(
+            resolved.outcome.expect_err("no conf").to_string(),
+            "refs/heads/datacenters/dc3: datacenter.json: field `conf`: refs/heads/datacenter-configuration/none does not exist on the master"
+        );
+        assert!(resolved.watched.contains("refs/heads/datacenter-configuration/none"), "creating it later must trigger");
+
+        let fake = master().with("refs/heads/datacenters/dc4", "d4", Some((DATACENTER_FILE, "{ nope")));
+        let e = resolve("dc4", &fake).outcome.expect_err("bad json");
+        assert!(e.to_string().starts_with("refs/heads/datacenters/dc4: datacenter.json: key must be a string"), "{e}");
+
+        let fake = master().with("refs/heads/datacenters/dc5", "d5", None);
+        assert_eq!(resolve("dc5", &fake).outcome.expect_err("no file").to_string(), "refs/heads/datacenters/dc5: datacenter.json is missing");
+    }
+}

@@ -1,0 +1,573 @@
+//! The relay loop: commit events in, service updates out.
+//!
+//! Events are triggers, not instructions: for a relevant event the relay fetches the
+//! ref, re-resolves the whole datacenter from its mirror and publishes the difference
+//! to what it last published. That makes every step idempotent: a redelivered event, a
+//! restart, or an event replayed out of order converges on the master's state. An
+//! event is acked only after everything it caused is acknowledged by JetStream.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{consumer, AckKind};
+use confcast_schemas::message::now_ms;
+use confcast_schemas::{
+    decode, encode, path, subject, ChangeKind, CommitEvent, Entry, ErrorEvent, FileMode, Inventory, Kind, ServiceHead,
+    ServiceUpdate, WIRE_VERSION,
+};
+use futures::StreamExt;
+use serde_bytes::ByteBuf;
+use tokio_util::sync::CancellationToken;
+
+use crate::diff::{diff, Listing};
+use crate::mirror::{Mirror, MirrorError};
+use crate::publish::{Bus, BusError, INLINE_LIMIT};
+use crate::resolve::{datacenter_ref, resolve, Resolution, Target};
+
+/// What a relay needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS URL of the datacenter's server.
+    pub nats_url: String,
+    /// The datacenter this relay serves.
+    pub dc: String,
+    /// Where the master is served (path, `file://`, `git://`, `ssh://`, `http(s)://`).
+    pub master_url: String,
+    /// Directory for the mirror.
+    pub state_dir: PathBuf,
+}
+
+/// Why the relay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The mirror could not be opened.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    /// The bus failed in a way the relay cannot wait out.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// A failure while handling one event: retried with backoff, never acked.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{0}")]
+    Resolve(String),
+}
+
+/// What caused a sync: a commit event (by stream sequence) or the relay's start.
+#[derive(Debug, Clone)]
+struct Cause {
+    tag: String,
+    event_seq: u64,
+    pushed_at_ms: u64,
+    ref_name: Option<String>,
+    commit: Option<String>,
+}
+
+/// A service's new state, prepared off the async runtime.
+struct Prepared {
+    update: ServiceUpdate,
+    snapshot: ServiceUpdate,
+    /// Contents too large to travel inline: (blob id, bytes).
+    large: Vec<(String, Vec<u8>)>,
+}
+
+/// Runs the relay until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
+    let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?;
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("confcast-relay {}", config.dc))
+        .retry_on_initial_connect()
+        .connect(&config.nats_url)
+        .await
+        .map_err(|e| BusError::new("connect", e))?;
+    let bus = tokio::select! {
+        bus = retry("opening streams", &shutdown, || Bus::open(client.clone(), &config.dc)) => bus,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    let Some(bus) = bus else { return Ok(()) };
+
+    // The durable consumer exists before the first sync, so no push made during the
+    // sync is missed; created fresh, it starts at new events since the sync covers the past.
+    let commits = bus.jetstream().get_stream(subject::COMMITS_STREAM).await.map_err(|e| BusError::new("commit stream", e))?;
+    let consumer: consumer::PullConsumer = commits
+        .get_or_create_consumer(
+            &subject::relay_consumer(&config.dc),
+            consumer::pull::Config {
+                durable_name: Some(subject::relay_consumer(&config.dc)),
+                description: Some(format!("confcast relay of datacenter {}", config.dc)),
+                filter_subject: subject::commits_wildcard(),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(120),
+                max_ack_pending: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| BusError::new("relay consumer", e))?;
+
+    let heads = tokio::select! {
+        heads = retry("loading heads", &shutdown, || bus.load_heads()) => heads,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    let Some(heads) = heads else { return Ok(()) };
+    let mut relay = Relay { dc: config.dc.clone(), bus, mirror, heads, watched: BTreeSet::new(), inventory: None };
+
+    let boot = Cause { tag: format!("boot{}", now_ms()), event_seq: 0, pushed_at_ms: now_ms(), ref_name: None, commit: None };
+    let mut backoff = Backoff::default();
+    loop {
+        let first = BTreeSet::from([datacenter_ref(&relay.dc)]);
+        tokio::select! {
+            result = relay.sync(&boot, first) => match result {
+                Ok(()) => break,
+                Err(e) => {
+                    let delay = backoff.next();
+                    tracing::warn!(dc = %relay.dc, error = %e, retry_in = ?delay, "initial sync failed");
+                    tokio::select! { () = tokio::time::sleep(delay) => {}, () = shutdown.cancelled() => return Ok(()) }
+                }
+            },
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    tracing::info!(dc = %relay.dc, services = relay.heads.len(), watched = relay.watched.len(), "relay ready");
+
+    let mut backoff = Backoff::default();
+    'outer: loop {
+        let mut messages = tokio::select! {
+            m = consumer.messages() => match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume commit events, retrying");
+                    tokio::select! { () = tokio::time::sleep(backoff.next()) => continue, () = shutdown.cancelled() => break }
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        loop {
+            let next = tokio::select! { n = messages.next() => n, () = shutdown.cancelled() => break 'outer };
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "commit event stream error");
+                    continue;
+                }
+                None => continue 'outer,
+            };
+            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let event: CommitEvent = match decode(&message.payload) {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "unreadable commit event, dropping it");
+                    let _ = message.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            if !relay.watched.contains(&event.ref_name) {
+                let _ = message.ack().await;
+                continue;
+            }
+            let cause = Cause {
+                tag: format!("e{seq}"),
+                event_seq: seq,
+                pushed_at_ms: event.pushed_at_ms,
+                ref_name: Some(event.ref_name.clone()),
+                commit: event.new.clone(),
+            };
+            match relay.sync(&cause, BTreeSet::from([event.ref_name.clone()])).await {
+                Ok(()) => {
+                    backoff = Backoff::default();
+                    if let Err(e) = message.double_ack().await {
+                        tracing::warn!(seq, error = %e, "ack of commit event failed; it will be redelivered and found done");
+                    }
+                }
+                Err(e) => {
+                    let delay = backoff.next();
+                    tracing::warn!(seq, ref_name = %event.ref_name, error = %e, retry_in = ?delay, "event not handled, will retry");
+                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                }
+            }
+        }
+    }
+    tracing::info!(dc = %relay.dc, "relay stopped");
+    Ok(())
+}
+
+/// Retries `f` with backoff until it succeeds or shutdown; `None` on shutdown.
+async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
+    let mut backoff = Backoff::default();
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let delay = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?delay, "{what} failed");
+                tokio::select! { () = tokio::time::sleep(delay) => {}, () = shutdown.cancelled() => return None }
+            }
+        }
+    }
+}
+
+/// Exponential backoff from 100 ms to 10 s.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let current = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(10));
+        current
+    }
+}
+
+struct Relay {
+    dc: String,
+    bus: Bus,
+    mirror: Mirror,
+    heads: BTreeMap<(Kind, String), ServiceHead>,
+    watched: BTreeSet<String>,
+    inventory: Option<Inventory>,
+}
+
+impl Relay {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Mirror) -> Result<T, SyncError> + Send + 'static,
+    ) -> Result<T, SyncError> {
+        let mirror = self.mirror.clone();
+        tokio::task::spawn_blocking(move || f(mirror)).await.map_err(|e| SyncError::Resolve(format!("worker panicked: {e}")))?
+    }
+
+    /// Fetches `first`, then every newly depended-on ref, resolves, and publishes.
+    #[tracing::instrument(skip_all, fields(dc = %self.dc, cause = %cause.tag))]
+    async fn sync(&mut self, cause: &Cause, first: BTreeSet<String>) -> Result<(), SyncError> {
+        let started = Instant::now();
+        let mut fetched: BTreeSet<String> = BTreeSet::new();
+        let mut to_fetch = first;
+        let dc = self.dc.clone();
+        let resolved = loop {
+            if !to_fetch.is_empty() {
+                let refs = to_fetch.clone();
+                let outcome = self.blocking(move |m| Ok(m.fetch(&refs)?)).await?;
+                tracing::debug!(present = outcome.present.len(), missing = outcome.missing.len(), "fetched");
+                fetched.extend(to_fetch);
+            }
+            let dc = dc.clone();
+            let resolved = self.blocking(move |m| Ok(resolve(&dc, &m))).await?;
+            to_fetch = resolved.watched.iter().filter(|r| !self.watched.contains(*r) && !fetched.contains(*r)).cloned().collect();
+            if to_fetch.is_empty() {
+                break resolved;
+            }
+        };
+        self.watched = resolved.watched;
+        match resolved.outcome {
+            Err(e) if e.is_transient() => Err(SyncError::Resolve(e.to_string())),
+            Err(e) => {
+                tracing::error!(error = %e, "datacenter cannot be resolved; keeping the last good configuration");
+                self.publish_error(cause, format!("{e}; keeping the last good configuration")).await
+            }
+            Ok(resolution) => {
+                let published = self.apply(cause, resolution).await?;
+                tracing::info!(published, elapsed_ms = started.elapsed().as_millis() as u64, "synced");
+                Ok(())
+            }
+        }
+    }
+
+    async fn apply(&mut self, cause: &Cause, resolution: Resolution) -> Result<usize, SyncError> {
+        let mut published = 0;
+        for ((kind, name), ref_name) in &resolution.unresolved {
+            let kept = self.heads.get(&(*kind, name.clone())).and_then(|h| h.commit.clone());
+            let message = match kept {
+                Some(commit) => format!("{kind} {name:?} is pinned to {ref_name}, which does not exist on the master; keeping {commit}"),
+                None => format!("{kind} {name:?} is pinned to {ref_name}, which does not exist on the master; it is not published"),
+            };
+            tracing::error!(%kind, %name, %ref_name, "{message}");
+            self.publish_error(cause, message).await?;
+        }
+        for ((kind, name), target) in &resolution.targets {
+            let head = self.heads.get(&(*kind, name.clone()));
+            if head.is_some_and(|h| h.commit.as_deref() == Some(target.commit.as_str())) {
+                let head = head.expect("checked");
+                if head.ref_name != target.ref_name || head.version != target.version {
+                    // Same files under another name: only the index and head move.
+                    self.publish_head(cause, *kind, name, Some(target), head.commit.clone(), head.tree.clone()).await?;
+                }
+                continue;
+            }
+            match self.publish_service(cause, *kind, name, target).await {
+                Ok(()) => published += 1,
+                Err(PublishError::Sync(e)) => return Err(e),
+                Err(PublishError::BadTree(message)) => {
+                    tracing::error!(%kind, %name, commit = %target.commit, "{message}");
+                    self.publish_error(cause, message).await?;
+                }
+            }
+        }
+        let dropped: Vec<(Kind, String)> = self
+            .heads
+            .iter()
+            .filter(|(key, head)| head.commit.is_some() && !resolution.targets.contains_key(*key) && !resolution.unresolved.contains_key(*key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (kind, name) in dropped {
+            self.publish_removal(cause, kind, &name).await?;
+            published += 1;
+        }
+        let inventory = Inventory { v: WIRE_VERSION, dc: self.dc.clone(), conf_ref: resolution.conf_ref.clone(), hosts: resolution.hosts.clone() };
+        if self.inventory.as_ref() != Some(&inventory) {
+            let id = format!("{}/inventory@{}", self.dc, cause.tag);
+            self.bus.publish(subject::inventory_subject(&self.dc), &id, encode(&inventory)).await?;
+            self.inventory = Some(inventory);
+        }
+        Ok(published)
+    }
+
+    async fn publish_service(&mut self, cause: &Cause, kind: Kind, name: &str, target: &Target) -> Result<(), PublishError> {
+        let head = self.heads.get(&(kind, name.to_owned())).cloned();
+        let (dc, cause2, name2, target2) = (self.dc.clone(), cause.clone(), name.to_owned(), target.clone());
+        let prepared = self
+            .blocking(move |m| Ok(prepare(&m, &dc, &cause2, kind, &name2, &target2, head.as_ref())))
+            .await?
+            .map_err(|e| match e {
+                Prepare::Mirror(e) => PublishError::Sync(SyncError::Mirror(e)),
+                Prepare::BadTree(m) => PublishError::BadTree(m),
+            })?;
+        for (blob, content) in &prepared.large {
+            self.bus.ensure_blob(blob, content).await.map_err(SyncError::from)?;
+        }
+        let update = &prepared.update;
+        let id = format!("{}/{kind}/{name}/{}..{}@{}", self.dc, update.from.as_deref().unwrap_or("none"), target.commit, cause.tag);
+        // The snapshot goes first: a host that resyncs never finds a snapshot older
+        // than an update it has seen.
+        self.bus
+            .publish(subject::snapshot_subject(&self.dc, kind, name), &format!("{id}/snapshot"), encode(&prepared.snapshot))
+            .await
+            .map_err(SyncError::from)?;
+        self.bus.publish(subject::update_subject(&self.dc, kind, name), &id, encode(update)).await.map_err(SyncError::from)?;
+        tracing::info!(%kind, %name, from = update.from.as_deref().unwrap_or("-"), to = %target.commit, entries = update.entries.len(), "published update");
+        self.publish_head(cause, kind, name, Some(target), Some(target.commit.clone()), update.tree.clone()).await?;
+        Ok(())
+    }
+
+    async fn publish_removal(&mut self, cause: &Cause, kind: Kind, name: &str) -> Result<(), SyncError> {
+        let head = self.heads.get(&(kind, name.to_owned())).cloned();
+        let removal = ServiceUpdate {
+            v: WIRE_VERSION,
+            dc: self.dc.clone(),
+            kind,
+            name: name.to_owned(),
+            ref_name: String::new(),
+            branch: head.as_ref().map(|h| h.branch.clone()).unwrap_or_default(),
+            version: head.as_ref().map(|h| h.version.clone()).unwrap_or_default(),
+            from: head.as_ref().and_then(|h| h.commit.clone()),
+            to: None,
+            tree: None,
+            snapshot: false,
+            entries: Vec::new(),
+            event_seq: cause.event_seq,
+            pushed_at_ms: cause.pushed_at_ms,
+            published_at_ms: now_ms(),
+        };
+        let id = format!("{}/{kind}/{name}/{}..removed@{}", self.dc, removal.from.as_deref().unwrap_or("none"), cause.tag);
+        let snapshot = ServiceUpdate { snapshot: true, from: None, ..removal.clone() };
+        self.bus.publish(subject::snapshot_subject(&self.dc, kind, name), &format!("{id}/snapshot"), encode(&snapshot)).await?;
+        self.bus.publish(subject::update_subject(&self.dc, kind, name), &id, encode(&removal)).await?;
+        tracing::info!(%kind, %name, "published removal");
+        self.publish_head(cause, kind, name, None, None, None).await
+    }
+
+    async fn publish_head(
+        &mut self,
+        cause: &Cause,
+        kind: Kind,
+        name: &str,
+        target: Option<&Target>,
+        commit: Option<String>,
+        tree: Option<String>,
+    ) -> Result<(), SyncError> {
+        let old = self.heads.get(&(kind, name.to_owned())).cloned();
+        let head = ServiceHead {
+            v: WIRE_VERSION,
+            kind,
+            name: name.to_owned(),
+            ref_name: target.map(|t| t.ref_name.clone()).unwrap_or_default(),
+            branch: target.map(|t| t.branch.clone()).or_else(|| old.as_ref().map(|h| h.branch.clone())).unwrap_or_default(),
+            version: target.map(|t| t.version.clone()).or_else(|| old.as_ref().map(|h| h.version.clone())).unwrap_or_default(),
+            commit,
+            tree,
+        };
+        let id = format!("{}/{kind}/{name}/head/{}@{}", self.dc, head.commit.as_deref().unwrap_or("removed"), cause.tag);
+        self.bus.publish(subject::head_subject(&self.dc, kind, name), &id, encode(&head)).await?;
+        // The index: one key per (service, version); a version that is no longer the
+        // datacenter's goes away.
+        if let Some(old) = &old {
+            if old.commit.is_some() && (old.version != head.version || head.commit.is_none()) {
+                self.bus.delete_index(&subject::index_key(&self.dc, kind, name, &old.version)).await?;
+            }
+        }
+        if let Some(commit) = &head.commit {
+            self.bus.put_index(&subject::index_key(&self.dc, kind, name, &head.version), &format!("{}/{commit}", head.branch)).await?;
+        }
+        self.heads.insert((kind, name.to_owned()), head);
+        Ok(())
+    }
+
+    async fn publish_error(&self, cause: &Cause, message: String) -> Result<(), SyncError> {
+        let event = ErrorEvent {
+            v: WIRE_VERSION,
+            dc: self.dc.clone(),
+            ref_name: cause.ref_name.clone(),
+            commit: cause.commit.clone(),
+            message,
+            at_ms: now_ms(),
+        };
+        let id = format!("{}/error/{}/{}", self.dc, cause.tag, short_hash(&event.message));
+        self.bus.publish(subject::error_subject(&self.dc), &id, encode(&event)).await?;
+        Ok(())
+    }
+}
+
+enum PublishError {
+    Sync(SyncError),
+    BadTree(String),
+}
+
+impl From<SyncError> for PublishError {
+    fn from(e: SyncError) -> Self {
+        PublishError::Sync(e)
+    }
+}
+
+enum Prepare {
+    Mirror(MirrorError),
+    BadTree(String),
+}
+
+impl From<MirrorError> for Prepare {
+    fn from(e: MirrorError) -> Self {
+        Prepare::Mirror(e)
+    }
+}
+
+fn short_hash(s: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Builds the diff from the last published commit, and the full snapshot, of one
+/// service. Blocking: reads the mirror.
+fn prepare(
+    mirror: &Mirror,
+    dc: &str,
+    cause: &Cause,
+    kind: Kind,
+    name: &str,
+    target: &Target,
+    head: Option<&ServiceHead>,
+) -> Result<Prepared, Prepare> {
+    let new = mirror.listing(&target.commit)?;
+    let tree = mirror.tree_of(&target.commit)?;
+    let bad = |e: path::PathError| Prepare::BadTree(format!("{kind} {name:?} at {} ({}): {e}; not published", target.commit, target.ref_name));
+    let mut contents: BTreeMap<[u8; 20], Vec<u8>> = BTreeMap::new();
+    for (p, item) in &new {
+        path::check_relative(p).map_err(bad)?;
+        if item.mode == FileMode::Symlink {
+            let link = mirror.blob(&item.blob)?;
+            path::check_symlink(p, &link).map_err(bad)?;
+            contents.insert(item.blob, link);
+        }
+    }
+    // Diff against what was last published, if the mirror still has it; otherwise
+    // (a new service, or a mirror rebuilt from scratch) the update is a full tree.
+    let base = match head.and_then(|h| h.commit.clone()) {
+        Some(commit) => mirror.listing(&commit).ok().map(|listing| (commit, listing)),
+        None => None,
+    };
+    let (from, changes) = match &base {
+        Some((commit, old)) => (Some(commit.clone()), diff(old, &new)),
+        None => (None, diff(&Listing::new(), &new)),
+    };
+    let mut large = Vec::new();
+    let mut entry_for = |path: &[u8], change: ChangeKind, item: Option<crate::diff::Item>, from_path: Option<Vec<u8>>| -> Result<Entry, Prepare> {
+        let (mut content, mut object) = (None, None);
+        if let (Some(item), ChangeKind::Add | ChangeKind::Modify) = (item, change) {
+            let bytes = match contents.get(&item.blob) {
+                Some(bytes) => bytes.clone(),
+                None => mirror.blob(&item.blob)?,
+            };
+            let blob = hex(&item.blob);
+            if bytes.len() > INLINE_LIMIT {
+                object = Some(format!("blob/{blob}"));
+                if !large.iter().any(|(b, _): &(String, Vec<u8>)| *b == blob) {
+                    large.push((blob, bytes));
+                }
+            } else {
+                content = Some(ByteBuf::from(bytes));
+            }
+        }
+        Ok(Entry {
+            path: ByteBuf::from(path.to_vec()),
+            change,
+            mode: item.map(|i| i.mode),
+            blob: item.map(|i| hex(&i.blob)),
+            content,
+            object,
+            from_path: from_path.map(ByteBuf::from),
+        })
+    };
+    let mut entries = Vec::with_capacity(changes.len());
+    for c in &changes {
+        entries.push(entry_for(&c.path, c.kind, c.item, c.from_path.clone())?);
+    }
+    let snapshot_entries = if from.is_none() {
+        entries.clone()
+    } else {
+        let mut all = Vec::with_capacity(new.len());
+        for (p, item) in &new {
+            all.push(entry_for(p, ChangeKind::Add, Some(*item), None)?);
+        }
+        all
+    };
+    let update = ServiceUpdate {
+        v: WIRE_VERSION,
+        dc: dc.to_owned(),
+        kind,
+        name: name.to_owned(),
+        ref_name: target.ref_name.clone(),
+        branch: target.branch.clone(),
+        version: target.version.clone(),
+        snapshot: from.is_none(),
+        from,
+        to: Some(target.commit.clone()),
+        tree: Some(tree),
+        entries,
+        event_seq: cause.event_seq,
+        pushed_at_ms: cause.pushed_at_ms,
+        published_at_ms: now_ms(),
+    };
+    let snapshot = ServiceUpdate { from: None, snapshot: true, entries: snapshot_entries, ..update.clone() };
+    Ok(Prepared { update, snapshot, large })
+}
+
+fn hex(bytes: &[u8; 20]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
