@@ -1,1 +1,15 @@
+//! The subscriber of one host (the seed's *Conf-Local*).
+//!
+//! It follows its services' updates on the datacenter's stream ([`run`]), builds each
+//! new tree beside the current one and switches to it atomically after verifying its
+//! git tree id ([`materialize`], [`tree_hash`]), remembers where it stands on local disk
+//! ([`state`]) and tells the host's processes ([`exec`]).
 
+pub mod bus;
+pub mod exec;
+pub mod materialize;
+pub mod run;
+pub mod state;
+pub mod tree_hash;
+
+pub use run::{run, Config, Selection};

@@ -1,1 +1,124 @@
-fn main(){}
+//! `subscriber`: one per host. See the crate docs of `confcast_subscriber`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use confcast_schemas::Kind;
+use confcast_subscriber::exec::{parse_signal, Notify};
+use confcast_subscriber::{Config, Selection};
+use tokio_util::sync::CancellationToken;
+
+/// Applies this host's configuration from the datacenter's stream and tells its processes.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["service", "application", "device", "host"])))]
+struct Cli {
+    /// NATS URL of the datacenter's server.
+    #[arg(long, env = "CONFCAST_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Datacenter id.
+    #[arg(long, env = "CONFCAST_DC")]
+    dc: String,
+    /// A service to follow (repeatable; the environment variable takes a comma-separated list).
+    #[arg(long, env = "CONFCAST_SERVICE", value_delimiter = ',')]
+    service: Vec<String>,
+    /// An application to follow (repeatable).
+    #[arg(long, env = "CONFCAST_APPLICATION", value_delimiter = ',')]
+    application: Vec<String>,
+    /// A device to follow (repeatable).
+    #[arg(long, env = "CONFCAST_DEVICE", value_delimiter = ',')]
+    device: Vec<String>,
+    /// Follow whatever the datacenter's inventory lists for this host id.
+    #[arg(long, env = "CONFCAST_HOST", conflicts_with_all = ["service", "application", "device"])]
+    host: Option<String>,
+    /// Directory where `<dir>/<service>` appears (a symlink to the current tree).
+    #[arg(long, env = "CONFCAST_DIR")]
+    dir: PathBuf,
+    /// Directory for trees and the host's position (default: `<dir>/.confcast`).
+    #[arg(long, env = "CONFCAST_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Command run with `sh -c` after each applied change, with CONFCAST_SERVICE,
+    /// CONFCAST_COMMIT, CONFCAST_REF, CONFCAST_DIR and CONFCAST_KIND set.
+    #[arg(long, env = "CONFCAST_EXEC")]
+    exec: Option<String>,
+    /// How long `--exec` may run before it is killed, in seconds.
+    #[arg(long, env = "CONFCAST_EXEC_TIMEOUT_SECS", default_value_t = 60)]
+    exec_timeout_secs: u64,
+    /// Signal (e.g. HUP) sent after each applied change to the process in `--pidfile`.
+    #[arg(long, env = "CONFCAST_SIGNAL", requires = "pidfile")]
+    signal: Option<String>,
+    /// File holding the pid that `--signal` goes to.
+    #[arg(long, env = "CONFCAST_PIDFILE", requires = "signal")]
+    pidfile: Option<PathBuf>,
+    /// Host id in status reports (default: `--host`, else the system host name).
+    #[arg(long, env = "CONFCAST_HOST_ID")]
+    host_id: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let signal = match cli.signal.as_deref().map(parse_signal).transpose() {
+        Ok(signal) => signal,
+        Err(e) => {
+            eprintln!("subscriber: --signal: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let selection = match &cli.host {
+        Some(host) => Selection::Host(host.clone()),
+        None => Selection::Services(
+            [(Kind::Service, &cli.service), (Kind::Application, &cli.application), (Kind::Device, &cli.device)]
+                .into_iter()
+                .flat_map(|(kind, names)| names.iter().map(move |n| (kind, n.clone())))
+                .collect(),
+        ),
+    };
+    let host_id = cli
+        .host_id
+        .or(cli.host.clone())
+        .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let config = Config {
+        nats_url: cli.nats,
+        dc: cli.dc,
+        selection,
+        state_dir: cli.state_dir.unwrap_or_else(|| cli.dir.join(".confcast")),
+        dir: cli.dir,
+        notify: Notify { exec: cli.exec, signal: signal.zip(cli.pidfile), timeout: Duration::from_secs(cli.exec_timeout_secs) },
+        host_id,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    match confcast_subscriber::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "subscriber failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or ctrl-c.
+async fn signal_shutdown(token: CancellationToken) {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    token.cancel();
+}

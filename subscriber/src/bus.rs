@@ -1,0 +1,109 @@
+//! What a subscriber reads from the bus besides its update stream: snapshots,
+//! the inventory, contents kept in the object store, and spilled messages.
+
+use std::collections::HashSet;
+
+use async_nats::jetstream::{self, object_store, stream::LastRawMessageErrorKind};
+use confcast_schemas::{decode, subject, Inventory, Kind, ServiceUpdate};
+use tokio::io::AsyncReadExt;
+use tokio::sync::OnceCell;
+
+use crate::materialize::Objects;
+
+/// A failure reading from the bus; all are transient or the message's fault, and the
+/// caller decides which by context.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct ReadError {
+    what: &'static str,
+    message: String,
+}
+
+impl ReadError {
+    pub(crate) fn new(what: &'static str, e: impl std::fmt::Display) -> Self {
+        ReadError { what, message: e.to_string() }
+    }
+}
+
+/// Read access for one datacenter.
+pub struct Reader {
+    js: jetstream::Context,
+    dc: String,
+    blobs: OnceCell<object_store::ObjectStore>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").field("dc", &self.dc).finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// A reader of datacenter `dc`.
+    pub fn new(js: jetstream::Context, dc: &str) -> Reader {
+        Reader { js, dc: dc.to_owned(), blobs: OnceCell::new() }
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    async fn blobs(&self) -> Result<&object_store::ObjectStore, ReadError> {
+        self.blobs
+            .get_or_try_init(|| async {
+                self.js.get_object_store(subject::BLOBS_BUCKET).await.map_err(|e| ReadError::new("blob store", e))
+            })
+            .await
+    }
+
+    async fn object(&self, name: &str) -> Result<Vec<u8>, ReadError> {
+        let mut object = self.blobs().await?.get(name).await.map_err(|e| ReadError::new("reading object", e))?;
+        let mut bytes = Vec::new();
+        object.read_to_end(&mut bytes).await.map_err(|e| ReadError::new("reading object", e))?;
+        Ok(bytes)
+    }
+
+    /// The real payload of a message, following a spill header to the object store.
+    pub async fn payload(&self, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Result<Vec<u8>, ReadError> {
+        match headers.and_then(|h| h.get(subject::SPILLED_HEADER)) {
+            Some(name) => self.object(name.as_str()).await,
+            None => Ok(payload.to_vec()),
+        }
+    }
+
+    async fn last_on(&self, subject: &str) -> Result<Option<Vec<u8>>, ReadError> {
+        let stream = self.js.get_stream(subject::state_stream(&self.dc)).await.map_err(|e| ReadError::new("state stream", e))?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => Ok(Some(self.payload(Some(&message.headers), &message.payload).await?)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(ReadError::new("state stream", e)),
+        }
+    }
+
+    /// The latest full snapshot of a service, if the relay published one.
+    pub async fn snapshot(&self, kind: Kind, name: &str) -> Result<Option<ServiceUpdate>, ReadError> {
+        match self.last_on(&subject::snapshot_subject(&self.dc, kind, name)).await? {
+            Some(bytes) => Ok(Some(decode(&bytes).map_err(|e| ReadError::new("snapshot", e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The datacenter's inventory, if the relay published one.
+    pub async fn inventory(&self) -> Result<Option<Inventory>, ReadError> {
+        match self.last_on(&subject::inventory_subject(&self.dc)).await? {
+            Some(bytes) => Ok(Some(decode(&bytes).map_err(|e| ReadError::new("inventory", e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Fetches every content the update keeps in the object store.
+    pub async fn objects(&self, update: &ServiceUpdate) -> Result<Objects, ReadError> {
+        let names: HashSet<&String> = update.entries.iter().filter_map(|e| e.object.as_ref()).collect();
+        let mut objects = Objects::new();
+        for name in names {
+            objects.insert(name.clone(), self.object(name).await?);
+        }
+        Ok(objects)
+    }
+}

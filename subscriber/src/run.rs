@@ -1,0 +1,527 @@
+//! The subscriber loop: the host's services' updates in, trees on disk, processes told.
+//!
+//! Each host reads its datacenter's update stream through an ephemeral ordered
+//! consumer that starts right after the host's own recorded position, so the server
+//! keeps nothing per host. An update applies when it starts from the commit in place;
+//! one that reaches a commit already in place is skipped; anything else is a gap and
+//! is resolved from the service's snapshot, never by guessing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{consumer, stream};
+use confcast_schemas::message::now_ms;
+use confcast_schemas::{decode, encode, subject, HostStatus, Kind, ServiceUpdate, WIRE_VERSION};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{ReadError, Reader};
+use crate::exec::{notify, Change, Notify};
+use crate::materialize::{self, ApplyError, Layout};
+use crate::state::{key, Position, ServiceState};
+
+/// Which services this host runs.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// Named on the command line.
+    Services(Vec<(Kind, String)>),
+    /// Whatever the datacenter's inventory lists for this host.
+    Host(String),
+}
+
+/// What a subscriber needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS URL of the datacenter's server.
+    pub nats_url: String,
+    /// The datacenter.
+    pub dc: String,
+    /// The services to follow.
+    pub selection: Selection,
+    /// Where `<dir>/<service>` links are kept.
+    pub dir: PathBuf,
+    /// Where trees and the position live.
+    pub state_dir: PathBuf,
+    /// What to run after a change.
+    pub notify: Notify,
+    /// Host id used in status reports.
+    pub host_id: String,
+}
+
+/// Why the subscriber stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriberError {
+    /// The NATS connection could not be set up.
+    #[error("connecting to NATS: {0}")]
+    Connect(String),
+    /// The position file cannot be read or written.
+    #[error("position: {0}")]
+    Position(#[from] std::io::Error),
+    /// Two selected services would share `<dir>/<name>`.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Runs until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), SubscriberError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("confcast-subscriber {}/{}", config.dc, config.host_id))
+        .retry_on_initial_connect()
+        .connect(&config.nats_url)
+        .await
+        .map_err(|e| SubscriberError::Connect(e.to_string()))?;
+    let js = async_nats::jetstream::new(client.clone());
+    let reader = Reader::new(js, &config.dc);
+    let position_path = config.state_dir.join("position.json");
+    let position = Position::load(&position_path, &config.dc)?;
+    let mut host = Host { config: config.clone(), client, reader, position, position_path, services: BTreeSet::new() };
+
+    loop {
+        let services = match &config.selection {
+            Selection::Services(list) => list.iter().cloned().collect(),
+            Selection::Host(id) => match host.wait_for_inventory(id, &shutdown).await {
+                Some(services) => services,
+                None => return Ok(()),
+            },
+        };
+        check_distinct(&services)?;
+        host.services = services;
+        match host.follow(&shutdown).await? {
+            Followed::Shutdown => return Ok(()),
+            Followed::InventoryChanged => tracing::info!(host = %config.host_id, "inventory changed, following the new service set"),
+        }
+    }
+}
+
+fn check_distinct(services: &BTreeSet<(Kind, String)>) -> Result<(), SubscriberError> {
+    let mut names = BTreeMap::new();
+    for (kind, name) in services {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(SubscriberError::Config(format!("{kind} name {name:?} cannot be a directory name")));
+        }
+        if let Some(other) = names.insert(name.clone(), *kind) {
+            return Err(SubscriberError::Config(format!("{other} and {kind} {name:?} would share {name:?} in --dir")));
+        }
+    }
+    Ok(())
+}
+
+enum Followed {
+    Shutdown,
+    InventoryChanged,
+}
+
+/// What became of one message.
+enum Outcome {
+    /// This commit is now in place (the update's, or a newer snapshot's).
+    Applied(Applied),
+    Removed,
+    Skipped,
+}
+
+/// The identity of what was applied.
+struct Applied {
+    commit: Option<String>,
+    tree: Option<String>,
+    ref_name: String,
+    version: String,
+}
+
+impl Applied {
+    fn of(update: &ServiceUpdate) -> Applied {
+        Applied { commit: update.to.clone(), tree: update.tree.clone(), ref_name: update.ref_name.clone(), version: update.version.clone() }
+    }
+}
+
+struct Host {
+    config: Config,
+    client: async_nats::Client,
+    reader: Reader,
+    position: Position,
+    position_path: PathBuf,
+    services: BTreeSet<(Kind, String)>,
+}
+
+impl Host {
+    fn layout(&self, kind: Kind, name: &str) -> Layout {
+        Layout {
+            trees: self.config.state_dir.join("trees").join(format!("{kind}-{}", subject::encode_token(name))),
+            link: self.config.dir.join(name),
+        }
+    }
+
+    fn state(&self, kind: Kind, name: &str) -> ServiceState {
+        self.position.services.get(&key(kind, name)).cloned().unwrap_or_default()
+    }
+
+    fn save(&self) -> Result<(), SubscriberError> {
+        self.position.save(&self.position_path)?;
+        Ok(())
+    }
+
+    async fn wait_for_inventory(&self, id: &str, shutdown: &CancellationToken) -> Option<BTreeSet<(Kind, String)>> {
+        let mut warned = false;
+        loop {
+            match self.reader.inventory().await {
+                Ok(Some(inventory)) => {
+                    let inv = inventory.hosts.get(id).cloned().unwrap_or_default();
+                    if !inventory.hosts.contains_key(id) {
+                        tracing::warn!(host = id, "host is not in the datacenter's inventory; following nothing until it is");
+                    }
+                    return Some(Kind::ALL.iter().flat_map(|k| inv.names(*k).iter().map(|n| (*k, n.clone()))).collect());
+                }
+                Ok(None) if !warned => {
+                    tracing::info!("waiting for the relay to publish the datacenter's inventory");
+                    warned = true;
+                }
+                Ok(None) => {}
+                Err(e) if !warned => {
+                    tracing::info!(error = %e, "waiting for the datacenter's streams");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+            tokio::select! { () = tokio::time::sleep(Duration::from_millis(500)) => {}, () = shutdown.cancelled() => return None }
+        }
+    }
+
+    /// Bootstraps services without a position, then follows the update stream.
+    async fn follow(&mut self, shutdown: &CancellationToken) -> Result<Followed, SubscriberError> {
+        let stream = loop {
+            match self.reader.jetstream().get_stream(subject::updates_stream(&self.config.dc)).await {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    tracing::info!(error = %e, "waiting for the datacenter's update stream");
+                    tokio::select! { () = tokio::time::sleep(Duration::from_millis(500)) => {}, () = shutdown.cancelled() => return Ok(Followed::Shutdown) }
+                }
+            }
+        };
+        let services: Vec<(Kind, String)> = self.services.iter().cloned().collect();
+        self.drop_unselected().await?;
+        for (kind, name) in &services {
+            loop {
+                match self.bootstrap(&stream, *kind, name).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(%kind, %name, error = %e, "bootstrap failed, retrying");
+                        tokio::select! { () = tokio::time::sleep(Duration::from_secs(1)) => {}, () = shutdown.cancelled() => return Ok(Followed::Shutdown) }
+                    }
+                }
+            }
+        }
+        self.save()?;
+        if services.is_empty() && !matches!(self.config.selection, Selection::Host(_)) {
+            return Err(SubscriberError::Config("no service selected".into()));
+        }
+
+        let start = services.iter().map(|(k, n)| self.state(*k, n).seq).min().unwrap_or(0) + 1;
+        let filters: Vec<String> = services.iter().map(|(k, n)| subject::update_subject(&self.config.dc, *k, n)).collect();
+        let mut inventory_updates = match &self.config.selection {
+            Selection::Host(_) => Some(self.watch_inventory().await),
+            Selection::Services(_) => None,
+        };
+
+        self.flush_execs().await?;
+        let mut messages = if filters.is_empty() {
+            None
+        } else {
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subjects: filters,
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+                    ..Default::default()
+                })
+                .await;
+            match consumer {
+                Ok(consumer) => Some(consumer.messages().await.map_err(|e| SubscriberError::Connect(e.to_string()))?),
+                Err(e) => return Err(SubscriberError::Connect(format!("creating the update consumer: {e}"))),
+            }
+        };
+        tracing::info!(dc = %self.config.dc, services = services.len(), start, "following updates");
+        loop {
+            let next = async {
+                match messages.as_mut() {
+                    Some(m) => m.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let inventory_changed = async {
+                match inventory_updates.as_mut() {
+                    Some(Some(watch)) => watch.next().await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(Followed::Shutdown),
+                Some(_) = inventory_changed => {
+                    if let Selection::Host(id) = &self.config.selection {
+                        let now = self.reader.inventory().await.ok().flatten().and_then(|i| i.hosts.get(id).cloned()).unwrap_or_default();
+                        let wanted: BTreeSet<(Kind, String)> = Kind::ALL.iter().flat_map(|k| now.names(*k).iter().map(|n| (*k, n.clone()))).collect();
+                        if wanted != self.services {
+                            return Ok(Followed::InventoryChanged);
+                        }
+                    }
+                }
+                message = next => match message {
+                    Some(Ok(message)) => {
+                        let (seq, pending) = message.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
+                        self.handle(&message.message, seq).await?;
+                        if pending == 0 {
+                            self.flush_execs().await?;
+                        }
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "update stream error; the consumer recovers by itself"),
+                    None => return Err(SubscriberError::Connect("update stream ended".into())),
+                }
+            }
+        }
+    }
+
+    async fn watch_inventory(&self) -> Option<consumer::pull::Ordered> {
+        let stream = self.reader.jetstream().get_stream(subject::state_stream(&self.config.dc)).await.ok()?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject::inventory_subject(&self.config.dc),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        consumer.messages().await.ok()
+    }
+
+    /// Services that left this host's selection: their link goes, their exec runs.
+    async fn drop_unselected(&mut self) -> Result<(), SubscriberError> {
+        let gone: Vec<String> = self
+            .position
+            .services
+            .keys()
+            .filter(|k| !self.services.iter().any(|(kind, name)| key(*kind, name) == **k))
+            .cloned()
+            .collect();
+        for k in gone {
+            let Some((kind, name)) = k.split_once('/').and_then(|(k, n)| Some((kind_of(k)?, n.to_owned()))) else { continue };
+            let state = self.state(kind, &name);
+            if state.commit.is_some() {
+                if let Err(e) = materialize::unlink(&self.layout(kind, &name)) {
+                    tracing::error!(%kind, %name, error = %e, "cannot remove service that left this host");
+                    continue;
+                }
+                tracing::info!(%kind, %name, "service no longer runs on this host; removed");
+                self.position.services.remove(&k);
+                self.save()?;
+                self.run_exec(kind, &name, &ServiceState::default()).await;
+            } else {
+                self.position.services.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    async fn bootstrap(&mut self, stream: &stream::Stream, kind: Kind, name: &str) -> Result<(), ReadError> {
+        let state = self.state(kind, name);
+        let layout = self.layout(kind, name);
+        let intact = match &state.commit {
+            Some(commit) => layout.current().is_some_and(|p| p.ends_with(commit)),
+            None => true,
+        };
+        if self.position.services.contains_key(&key(kind, name)) && intact {
+            return Ok(());
+        }
+        // Read the stream's position before the snapshot: anything published after it
+        // is replayed, and replaying what the snapshot already holds is a no-op.
+        let mut info = stream.clone();
+        let last = info.info().await.map_err(|e| ReadError::new("update stream", e))?.state.last_sequence;
+        let mut fresh = ServiceState { seq: last, ..ServiceState::default() };
+        if let Some(snapshot) = self.reader.snapshot(kind, name).await? {
+            if snapshot.to.is_some() {
+                match self.apply(&snapshot, None).await {
+                    Ok(()) => {
+                        fresh = state_after(&snapshot, last);
+                        tracing::info!(%kind, %name, commit = snapshot.to.as_deref().unwrap_or(""), "bootstrapped from snapshot");
+                    }
+                    Err(e) => {
+                        self.report(kind, name, state.commit.clone(), Some(e.to_string()), None).await;
+                        return Err(ReadError::new("applying snapshot", e));
+                    }
+                }
+            }
+        }
+        self.position.services.insert(key(kind, name), fresh);
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(seq))]
+    async fn handle(&mut self, message: &async_nats::Message, seq: u64) -> Result<(), SubscriberError> {
+        let payload = match self.reader.payload(message.headers.as_ref(), &message.payload).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(subject = %message.subject, error = %e, "cannot read update; it will be recovered from the snapshot");
+                return Ok(());
+            }
+        };
+        let update: ServiceUpdate = match decode(&payload) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(subject = %message.subject, error = %e, "ignoring unreadable message on the update stream");
+                return Ok(());
+            }
+        };
+        let (kind, name) = (update.kind, update.name.clone());
+        if update.dc != self.config.dc
+            || message.subject.as_str() != subject::update_subject(&self.config.dc, kind, &name)
+            || !self.services.contains(&(kind, name.clone()))
+        {
+            tracing::error!(subject = %message.subject, dc = %update.dc, %kind, %name, "ignoring update whose content does not match its subject");
+            return Ok(());
+        }
+        let mut state = self.state(kind, &name);
+        if seq <= state.seq {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = if update.is_removal() {
+            if state.commit.is_none() {
+                Ok(Outcome::Skipped)
+            } else {
+                self.remove(kind, &name).await
+            }
+        } else if update.to == state.commit {
+            Ok(Outcome::Skipped)
+        } else if update.snapshot || (update.from.is_some() && update.from == state.commit) {
+            match self.apply(&update, state.commit.as_deref()).await {
+                Ok(()) => Ok(Outcome::Applied(Applied::of(&update))),
+                Err(e) => {
+                    tracing::warn!(%kind, %name, error = %e, "update did not apply; resyncing from the snapshot");
+                    self.resync(kind, &name, &state).await
+                }
+            }
+        } else {
+            tracing::info!(%kind, %name, have = state.commit.as_deref().unwrap_or("-"), from = update.from.as_deref().unwrap_or("-"), "gap before update; resyncing from the snapshot");
+            self.resync(kind, &name, &state).await
+        };
+        match result {
+            Ok(outcome) => {
+                match outcome {
+                    Outcome::Applied(applied) => {
+                        state = ServiceState {
+                            commit: applied.commit,
+                            tree: applied.tree,
+                            ref_name: applied.ref_name,
+                            version: applied.version,
+                            seq,
+                            exec_pending: true,
+                        };
+                        let lag = now_ms().saturating_sub(update.pushed_at_ms);
+                        tracing::info!(%kind, %name, commit = state.commit.as_deref().unwrap_or(""), apply_ms = started.elapsed().as_millis() as u64, push_to_apply_ms = lag, "applied");
+                    }
+                    Outcome::Removed => {
+                        state = ServiceState { commit: None, tree: None, seq, exec_pending: true, ..state };
+                        tracing::info!(%kind, %name, "removed");
+                    }
+                    Outcome::Skipped => state.seq = seq,
+                }
+                self.position.services.insert(key(kind, &name), state);
+                self.save()?;
+            }
+            Err(e) => {
+                tracing::error!(%kind, %name, error = %e, "update refused; keeping the current configuration");
+                self.report(kind, &name, state.commit.clone(), Some(e.to_string()), None).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn resync(&mut self, kind: Kind, name: &str, state: &ServiceState) -> Result<Outcome, ApplyError> {
+        let snapshot = self.reader.snapshot(kind, name).await.map_err(|e| ApplyError::Malformed(e.to_string()))?;
+        let Some(snapshot) = snapshot else {
+            return Err(ApplyError::Malformed("no snapshot to resync from".into()));
+        };
+        if snapshot.is_removal() {
+            return if state.commit.is_some() { self.remove(kind, name).await } else { Ok(Outcome::Skipped) };
+        }
+        if snapshot.to == state.commit {
+            return Ok(Outcome::Skipped);
+        }
+        self.apply(&snapshot, None).await?;
+        Ok(Outcome::Applied(Applied::of(&snapshot)))
+    }
+
+    async fn apply(&self, update: &ServiceUpdate, current: Option<&str>) -> Result<(), ApplyError> {
+        let objects = self.reader.objects(update).await.map_err(|e| ApplyError::Malformed(e.to_string()))?;
+        let layout = self.layout(update.kind, &update.name);
+        let base = current.map(|c| layout.tree_dir(c)).filter(|p| p.is_dir());
+        if !update.snapshot && base.is_none() {
+            return Err(ApplyError::Malformed("the tree this update starts from is not on disk".into()));
+        }
+        let (layout2, update2) = (layout.clone(), update.clone());
+        let tree = tokio::task::spawn_blocking(move || materialize::build(&layout2, base.as_deref(), &update2, &objects))
+            .await
+            .map_err(|e| ApplyError::Malformed(format!("worker panicked: {e}")))??;
+        materialize::switch(&layout, &tree)?;
+        materialize::prune(&layout);
+        Ok(())
+    }
+
+    async fn remove(&self, kind: Kind, name: &str) -> Result<Outcome, ApplyError> {
+        materialize::unlink(&self.layout(kind, name))?;
+        Ok(Outcome::Removed)
+    }
+
+    /// Runs `--exec` for every service whose change has not been announced yet.
+    async fn flush_execs(&mut self) -> Result<(), SubscriberError> {
+        let pending: Vec<(String, ServiceState)> =
+            self.position.services.iter().filter(|(_, s)| s.exec_pending).map(|(k, s)| (k.clone(), s.clone())).collect();
+        for (k, state) in pending {
+            let Some((kind, name)) = k.split_once('/').and_then(|(kind, n)| Some((kind_of(kind)?, n.to_owned()))) else { continue };
+            self.run_exec(kind, &name, &state).await;
+            if let Some(s) = self.position.services.get_mut(&k) {
+                s.exec_pending = false;
+            }
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    async fn run_exec(&self, kind: Kind, name: &str, state: &ServiceState) {
+        let dir = self.config.dir.join(name);
+        let change = Change { kind, name, commit: state.commit.as_deref(), ref_name: &state.ref_name, dir: &dir };
+        let (error, status) = match notify(&self.config.notify, &change).await {
+            Ok(status) => (None, status),
+            Err(e) => {
+                tracing::error!(%kind, %name, error = %e, "notifying the host's processes failed");
+                (Some(e), None)
+            }
+        };
+        self.report(kind, name, state.commit.clone(), error, status).await;
+    }
+
+    async fn report(&self, kind: Kind, name: &str, commit: Option<String>, error: Option<String>, exec_status: Option<i32>) {
+        let status = HostStatus {
+            v: WIRE_VERSION,
+            dc: self.config.dc.clone(),
+            host: self.config.host_id.clone(),
+            kind,
+            name: name.to_owned(),
+            commit,
+            ok: error.is_none(),
+            error,
+            exec_status,
+            at_ms: now_ms(),
+        };
+        let subject = subject::status_subject(&self.config.dc, &self.config.host_id);
+        if let Err(e) = self.client.publish(subject, encode(&status).into()).await {
+            tracing::debug!(error = %e, "status not published");
+        }
+    }
+}
+
+fn kind_of(s: &str) -> Option<Kind> {
+    Kind::ALL.into_iter().find(|k| k.as_str() == s)
+}
+
+fn state_after(update: &ServiceUpdate, seq: u64) -> ServiceState {
+    let applied = Applied::of(update);
+    ServiceState { commit: applied.commit, tree: applied.tree, ref_name: applied.ref_name, version: applied.version, seq, exec_pending: true }
+}
