@@ -352,7 +352,7 @@ impl Host {
         Ok(())
     }
 
-    #[tracing::instrument(skip_all, fields(seq))]
+    #[tracing::instrument(skip_all, fields(seq = seq))]
     async fn handle(&mut self, message: &async_nats::Message, seq: u64) -> Result<(), SubscriberError> {
         let payload = match self.reader.payload(message.headers.as_ref(), &message.payload).await {
             Ok(p) => p,
