@@ -64,7 +64,11 @@ pub enum SubscriberError {
 }
 
 /// Runs until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), SubscriberError> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), SubscriberError> {
+    // `<dir>/<service>` links point into the state dir: they must not depend on the
+    // working directory the subscriber was started from.
+    config.dir = std::path::absolute(&config.dir)?;
+    config.state_dir = std::path::absolute(&config.state_dir)?;
     let client = async_nats::ConnectOptions::new()
         .name(format!("confcast-subscriber {}/{}", config.dc, config.host_id))
         .retry_on_initial_connect()

@@ -400,10 +400,10 @@ impl Subscriber {
         let child = Command::new(bin("subscriber"))
             .args(["--nats", &self.nats_url])
             .args(&self.args)
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--state-dir")
-            .arg(self.root.path().join("state"))
+            // Relative directories, as an operator would type them: the links the
+            // subscriber makes must not depend on its working directory.
+            .current_dir(self.root.path())
+            .args(["--dir", "etc", "--state-dir", "state"])
             .args(["--exec", &exec])
             .env("RUST_LOG", "info,confcast_subscriber=debug")
             .stdout(Stdio::null())
