@@ -93,6 +93,15 @@ fn every_kind_of_file_change_arrives_intact() {
     sub.wait_exec("service0", &c3);
     sub.assert_tree(&master, "service0", &c3);
 
+    // Many files small enough to travel inline, 1.5 MB together: the update itself is
+    // larger than max_payload and is spilled to the object store.
+    for i in 0..25u32 {
+        svc.write(&format!("medium/{i}.conf"), (0..60_000u32).map(|n| b'a' + ((n * 7 + i) % 26) as u8).collect::<Vec<u8>>());
+    }
+    let spilled = svc.commit_push("25 x 60 kB").commit;
+    sub.wait_exec("service0", &spilled);
+    sub.assert_tree(&master, "service0", &spilled);
+
     // Everything removed: the service's tree becomes empty, and is still exact.
     git_rm_all(&master);
     let c4 = svc.commit_push("empty").commit;
@@ -277,4 +286,27 @@ fn a_host_follows_its_inventory() {
     assert!(!sub.service_dir("pinned").exists());
     let pushed = master.on("services/service0/master").write("more", "1").commit_push("more");
     sub.wait_exec("service0", &pushed.commit);
+}
+
+#[test]
+fn applications_and_devices_are_distributed_like_services() {
+    let nats = NatsServer::start();
+    let master = Master::new(&nats.url());
+    let app = master.on("applications/billing/main").write("billing.yaml", "workers: 4\n").commit_push("app").commit;
+    let dev = master.on("devices/switch-1/prod").write("vlan.cfg", "vlan 10\n").commit_push("device").commit;
+    master.tag_push("devices/switch-1/r1");
+    master.configuration(
+        "edge",
+        r#"{"applications":[{"name":"billing","branch":"main"}],"devices":[{"name":"switch-1","branch":"prod","tag":"r1"}]}"#,
+    );
+    master.datacenter("edge-1", r#"{"conf":"datacenter-configuration/edge"}"#);
+    let _relay = Relay::start(&nats.url(), "edge-1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "edge-1", &["--application", "billing", "--device", "switch-1"]);
+    sub.wait_exec("billing", &app);
+    sub.wait_exec("switch-1", &dev);
+    sub.assert_tree(&master, "billing", &app);
+    sub.assert_tree(&master, "switch-1", &dev);
+    let app2 = master.on("applications/billing/main").write("billing.yaml", "workers: 8\n").commit_push("more workers").commit;
+    sub.wait_exec("billing", &app2);
+    sub.assert_tree(&master, "billing", &app2);
 }
