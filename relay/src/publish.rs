@@ -15,6 +15,8 @@ use futures::StreamExt;
 
 /// Files up to this size travel inside the update; larger ones go to the blob store.
 pub const INLINE_LIMIT: usize = 64 * 1024;
+/// NATS's default `max_payload`, assumed until the server has told its own.
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// Room kept below `max_payload` for headers and framing.
 const HEADROOM: usize = 8 * 1024;
 /// Dedup window of the datacenter streams: covers a relay restarted mid-publish.
@@ -77,20 +79,19 @@ pub struct Bus {
     blobs: object_store::ObjectStore,
     index: kv::Store,
     dc: String,
-    max_payload: usize,
+    client: async_nats::Client,
 }
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bus").field("dc", &self.dc).field("max_payload", &self.max_payload).finish_non_exhaustive()
+        f.debug_struct("Bus").field("dc", &self.dc).finish_non_exhaustive()
     }
 }
 
 impl Bus {
     /// Creates (or finds) every stream and bucket the relay writes.
     pub async fn open(client: async_nats::Client, dc: &str) -> Result<Bus, BusError> {
-        let max_payload = client.server_info().max_payload;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         js.get_or_create_stream(confcast_publisher::bus::commit_stream_config()).await.map_err(|e| BusError::new("commit stream", e))?;
         js.get_or_create_stream(updates_stream_config(dc)).await.map_err(|e| BusError::new("update stream", e))?;
         js.get_or_create_stream(state_stream_config(dc)).await.map_err(|e| BusError::new("state stream", e))?;
@@ -119,7 +120,7 @@ impl Bus {
                 .await
                 .map_err(|e| BusError::new("index bucket", e))?,
         };
-        Ok(Bus { js, blobs, index, dc: dc.to_owned(), max_payload })
+        Ok(Bus { js, blobs, index, dc: dc.to_owned(), client })
     }
 
     /// The JetStream context.
@@ -206,10 +207,22 @@ impl Bus {
         Ok(name)
     }
 
+    /// The server's `max_payload`, read from the current connection: it is unknown
+    /// (zero) until the client has connected, and may differ after a reconnect.
+    fn max_payload(&self) -> usize {
+        match self.client.server_info().max_payload {
+            0 => DEFAULT_MAX_PAYLOAD,
+            n => n,
+        }
+    }
+
     /// Publishes with a dedup id and awaits the ack; spills oversized payloads.
     /// Returns the stream sequence.
     pub async fn publish(&self, subject: String, msg_id: &str, payload: Vec<u8>) -> Result<u64, BusError> {
-        let message = if payload.len() + HEADROOM > self.max_payload {
+        if payload.len() + HEADROOM > self.max_payload() {
+            tracing::debug!(%subject, bytes = payload.len(), "message larger than max_payload, spilling to the object store");
+        }
+        let message = if payload.len() + HEADROOM > self.max_payload() {
             let name = format!("msg/{msg_id}");
             self.blobs
                 .put(name.as_str(), &mut &payload[..])

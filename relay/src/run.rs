@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::diff::{diff, Listing};
 use crate::mirror::{Mirror, MirrorError};
 use crate::publish::{Bus, BusError, INLINE_LIMIT};
-use crate::resolve::{datacenter_ref, resolve, Resolution, Target};
+use crate::resolve::{datacenter_ref, resolve, RefSource, Resolution, Target};
 
 /// What a relay needs to run.
 #[derive(Debug, Clone)]
@@ -275,22 +275,37 @@ impl Relay {
                 break resolved;
             }
         };
-        self.watched = resolved.watched;
-        match resolved.outcome {
-            Err(e) if e.is_transient() => Err(SyncError::Resolve(e.to_string())),
+        let resolution = match resolved.outcome {
+            Err(e) if e.is_transient() => return Err(SyncError::Resolve(e.to_string())),
             Err(e) => {
-                tracing::error!(error = %e, "datacenter cannot be resolved; keeping the last good configuration");
-                self.publish_error(cause, format!("{e}; keeping the last good configuration")).await
+                tracing::error!(error = %e, "datacenter cannot be resolved; keeping the last good pins");
+                self.publish_error(cause, format!("{e}; keeping the last good configuration")).await?;
+                // The last good pins are the published heads: their refs stay watched
+                // and keep flowing, so one bad document does not freeze the datacenter.
+                let heads: Vec<ServiceHead> = self.heads.values().filter(|h| h.commit.is_some()).cloned().collect();
+                let fallback_refs: BTreeSet<String> = heads.iter().map(|h| h.ref_name.clone()).collect();
+                let missing: BTreeSet<String> =
+                    fallback_refs.iter().filter(|r| !self.watched.contains(*r) && !fetched.contains(*r)).cloned().collect();
+                if !missing.is_empty() {
+                    self.blocking(move |m| Ok(m.fetch(&missing)?)).await?;
+                }
+                self.watched = resolved.watched.into_iter().chain(fallback_refs).collect();
+                let resolution = self.blocking(move |m| Ok(last_good(&m, &heads))).await?.map_err(SyncError::Resolve)?;
+                let published = self.apply(cause, resolution, false).await?;
+                tracing::info!(published, elapsed_ms = started.elapsed().as_millis() as u64, "synced on the last good pins");
+                return Ok(());
             }
-            Ok(resolution) => {
-                let published = self.apply(cause, resolution).await?;
-                tracing::info!(published, elapsed_ms = started.elapsed().as_millis() as u64, "synced");
-                Ok(())
-            }
-        }
+            Ok(resolution) => resolution,
+        };
+        self.watched = resolved.watched;
+        let published = self.apply(cause, resolution, true).await?;
+        tracing::info!(published, elapsed_ms = started.elapsed().as_millis() as u64, "synced");
+        Ok(())
     }
 
-    async fn apply(&mut self, cause: &Cause, resolution: Resolution) -> Result<usize, SyncError> {
+    /// Publishes what changed. `authoritative` is false for the last-good fallback:
+    /// then nothing is removed and the inventory is left as it was.
+    async fn apply(&mut self, cause: &Cause, resolution: Resolution, authoritative: bool) -> Result<usize, SyncError> {
         let mut published = 0;
         for ((kind, name), ref_name) in &resolution.unresolved {
             let kept = self.heads.get(&(*kind, name.clone())).and_then(|h| h.commit.clone());
@@ -323,6 +338,7 @@ impl Relay {
         let dropped: Vec<(Kind, String)> = self
             .heads
             .iter()
+            .filter(|_| authoritative)
             .filter(|(key, head)| head.commit.is_some() && !resolution.targets.contains_key(*key) && !resolution.unresolved.contains_key(*key))
             .map(|(key, _)| key.clone())
             .collect();
@@ -331,7 +347,7 @@ impl Relay {
             published += 1;
         }
         let inventory = Inventory { v: WIRE_VERSION, dc: self.dc.clone(), conf_ref: resolution.conf_ref.clone(), hosts: resolution.hosts.clone() };
-        if self.inventory.as_ref() != Some(&inventory) {
+        if authoritative && self.inventory.as_ref() != Some(&inventory) {
             let id = format!("{}/inventory@{}", self.dc, cause.tag);
             self.bus.publish(subject::inventory_subject(&self.dc), &id, encode(&inventory)).await?;
             self.inventory = Some(inventory);
@@ -566,6 +582,25 @@ fn prepare(
     };
     let snapshot = ServiceUpdate { from: None, snapshot: true, entries: snapshot_entries, ..update.clone() };
     Ok(Prepared { update, snapshot, large })
+}
+
+/// The last good resolution, rebuilt from the published heads: each service stays on
+/// the ref it was published from, at that ref's current commit.
+fn last_good(mirror: &Mirror, heads: &[ServiceHead]) -> Result<Resolution, String> {
+    let mut resolution = Resolution { conf_ref: String::new(), targets: BTreeMap::new(), unresolved: BTreeMap::new(), hosts: BTreeMap::new() };
+    for head in heads {
+        let key = (head.kind, head.name.clone());
+        match mirror.commit_of(&head.ref_name)? {
+            Some(commit) => {
+                let target = Target { ref_name: head.ref_name.clone(), branch: head.branch.clone(), version: head.version.clone(), commit };
+                resolution.targets.insert(key, target);
+            }
+            None => {
+                resolution.unresolved.insert(key, head.ref_name.clone());
+            }
+        }
+    }
+    Ok(resolution)
 }
 
 fn hex(bytes: &[u8; 20]) -> String {

@@ -358,6 +358,9 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- relay log\n{}", self.log());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -463,9 +466,63 @@ impl Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- subscriber log ({})\n{}", self.dir.display(), self.log());
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+}
+
+/// The latest error event the relay of `dc` published, if any.
+pub fn latest_error(nats_url: &str, dc: &str) -> Option<confcast_schemas::ErrorEvent> {
+    block_on(async {
+        let client = async_nats::connect(nats_url).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream(confcast_schemas::subject::updates_stream(dc)).await.ok()?;
+        let message = stream.get_last_raw_message_by_subject(&confcast_schemas::subject::error_subject(dc)).await.ok()?;
+        // Error events are small: one that was spilled would be a relay bug.
+        assert!(message.headers.get(confcast_schemas::subject::SPILLED_HEADER).is_none(), "error event was spilled");
+        confcast_schemas::decode(&message.payload).ok()
+    })
+}
+
+/// Waits until the latest error event of `dc` contains every one of `parts`.
+pub fn wait_error(nats_url: &str, dc: &str, parts: &[&str]) -> String {
+    wait_for(Duration::from_secs(20), &format!("an error event containing {parts:?}"), || {
+        latest_error(nats_url, dc).map(|e| e.message).filter(|m| parts.iter().all(|p| m.contains(p)))
+    })
+}
+
+/// Publishes `payload` on `subject` through JetStream and awaits the ack.
+pub fn publish_raw(nats_url: &str, subject: &str, payload: Vec<u8>) {
+    block_on(async {
+        let client = async_nats::connect(nats_url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        js.publish(subject.to_owned(), payload.into()).await.expect("publish").await.expect("ack");
+    })
+}
+
+impl Master {
+    /// Runs `f` with the master's pre-receive hook disabled, as an operator bypassing it would.
+    pub fn without_pre_receive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let hook = self.bare.join("hooks/pre-receive");
+        let off = self.bare.join("hooks/pre-receive.off");
+        fs::rename(&hook, &off).expect("disable hook");
+        let out = f();
+        fs::rename(&off, &hook).expect("enable hook");
+        out
+    }
+
+    /// Deletes a ref of the master with `git push origin :<ref>`.
+    pub fn delete(&self, ref_name: &str) {
+        let pushed = self.push_refspec(&format!(":{ref_name}"));
+        assert!(pushed.ok, "delete {ref_name}: {}", pushed.stderr);
     }
 }

@@ -46,6 +46,7 @@ fn a_push_reaches_the_subscriber_exactly_and_runs_exec_once() {
         ],
         "exec ran once per change with the contract's environment"
     );
+    assert!(!_relay.log().contains("spilling"), "small updates travel in one message");
     if std::env::var_os("CONFCAST_SHOW_LOGS").is_some() {
         eprintln!("--- relay\n{}\n--- subscriber\n{}", _relay.log(), sub.log());
     }
@@ -55,7 +56,7 @@ fn a_push_reaches_the_subscriber_exactly_and_runs_exec_once() {
 fn every_kind_of_file_change_arrives_intact() {
     let nats = NatsServer::start();
     let (master, first) = master_with_dc1(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
     sub.wait_exec("service0", &first);
 
@@ -100,6 +101,7 @@ fn every_kind_of_file_change_arrives_intact() {
     }
     let spilled = svc.commit_push("25 x 60 kB").commit;
     sub.wait_exec("service0", &spilled);
+    assert!(relay.log().contains("spilling to the object store"), "the update went through the object store");
     sub.assert_tree(&master, "service0", &spilled);
 
     // Everything removed: the service's tree becomes empty, and is still exact.

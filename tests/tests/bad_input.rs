@@ -1,0 +1,147 @@
+//! Bad input never costs a host its last good configuration, and every refusal says
+//! what was wrong: documents that bypassed pre-receive, missing pins, deleted branches,
+//! trees that would escape their directory, garbage and forged messages on the bus.
+
+use confcast_schemas::{encode, subject, ChangeKind, Entry, FileMode, Kind, ServiceUpdate, WIRE_VERSION};
+use confcast_tests::{publish_raw, wait_error, wait_for, Master, NatsServer, Relay, Subscriber};
+use serde_bytes::ByteBuf;
+use std::time::Duration;
+
+const DC: &str = r#"{ "conf": "datacenter-configuration/big" }"#;
+
+fn setup(nats: &NatsServer, conf: &str) -> (Master, String) {
+    let master = Master::new(&nats.url());
+    master.configuration("big", conf);
+    master.datacenter("dc1", DC);
+    let first = master.on("services/service0/master").write("app.conf", "good\n").commit_push("first").commit;
+    (master, first)
+}
+
+const CONF: &str = r#"{"services":[{"name":"service0","branch":"master"}]}"#;
+
+#[test]
+fn bad_documents_behind_pre_receive_keep_the_last_good_pins() {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats, CONF);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+
+    // Malformed JSON in datacenter.json, pushed with the pre-receive hook bypassed.
+    master.without_pre_receive(|| master.datacenter("dc1", "{ nope"));
+    wait_error(&nats.url(), "dc1", &["refs/heads/datacenters/dc1: datacenter.json: key must be a string", "keeping the last good configuration"]);
+    // Service changes keep flowing on the last good pins.
+    let c2 = master.on("services/service0/master").write("app.conf", "still flowing\n").commit_push("during bad dc doc").commit;
+    sub.wait_exec("service0", &c2);
+    sub.assert_tree(&master, "service0", &c2);
+
+    // A configuration that names a missing configuration.
+    master.without_pre_receive(|| master.datacenter("dc1", r#"{ "conf": "datacenter-configuration/nope" }"#));
+    wait_error(&nats.url(), "dc1", &["field `conf`: refs/heads/datacenter-configuration/nope does not exist on the master"]);
+
+    // A schema violation in the configuration document.
+    master.datacenter("dc1", DC);
+    master.without_pre_receive(|| master.configuration("big", r#"{"services":[{"name":"service0"}]}"#));
+    wait_error(&nats.url(), "dc1", &["refs/heads/datacenter-configuration/big: datacenter-configuration.json: missing field `branch`"]);
+    let c3 = master.on("services/service0/master").write("app.conf", "flowing again\n").commit_push("during bad conf").commit;
+    sub.wait_exec("service0", &c3);
+
+    // Fixed: everything resumes; nothing was ever removed from the host.
+    master.configuration("big", CONF);
+    let c4 = master.on("services/service0/master").write("app.conf", "after the fix\n").commit_push("fixed").commit;
+    let execs = sub.wait_exec("service0", &c4);
+    assert!(execs.iter().all(|l| !l.starts_with("service0  ")), "never removed: {execs:?}");
+    sub.assert_tree(&master, "service0", &c4);
+}
+
+#[test]
+fn missing_pins_and_deleted_branches_keep_what_hosts_have() {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats, r#"{"services":[{"name":"service0","branch":"master"},{"name":"ghost","branch":"main","tag":"v9"}]}"#);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    wait_error(&nats.url(), "dc1", &["service \"ghost\" is pinned to refs/tags/services/ghost/v9, which does not exist on the master"]);
+
+    master.delete("refs/heads/services/service0/master");
+    wait_error(&nats.url(), "dc1", &[&format!("service \"service0\" is pinned to refs/heads/services/service0/master, which does not exist on the master; keeping {first}")]);
+    assert_eq!(sub.execs().len(), 1, "nothing ran: {:?}", sub.execs());
+    sub.assert_tree(&master, "service0", &first);
+
+    let back = master.on("services/service0/master").write("app.conf", "recreated\n").commit_push("recreated").commit;
+    sub.wait_exec("service0", &back);
+    sub.assert_tree(&master, "service0", &back);
+}
+
+#[test]
+fn a_tree_with_an_escaping_symlink_is_refused() {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats, CONF);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+
+    let evil = master.on("services/service0/master").symlink("conf/passwd", "../../../../etc/passwd").commit_push("escape").commit;
+    wait_error(&nats.url(), "dc1", &[&format!("service \"service0\" at {evil}"), "symlink \"conf/passwd\" points outside the service tree"]);
+    sub.assert_tree(&master, "service0", &first);
+
+    let fixed = master.on("services/service0/master").remove("conf/passwd").write("app.conf", "fixed\n").commit_push("fixed").commit;
+    let execs = sub.wait_exec("service0", &fixed);
+    assert_eq!(execs.len(), 2, "the refused commit never ran exec: {execs:?}");
+    sub.assert_tree(&master, "service0", &fixed);
+}
+
+#[test]
+fn garbage_and_forged_messages_are_ignored() {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats, CONF);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    let update_subject = subject::update_subject("dc1", Kind::Service, "service0");
+
+    publish_raw(&nats.url(), &update_subject, b"\xc1 not msgpack".to_vec());
+    let forged = ServiceUpdate {
+        v: WIRE_VERSION,
+        dc: "dc1".into(),
+        kind: Kind::Service,
+        name: "service0".into(),
+        ref_name: "refs/heads/services/service0/master".into(),
+        branch: "master".into(),
+        version: "latest".into(),
+        from: Some(first.clone()),
+        to: Some("f".repeat(40)),
+        tree: Some("e".repeat(40)),
+        snapshot: false,
+        entries: vec![Entry {
+            path: ByteBuf::from(b"app.conf".to_vec()),
+            change: ChangeKind::Modify,
+            mode: Some(FileMode::Regular),
+            blob: None,
+            content: Some(ByteBuf::from(b"owned\n".to_vec())),
+            object: None,
+            from_path: None,
+        }],
+        event_seq: 0,
+        pushed_at_ms: 0,
+        published_at_ms: 0,
+    };
+    publish_raw(&nats.url(), &update_subject, encode(&forged));
+    // Well-formed, but for another datacenter than its subject says.
+    publish_raw(&nats.url(), &update_subject, encode(&ServiceUpdate { dc: "dc2".into(), ..forged.clone() }));
+
+    wait_for(Duration::from_secs(10), "the subscriber to refuse the forged update", || {
+        let log = sub.log();
+        (log.contains("ignoring unreadable message on the update stream")
+            && log.contains("verification failed")
+            && log.contains("ignoring update whose content does not match its subject"))
+        .then_some(())
+    });
+    assert_eq!(sub.execs().len(), 1, "nothing was applied: {:?}", sub.execs());
+    sub.assert_tree(&master, "service0", &first);
+
+    // The host is still healthy.
+    let next = master.on("services/service0/master").write("app.conf", "real\n").commit_push("real").commit;
+    sub.wait_exec("service0", &next);
+    sub.assert_tree(&master, "service0", &next);
+}
