@@ -46,6 +46,11 @@ impl MirrorError {
     }
 }
 
+/// Index slots of the mirror's object store (each pack index takes one).
+const OBJECT_STORE_SLOTS: u16 = 1024;
+/// Repack the mirror when it has this many packs.
+const REPACK_AT: usize = 32;
+
 /// What a fetch found on the master.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Fetched {
@@ -66,13 +71,43 @@ pub struct Mirror {
 impl Mirror {
     /// Opens the mirror, creating an empty bare repository on first use.
     pub fn open_or_init(path: &Path, url: &str) -> Result<Mirror, MirrorError> {
-        let repo = if path.join("HEAD").exists() {
-            gix::open(path).map_err(|e| MirrorError::Local { path: path.to_owned(), message: e.to_string() })?
-        } else {
-            std::fs::create_dir_all(path).map_err(|e| MirrorError::Local { path: path.to_owned(), message: e.to_string() })?;
-            gix::init_bare(path).map_err(|e| MirrorError::Local { path: path.to_owned(), message: e.to_string() })?
-        };
+        let local = |e: &dyn std::fmt::Display| MirrorError::Local { path: path.to_owned(), message: e.to_string() };
+        if !path.join("HEAD").exists() {
+            std::fs::create_dir_all(path).map_err(|e| local(&e))?;
+            gix::init_bare(path).map_err(|e| local(&e))?;
+        }
+        // Every fetch adds a pack. A handle computes its index slots when it opens, so a
+        // long-running relay would run out of them: give it room, and repack (see
+        // `consolidate`) long before it is used up.
+        let options = gix::open::Options::default().object_store_slots(gix::odb::store::init::Slots::Given(OBJECT_STORE_SLOTS));
+        let repo = gix::open_opts(path, options).map_err(|e| local(&e))?;
         Ok(Mirror { repo: repo.into_sync(), path: path.to_owned(), url: url.to_owned() })
+    }
+
+    /// Packs in the mirror.
+    fn pack_count(&self) -> usize {
+        std::fs::read_dir(self.path.join("objects/pack"))
+            .map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "idx")).count())
+            .unwrap_or(0)
+    }
+
+    /// Repacks the mirror into one pack once fetches have left [`REPACK_AT`] packs, so
+    /// object lookups stay fast and index slots free. gix cannot repack; C git can,
+    /// and a relay host has it (the `file://` transport needs it too). Without it the
+    /// mirror keeps working until the slots run out, and says so.
+    fn consolidate(&self) {
+        let packs = self.pack_count();
+        if packs < REPACK_AT {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match std::process::Command::new("git").arg("-C").arg(&self.path).args(["repack", "-a", "-d", "-q"]).output() {
+            Ok(out) if out.status.success() => {
+                tracing::debug!(packs, elapsed_ms = started.elapsed().as_millis() as u64, "repacked the mirror");
+            }
+            Ok(out) => tracing::warn!(packs, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "git repack of the mirror failed"),
+            Err(e) => tracing::warn!(packs, error = %e, "cannot run git to repack the mirror"),
+        }
     }
 
     fn local(&self) -> impl Fn(gix::Error) -> MirrorError + '_ {
@@ -116,6 +151,7 @@ impl Mirror {
                 self.delete_ref(&repo, name)?;
             }
         }
+        self.consolidate();
         Ok(fetched)
     }
 
@@ -211,5 +247,47 @@ impl RefSource for Mirror {
         }
         let blob = repo.find_blob(entry.object_id()).map_err(|e| e.to_string())?;
         Ok(Some(blob.detach().data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git").arg("-C").arg(dir).args(args).output().expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn a_long_lived_mirror_survives_many_fetches_and_sees_deletions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let master = dir.path().join("master.git");
+        let work = dir.path().join("work");
+        git(dir.path(), &["init", "-q", "--bare", master.to_str().expect("utf-8")]);
+        git(dir.path(), &["init", "-q", work.to_str().expect("utf-8")]);
+        let mirror = Mirror::open_or_init(&dir.path().join("mirror.git"), master.to_str().expect("utf-8")).expect("mirror");
+        let name = "refs/heads/services/s/main".to_owned();
+        let refs = BTreeSet::from([name.clone()]);
+        assert_eq!(mirror.fetch(&refs).expect("fetch").missing, refs, "absent on the master");
+
+        for i in 0..(REPACK_AT * 2 + 5) {
+            std::fs::write(work.join("f"), format!("{i}")).expect("write");
+            git(&work, &["add", "-A"]);
+            git(&work, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", &i.to_string()]);
+            git(&work, &["push", "-q", master.to_str().expect("utf-8"), &format!("HEAD:{name}")]);
+            let fetched = mirror.fetch(&refs).expect("fetch");
+            assert_eq!(fetched.present, refs);
+            let head = git(&work, &["rev-parse", "HEAD"]);
+            assert_eq!(mirror.commit_of(&name).expect("read"), Some(head.clone()), "fetch {i}");
+            assert_eq!(mirror.root_file(&head, "f").expect("read"), Some(i.to_string().into_bytes()));
+        }
+        assert!(mirror.pack_count() < REPACK_AT, "the mirror was repacked");
+
+        git(&work, &["push", "-q", master.to_str().expect("utf-8"), &format!(":{name}")]);
+        assert_eq!(mirror.fetch(&refs).expect("fetch").missing, refs);
+        assert_eq!(mirror.commit_of(&name).expect("read"), None, "deleted on the master, deleted here");
     }
 }

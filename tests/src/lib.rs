@@ -23,6 +23,36 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A small deterministic random number generator for fault schedules; the seed is
+/// printed so a failing schedule can be replayed with `CONFCAST_SEED`.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `CONFCAST_SEED`, or the clock.
+    pub fn from_env() -> Rng {
+        let seed = std::env::var("CONFCAST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+        });
+        eprintln!("fault schedule seed: CONFCAST_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// A count from the environment variable `name` (for the long variants of fault
+/// tests), or `default`.
+pub fn count_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -327,7 +357,8 @@ pub fn disk_listing(dir: &Path) -> BTreeMap<String, (String, String)> {
 /// A running `relay`, killed on drop.
 #[derive(Debug)]
 pub struct Relay {
-    child: Child,
+    child: Option<Child>,
+    args: Vec<String>,
     /// Its state directory.
     pub state_dir: TempDir,
 }
@@ -336,18 +367,40 @@ impl Relay {
     /// Starts the relay of `dc`.
     pub fn start(nats_url: &str, dc: &str, master: &Path) -> Relay {
         let state_dir = tempfile::tempdir().expect("tempdir");
-        let log = fs::File::create(state_dir.path().join("relay.log")).expect("log");
+        let args = vec![
+            "--nats".into(),
+            nats_url.into(),
+            "--dc".into(),
+            dc.into(),
+            "--master".into(),
+            master.display().to_string(),
+            "--state-dir".into(),
+            state_dir.path().display().to_string(),
+        ];
+        let mut relay = Relay { child: None, args, state_dir };
+        relay.restart();
+        relay
+    }
+
+    /// Starts it again with the same state directory (after [`Relay::kill`]).
+    pub fn restart(&mut self) {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.state_dir.path().join("relay.log")).expect("log");
         let child = Command::new(bin("relay"))
-            .args(["--nats", nats_url, "--dc", dc, "--master"])
-            .arg(master)
-            .arg("--state-dir")
-            .arg(state_dir.path())
+            .args(&self.args)
             .env("RUST_LOG", "info,confcast_relay=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("relay runs");
-        Relay { child, state_dir }
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs it, wherever it is.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The relay's log so far.
@@ -361,8 +414,7 @@ impl Drop for Relay {
         if std::thread::panicking() {
             eprintln!("--- relay log\n{}", self.log());
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -432,6 +484,29 @@ impl Subscriber {
         }
     }
 
+    /// SIGKILLs it, wherever it is.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Checks the invariant of a converged host for `service`: its tree is exactly
+    /// `commit`, its last exec was for `commit`, and every exec was for a commit that
+    /// was pushed. Returns (execs, duplicate execs: the same state twice in a row).
+    pub fn assert_converged(&self, master: &Master, service: &str, commit: &str, pushed: &[String]) -> (usize, usize) {
+        let execs = self.wait_exec_within(service, commit, Duration::from_secs(90));
+        self.assert_tree(master, service, commit);
+        let mine: Vec<&String> = execs.iter().filter(|l| l.starts_with(&format!("{service} "))).collect();
+        for line in &mine {
+            let exec_commit = line.split(' ').nth(1).unwrap_or("");
+            assert!(pushed.iter().any(|c| c == exec_commit), "exec for a state that was never pushed: {line}");
+        }
+        let duplicates = mine.windows(2).filter(|p| p[0] == p[1]).count();
+        (mine.len(), duplicates)
+    }
+
     /// The subscriber's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.root.path().join("subscriber.log")).unwrap_or_default()
@@ -444,8 +519,13 @@ impl Subscriber {
 
     /// Waits until the last exec for `service` reports `commit`, and returns all exec lines.
     pub fn wait_exec(&self, service: &str, commit: &str) -> Vec<String> {
+        self.wait_exec_within(service, commit, Duration::from_secs(20))
+    }
+
+    /// [`Subscriber::wait_exec`] with another timeout.
+    pub fn wait_exec_within(&self, service: &str, commit: &str, timeout: Duration) -> Vec<String> {
         let prefix = format!("{service} {commit} ");
-        wait_for(Duration::from_secs(20), &format!("exec of {service} at {commit}"), || {
+        wait_for(timeout, &format!("exec of {service} at {commit}"), || {
             let execs = self.execs();
             execs.iter().rev().find(|l| l.starts_with(&format!("{service} "))).filter(|l| l.starts_with(&prefix)).map(|_| execs.clone())
         })

@@ -1,0 +1,180 @@
+//! Crashes and outages: after any of them and a heal, every host's tree is exactly the
+//! resolved commit, its last exec was for that commit, and nothing was applied that was
+//! not pushed. Each scenario has a fast variant in the default suite; the long ones are
+//! `#[ignore]`d: `cargo test -p confcast-tests --test faults -- --ignored`.
+//! `CONFCAST_SEED` replays a fault schedule.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use confcast_tests::{wait_for, Master, NatsServer, Relay, Rng, Subscriber};
+
+fn setup(nats: &NatsServer) -> (Master, String) {
+    let master = Master::new(&nats.url());
+    master.configuration("big", r#"{"services":[{"name":"service0","branch":"master"}]}"#);
+    master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
+    let first = master.on("services/service0/master").write("app.conf", "0\n").commit_push("first").commit;
+    (master, first)
+}
+
+/// Makes `pushes` pushes to service0, each changing a few files.
+fn push_many(master: &Master, pushes: usize, pushed: &mut Vec<String>, mut between: impl FnMut(usize)) {
+    let svc = master.on("services/service0/master");
+    for i in 0..pushes {
+        between(i);
+        svc.write("app.conf", format!("{i}\n")).write(&format!("d{}/f{}", i % 4, i % 7), format!("{i}"));
+        if i % 5 == 4 {
+            svc.remove("app.conf");
+        }
+        let pushed_now = svc.commit_push(&format!("push {i}"));
+        assert!(pushed_now.took < Duration::from_secs(2), "push {i} took {:?}", pushed_now.took);
+        pushed.push(pushed_now.commit);
+    }
+}
+
+/// Kills `victim` at random points until `stop`, restarting it after a random pause.
+fn chaos<T: Send + 'static>(
+    victim: Arc<Mutex<T>>,
+    stop: Arc<AtomicBool>,
+    kill: fn(&mut T),
+    restart: fn(&mut T),
+) -> thread::JoinHandle<usize> {
+    thread::spawn(move || {
+        let mut rng = Rng::from_env();
+        let mut kills = 0;
+        while !stop.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(30 + rng.below(200)));
+            let mut v = victim.lock().expect("victim");
+            kill(&mut v);
+            kills += 1;
+            thread::sleep(Duration::from_millis(rng.below(100)));
+            restart(&mut v);
+        }
+        kills
+    })
+}
+
+fn relay_killed_during_pushes(pushes: usize) {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats);
+    let relay = Arc::new(Mutex::new(Relay::start(&nats.url(), "dc1", &master.bare)));
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    let mut pushed = vec![first];
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = chaos(relay.clone(), stop.clone(), Relay::kill, Relay::restart);
+    push_many(&master, pushes, &mut pushed, |_| thread::sleep(Duration::from_millis(5)));
+    stop.store(true, Ordering::SeqCst);
+    let kills = killer.join().expect("killer");
+
+    let last = pushed.last().expect("pushed").clone();
+    let (execs, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    eprintln!("relay SIGKILLed {kills} times during {pushes} pushes: converged, {execs} execs, {duplicates} duplicate execs");
+    assert!(kills > 0, "the schedule killed the relay at least once");
+    assert_eq!(duplicates, 0, "only the subscriber decides to exec, and it was never killed");
+}
+
+#[test]
+fn relay_sigkilled_during_pushes_converges() {
+    relay_killed_during_pushes(30);
+}
+
+#[test]
+#[ignore = "long: 200 pushes; run with --ignored"]
+fn relay_sigkilled_during_200_pushes_converges() {
+    relay_killed_during_pushes(confcast_tests::count_from_env("CONFCAST_FAULT_PUSHES", 200));
+}
+
+fn subscriber_killed_during_pushes(pushes: usize) {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Arc::new(Mutex::new(Subscriber::start(&nats.url(), "dc1", &["--service", "service0"])));
+    sub.lock().expect("sub").wait_exec("service0", &first);
+    let mut pushed = vec![first];
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = chaos(sub.clone(), stop.clone(), Subscriber::kill, Subscriber::restart);
+    push_many(&master, pushes, &mut pushed, |_| thread::sleep(Duration::from_millis(5)));
+    stop.store(true, Ordering::SeqCst);
+    let kills = killer.join().expect("killer");
+
+    let last = pushed.last().expect("pushed").clone();
+    let sub = sub.lock().expect("sub");
+    let (execs, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    eprintln!("subscriber SIGKILLed {kills} times during {pushes} pushes: converged, {execs} execs, {duplicates} duplicate execs");
+    assert!(kills > 0);
+    // Exec is at-least-once: a kill after exec ran but before that was recorded runs it
+    // again on restart. Never more than once per kill.
+    assert!(duplicates <= kills, "{duplicates} duplicate execs for {kills} kills");
+}
+
+#[test]
+fn subscriber_sigkilled_during_pushes_converges() {
+    subscriber_killed_during_pushes(30);
+}
+
+#[test]
+#[ignore = "long: 200 pushes; run with --ignored"]
+fn subscriber_sigkilled_during_200_pushes_converges() {
+    subscriber_killed_during_pushes(confcast_tests::count_from_env("CONFCAST_FAULT_PUSHES", 200));
+}
+
+#[test]
+fn nats_killed_and_restarted_during_pushes() {
+    let mut nats = NatsServer::start();
+    let (master, first) = setup(&nats);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    let mut pushed = vec![first];
+
+    // Down for pushes 5..8: they spool (and still return in under 2 s); the first push
+    // after the restart drains the spool in order before its own event.
+    push_many(&master, 12, &mut pushed, |i| match i {
+        5 => nats.stop(),
+        8 => nats.restart(),
+        _ => {}
+    });
+    let last = pushed.last().expect("pushed").clone();
+    let (_, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    assert_eq!(duplicates, 0);
+    let spool = master.bare.join("confcast/spool");
+    let left = std::fs::read_dir(&spool).map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "event"))).count()).unwrap_or(0);
+    assert_eq!(left, 0, "the spool was drained");
+}
+
+#[test]
+fn a_host_away_longer_than_the_stream_keeps_resyncs_from_the_snapshot() {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let mut sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    sub.stop();
+
+    // Keep only the last 2 updates per service, as if the host had been away for long.
+    shrink_update_stream(&nats.url(), "dc1", 2);
+    let mut pushed = vec![first];
+    push_many(&master, 10, &mut pushed, |_| {});
+    let last = pushed.last().expect("pushed").clone();
+    wait_for(Duration::from_secs(20), "relay to publish the last push", || _relay.log().contains(&format!("to={last}")).then_some(()));
+
+    sub.restart();
+    let (execs, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    assert_eq!((execs, duplicates), (2, 0), "one exec at bootstrap, one for the resynced state");
+    assert!(sub.log().contains("resyncing from the snapshot"), "it resynced instead of applying a partial history");
+}
+
+fn shrink_update_stream(url: &str, dc: &str, per_subject: i64) {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("connect"));
+        let mut stream = js.get_stream(confcast_schemas::subject::updates_stream(dc)).await.expect("stream");
+        let mut config = stream.info().await.expect("info").config.clone();
+        config.max_messages_per_subject = per_subject;
+        js.update_stream(config).await.expect("update stream");
+    });
+}
