@@ -12,4 +12,4 @@ pub mod run;
 pub mod state;
 pub mod tree_hash;
 
-pub use run::{run, Config, Selection};
+pub use run::{run, verify, Config, Selection};

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use confcast_schemas::Kind;
 use confcast_subscriber::exec::{parse_signal, Notify};
 use confcast_subscriber::{Config, Selection};
@@ -12,15 +12,17 @@ use tokio_util::sync::CancellationToken;
 
 /// Applies this host's configuration from the datacenter's stream and tells its processes.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["service", "application", "device", "host"])))]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// NATS URL of the datacenter's server.
     #[arg(long, env = "CONFCAST_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
     /// Datacenter id.
-    #[arg(long, env = "CONFCAST_DC")]
-    dc: String,
+    #[arg(long, env = "CONFCAST_DC", required = true)]
+    dc: Option<String>,
     /// A service to follow (repeatable; the environment variable takes a comma-separated list).
     #[arg(long, env = "CONFCAST_SERVICE", value_delimiter = ',')]
     service: Vec<String>,
@@ -34,8 +36,8 @@ struct Cli {
     #[arg(long, env = "CONFCAST_HOST", conflicts_with_all = ["service", "application", "device"])]
     host: Option<String>,
     /// Directory where `<dir>/<service>` appears (a symlink to the current tree).
-    #[arg(long, env = "CONFCAST_DIR")]
-    dir: PathBuf,
+    #[arg(long, env = "CONFCAST_DIR", required = true)]
+    dir: Option<PathBuf>,
     /// Directory for trees and the host's position (default: `<dir>/.confcast`).
     #[arg(long, env = "CONFCAST_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -55,6 +57,24 @@ struct Cli {
     /// Host id in status reports (default: `--host`, else the system host name).
     #[arg(long, env = "CONFCAST_HOST_ID")]
     host_id: Option<String>,
+    /// Re-hash the applied trees this often, in seconds, and restore any that was
+    /// altered on the host (0: only at start).
+    #[arg(long, env = "CONFCAST_VERIFY_INTERVAL_SECS", default_value_t = 300)]
+    verify_interval_secs: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check that every applied tree on this host is exactly what was applied; exits 1
+    /// if one was altered or is missing (a running subscriber restores it).
+    Verify {
+        /// The subscriber's `--dir`.
+        #[arg(long, env = "CONFCAST_DIR")]
+        dir: PathBuf,
+        /// The subscriber's `--state-dir` (default: `<dir>/.confcast`).
+        #[arg(long, env = "CONFCAST_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -67,6 +87,25 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Verify { dir, state_dir }) = &cli.command {
+        let state_dir = state_dir.clone().unwrap_or_else(|| dir.join(".confcast"));
+        return match confcast_subscriber::verify(dir, &state_dir) {
+            Ok((lines, intact)) => {
+                for line in lines {
+                    println!("{line}");
+                }
+                if intact { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            }
+            Err(e) => {
+                eprintln!("subscriber verify: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let (Some(dc), Some(dir)) = (cli.dc.clone(), cli.dir.clone()) else {
+        eprintln!("subscriber: --dc and --dir are required");
+        return ExitCode::from(2);
+    };
     let signal = match cli.signal.as_deref().map(parse_signal).transpose() {
         Ok(signal) => signal,
         Err(e) => {
@@ -90,10 +129,11 @@ async fn main() -> ExitCode {
         .unwrap_or_else(|| "unknown".to_owned());
     let config = Config {
         nats_url: cli.nats,
-        dc: cli.dc,
+        dc,
         selection,
-        state_dir: cli.state_dir.unwrap_or_else(|| cli.dir.join(".confcast")),
-        dir: cli.dir,
+        state_dir: cli.state_dir.unwrap_or_else(|| dir.join(".confcast")),
+        dir,
+        verify_interval: (cli.verify_interval_secs > 0).then(|| Duration::from_secs(cli.verify_interval_secs)),
         notify: Notify { exec: cli.exec, signal: signal.zip(cli.pidfile), timeout: Duration::from_secs(cli.exec_timeout_secs) },
         host_id,
     };

@@ -66,6 +66,15 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The layout of one service: trees under `<state_dir>/trees/<kind>-<name token>`,
+    /// exposed as `<dir>/<name>`.
+    pub fn for_service(dir: &Path, state_dir: &Path, kind: confcast_schemas::Kind, name: &str) -> Layout {
+        Layout {
+            trees: state_dir.join("trees").join(format!("{kind}-{}", confcast_schemas::subject::encode_token(name))),
+            link: dir.join(name),
+        }
+    }
+
     /// The directory of the tree of `commit`.
     pub fn tree_dir(&self, commit: &str) -> PathBuf {
         self.trees.join(commit)
@@ -298,4 +307,27 @@ pub fn prune(layout: &Layout) {
             tracing::warn!(path = %old.display(), error = %e, "cannot prune old tree");
         }
     }
+}
+
+/// What [`verify`] found for one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Integrity {
+    /// The tree on disk is the recorded one.
+    Intact,
+    /// `<dir>/<service>` is missing or points nowhere.
+    Missing,
+    /// The tree on disk hashes differently: a file was edited, added or deleted by hand.
+    Altered {
+        /// What it hashes to now.
+        found: String,
+    },
+}
+
+/// Hashes the tree behind `<dir>/<service>` and compares it with `expected`.
+pub fn verify(layout: &Layout, expected: &str) -> Result<Integrity, ApplyError> {
+    let Some(current) = layout.current() else {
+        return Ok(Integrity::Missing);
+    };
+    let found = tree_hash::tree_id(&current).map_err(io_at(&current))?;
+    Ok(if found == expected { Integrity::Intact } else { Integrity::Altered { found } })
 }

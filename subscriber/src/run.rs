@@ -47,6 +47,9 @@ pub struct Config {
     pub notify: Notify,
     /// Host id used in status reports.
     pub host_id: String,
+    /// How often the applied trees are re-hashed and compared with what was applied
+    /// (besides once at start); `None` disables the periodic check.
+    pub verify_interval: Option<Duration>,
 }
 
 /// Why the subscriber stopped.
@@ -149,10 +152,7 @@ struct Host {
 
 impl Host {
     fn layout(&self, kind: Kind, name: &str) -> Layout {
-        Layout {
-            trees: self.config.state_dir.join("trees").join(format!("{kind}-{}", subject::encode_token(name))),
-            link: self.config.dir.join(name),
-        }
+        Layout::for_service(&self.config.dir, &self.config.state_dir, kind, name)
     }
 
     fn state(&self, kind: Kind, name: &str) -> ServiceState {
@@ -226,7 +226,9 @@ impl Host {
             Selection::Services(_) => None,
         };
 
+        self.check_integrity().await?;
         self.flush_execs().await?;
+        let mut verify_tick = self.config.verify_interval.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
         let mut messages = if filters.is_empty() {
             None
         } else {
@@ -256,8 +258,18 @@ impl Host {
                     _ => std::future::pending().await,
                 }
             };
+            let verify_due = async {
+                match verify_tick.as_mut() {
+                    Some(tick) => tick.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(Followed::Shutdown),
+                _ = verify_due => {
+                    self.check_integrity().await?;
+                    self.flush_execs().await?;
+                }
                 Some(_) = inventory_changed => {
                     if let Selection::Host(id) = &self.config.selection {
                         let now = self.reader.inventory().await.ok().flatten().and_then(|i| i.hosts.get(id).cloned()).unwrap_or_default();
@@ -473,6 +485,49 @@ impl Host {
         Ok(Outcome::Removed)
     }
 
+    /// Re-hashes every applied tree; one that was altered on disk is reported and
+    /// rebuilt from the service's snapshot, and its processes are told again.
+    async fn check_integrity(&mut self) -> Result<(), SubscriberError> {
+        let services: Vec<(Kind, String)> = self.services.iter().cloned().collect();
+        for (kind, name) in services {
+            let state = self.state(kind, &name);
+            let (Some(commit), Some(tree)) = (state.commit.clone(), state.tree.clone()) else { continue };
+            let layout = self.layout(kind, &name);
+            let check = tokio::task::spawn_blocking(move || materialize::verify(&layout, &tree)).await;
+            let problem = match check {
+                Ok(Ok(materialize::Integrity::Intact)) => continue,
+                Ok(Ok(materialize::Integrity::Missing)) => format!("{} is missing", self.config.dir.join(&name).display()),
+                Ok(Ok(materialize::Integrity::Altered { found })) => format!(
+                    "{} was changed on this host: it hashes to tree {found}, not {} of commit {commit}",
+                    self.config.dir.join(&name).display(),
+                    state.tree.as_deref().unwrap_or("")
+                ),
+                Ok(Err(e)) => format!("cannot verify: {e}"),
+                Err(e) => format!("cannot verify: {e}"),
+            };
+            tracing::error!(%kind, %name, "integrity check failed: {problem}; restoring from the snapshot");
+            self.report(kind, &name, Some(commit.clone()), Some(format!("integrity: {problem}")), None).await;
+            // The altered tree is no base for anything: rebuild it from scratch.
+            let _ = std::fs::remove_dir_all(self.layout(kind, &name).tree_dir(&commit));
+            let forced = ServiceState { commit: None, ..state.clone() };
+            match self.resync(kind, &name, &forced).await {
+                Ok(Outcome::Applied(applied)) => {
+                    tracing::info!(%kind, %name, commit = applied.commit.as_deref().unwrap_or(""), "restored");
+                    let entry = self.position.services.entry(key(kind, &name)).or_default();
+                    entry.commit = applied.commit;
+                    entry.tree = applied.tree;
+                    entry.ref_name = applied.ref_name;
+                    entry.version = applied.version;
+                    entry.exec_pending = true;
+                    self.save()?;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(%kind, %name, error = %e, "restoring failed; will retry at the next check"),
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `--exec` for every service whose change has not been announced yet.
     async fn flush_execs(&mut self) -> Result<(), SubscriberError> {
         let pending: Vec<(String, ServiceState)> =
@@ -519,6 +574,38 @@ impl Host {
             tracing::debug!(error = %e, "status not published");
         }
     }
+}
+
+/// One line of `subscriber verify` per service, and whether all are intact.
+pub fn verify(dir: &std::path::Path, state_dir: &std::path::Path) -> Result<(Vec<String>, bool), SubscriberError> {
+    let position = Position::load_any(&state_dir.join("position.json"))?;
+    let mut lines = Vec::new();
+    let mut all_intact = true;
+    for (k, state) in &position.services {
+        let Some((kind, name)) = k.split_once('/').and_then(|(kind, n)| Some((kind_of(kind)?, n))) else { continue };
+        let (Some(commit), Some(tree)) = (&state.commit, &state.tree) else {
+            lines.push(format!("{kind} {name}: not present on this host"));
+            continue;
+        };
+        let layout = Layout::for_service(dir, state_dir, kind, name);
+        let line = match materialize::verify(&layout, tree) {
+            Ok(materialize::Integrity::Intact) => format!("{kind} {name}: ok, commit {commit}, tree {tree}"),
+            Ok(materialize::Integrity::Missing) => {
+                all_intact = false;
+                format!("{kind} {name}: MISSING: {} should hold commit {commit}", layout.link.display())
+            }
+            Ok(materialize::Integrity::Altered { found }) => {
+                all_intact = false;
+                format!("{kind} {name}: ALTERED: {} hashes to tree {found}, commit {commit} has tree {tree}", layout.link.display())
+            }
+            Err(e) => {
+                all_intact = false;
+                format!("{kind} {name}: cannot verify: {e}")
+            }
+        };
+        lines.push(line);
+    }
+    Ok((lines, all_intact))
 }
 
 fn kind_of(s: &str) -> Option<Kind> {

@@ -67,6 +67,12 @@ impl Position {
         }
     }
 
+    /// Loads a position whatever its datacenter (for inspection).
+    pub fn load_any(path: &Path) -> io::Result<Position> {
+        let bytes = fs::read(path)?;
+        serde_json::from_slice(&bytes).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
+    }
+
     /// Durably replaces the position file.
     pub fn save(&self, path: &Path) -> io::Result<()> {
         let dir = path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));

@@ -492,6 +492,16 @@ impl Subscriber {
         }
     }
 
+    /// Runs `subscriber verify` on this host's directories: (exit success, stdout).
+    pub fn verify(&self) -> (bool, String) {
+        let out = Command::new(bin("subscriber"))
+            .current_dir(self.root.path())
+            .args(["verify", "--dir", "etc", "--state-dir", "state"])
+            .output()
+            .expect("subscriber verify runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Checks the invariant of a converged host for `service`: its tree is exactly
     /// `commit`, its last exec was for `commit`, and every exec was for a commit that
     /// was pushed. Returns (execs, duplicate execs: the same state twice in a row).
