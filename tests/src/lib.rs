@@ -364,8 +364,13 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts the relay of `dc`.
+    /// Starts the relay of `dc`, fetching from the master at `master` (a path).
     pub fn start(nats_url: &str, dc: &str, master: &Path) -> Relay {
+        Relay::start_url(nats_url, dc, &master.display().to_string())
+    }
+
+    /// Starts the relay of `dc`, fetching from `master_url`.
+    pub fn start_url(nats_url: &str, dc: &str, master_url: &str) -> Relay {
         let state_dir = tempfile::tempdir().expect("tempdir");
         let args = vec![
             "--nats".into(),
@@ -373,7 +378,7 @@ impl Relay {
             "--dc".into(),
             dc.into(),
             "--master".into(),
-            master.display().to_string(),
+            master_url.to_owned(),
             "--state-dir".into(),
             state_dir.path().display().to_string(),
         ];
@@ -614,5 +619,63 @@ impl Master {
     pub fn delete(&self, ref_name: &str) {
         let pushed = self.push_refspec(&format!(":{ref_name}"));
         assert!(pushed.ok, "delete {ref_name}: {}", pushed.stderr);
+    }
+}
+
+/// `git daemon` serving a directory of bare repositories read-only on loopback (the
+/// master's network transport), killed on drop.
+#[derive(Debug)]
+pub struct GitDaemon {
+    child: Option<Child>,
+    base: PathBuf,
+    port: u16,
+}
+
+impl GitDaemon {
+    /// Serves the directory holding `bare` (exported as its file name).
+    pub fn start(bare: &Path) -> GitDaemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let mut daemon = GitDaemon { child: None, base: bare.parent().expect("parent").to_owned(), port };
+        daemon.restart();
+        daemon
+    }
+
+    /// `git://127.0.0.1:<port>/<name>`.
+    pub fn url(&self, name: &str) -> String {
+        format!("git://127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Kills the daemon: the master is unreachable.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Serves again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        // `git daemon` would run `git-daemon` as a child of its own; start it directly so
+        // that killing it takes the master's git service down for real.
+        let exec_path = Command::new("git").arg("--exec-path").output().expect("git runs");
+        let daemon = PathBuf::from(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
+        let child = Command::new(daemon)
+            .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--base-path={}", self.base.display()))
+            .arg(&self.base)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon runs");
+        self.child = Some(child);
+        wait_for(Duration::from_secs(10), "git daemon to listen", || std::net::TcpStream::connect(("127.0.0.1", self.port)).ok());
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

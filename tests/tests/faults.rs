@@ -178,3 +178,37 @@ fn shrink_update_stream(url: &str, dc: &str, per_subject: i64) {
         js.update_stream(config).await.expect("update stream");
     });
 }
+
+fn master_unavailable(down: Duration) {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats);
+    let mut daemon = confcast_tests::GitDaemon::start(&master.bare);
+    let relay = Relay::start_url(&nats.url(), "dc1", &daemon.url("master.git"));
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    let mut pushed = vec![first];
+
+    // Pushes land on the master while its git service is down: the relay cannot fetch
+    // and retries with backoff, acking nothing; hosts keep their last good tree.
+    daemon.stop();
+    push_many(&master, 5, &mut pushed, |_| {});
+    thread::sleep(down);
+    sub.assert_tree(&master, "service0", &pushed[0]);
+    assert!(relay.log().contains("will retry"), "the relay saw the outage");
+    daemon.restart();
+
+    let last = pushed.last().expect("pushed").clone();
+    let (_, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    assert_eq!(duplicates, 0);
+}
+
+#[test]
+fn the_master_unavailable_for_a_while_delays_but_loses_nothing() {
+    master_unavailable(Duration::from_secs(3));
+}
+
+#[test]
+#[ignore = "long: the master's git is down for 30 s; run with --ignored"]
+fn the_master_unavailable_for_30_seconds_delays_but_loses_nothing() {
+    master_unavailable(Duration::from_secs(30));
+}
