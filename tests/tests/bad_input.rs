@@ -145,3 +145,29 @@ fn garbage_and_forged_messages_are_ignored() {
     sub.wait_exec("service0", &next);
     sub.assert_tree(&master, "service0", &next);
 }
+
+#[test]
+fn file_names_with_newlines_and_invalid_utf8_arrive_byte_for_byte() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats, CONF);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+
+    master.on("services/service0/master");
+    let odd: [&[u8]; 4] = [b"line\nbreak.conf", b"\xff\xfe latin1 \xe9.conf", b"tab\tand space .conf", b"dir \xc3\xa9/\x01ctl"];
+    for name in odd {
+        let path = master.work.join(OsStr::from_bytes(name));
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, name).expect("write");
+    }
+    let c = master.commit_push("odd names").commit;
+    sub.wait_exec("service0", &c);
+    for name in odd {
+        let on_disk = std::fs::read(sub.service_dir("service0").join(OsStr::from_bytes(name))).expect("file with odd name");
+        assert_eq!(on_disk, name);
+    }
+    sub.assert_tree(&master, "service0", &c);
+}
