@@ -82,7 +82,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let reader = Reader::new(js, &config.dc);
     let position_path = config.state_dir.join("position.json");
     let position = Position::load(&position_path, &config.dc)?;
-    let mut host = Host { config: config.clone(), client, reader, position, position_path, services: BTreeSet::new() };
+    let mut host =
+        Host { config: config.clone(), client, reader, position, position_path, services: BTreeSet::new(), failed: BTreeSet::new() };
 
     loop {
         let services = match &config.selection {
@@ -148,7 +149,13 @@ struct Host {
     position: Position,
     position_path: PathBuf,
     services: BTreeSet<(Kind, String)>,
+    /// Services whose last update could not be applied (full disk, I/O error): retried
+    /// from the snapshot every [`RETRY_FAILED`].
+    failed: BTreeSet<(Kind, String)>,
 }
+
+/// How often services whose update failed are retried.
+const RETRY_FAILED: Duration = Duration::from_secs(2);
 
 impl Host {
     fn layout(&self, kind: Kind, name: &str) -> Layout {
@@ -229,6 +236,7 @@ impl Host {
         self.check_integrity().await?;
         self.flush_execs().await?;
         let mut verify_tick = self.config.verify_interval.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+        let mut retry_tick = tokio::time::interval_at(tokio::time::Instant::now() + RETRY_FAILED, RETRY_FAILED);
         let mut messages = if filters.is_empty() {
             None
         } else {
@@ -268,6 +276,10 @@ impl Host {
                 () = shutdown.cancelled() => return Ok(Followed::Shutdown),
                 _ = verify_due => {
                     self.check_integrity().await?;
+                    self.flush_execs().await?;
+                }
+                _ = retry_tick.tick(), if !self.failed.is_empty() => {
+                    self.retry_failed().await?;
                     self.flush_execs().await?;
                 }
                 Some(_) = inventory_changed => {
@@ -444,9 +456,48 @@ impl Host {
             Err(e) => {
                 tracing::error!(%kind, %name, error = %e, "update refused; keeping the current configuration");
                 self.report(kind, &name, state.commit.clone(), Some(e.to_string()), None).await;
+                self.failed.insert((kind, name));
             }
         }
         Ok(())
+    }
+
+    /// Retries services whose update failed, from their snapshot.
+    async fn retry_failed(&mut self) -> Result<(), SubscriberError> {
+        for (kind, name) in std::mem::take(&mut self.failed) {
+            let state = self.state(kind, &name);
+            match self.resync(kind, &name, &state).await {
+                Ok(Outcome::Applied(applied)) => {
+                    tracing::info!(%kind, %name, commit = applied.commit.as_deref().unwrap_or(""), "applied on retry");
+                    self.record(kind, &name, applied)?;
+                }
+                Ok(Outcome::Removed) => {
+                    let entry = self.position.services.entry(key(kind, &name)).or_default();
+                    entry.commit = None;
+                    entry.tree = None;
+                    entry.exec_pending = true;
+                    self.save()?;
+                }
+                Ok(Outcome::Skipped) => {}
+                Err(e) => {
+                    tracing::debug!(%kind, %name, error = %e, "retry failed");
+                    self.failed.insert((kind, name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a state reached outside the update stream (resync, restore) and marks
+    /// its exec as due; the stream position is left where it is.
+    fn record(&mut self, kind: Kind, name: &str, applied: Applied) -> Result<(), SubscriberError> {
+        let entry = self.position.services.entry(key(kind, name)).or_default();
+        entry.commit = applied.commit;
+        entry.tree = applied.tree;
+        entry.ref_name = applied.ref_name;
+        entry.version = applied.version;
+        entry.exec_pending = true;
+        self.save()
     }
 
     async fn resync(&mut self, kind: Kind, name: &str, state: &ServiceState) -> Result<Outcome, ApplyError> {
@@ -513,16 +564,13 @@ impl Host {
             match self.resync(kind, &name, &forced).await {
                 Ok(Outcome::Applied(applied)) => {
                     tracing::info!(%kind, %name, commit = applied.commit.as_deref().unwrap_or(""), "restored");
-                    let entry = self.position.services.entry(key(kind, &name)).or_default();
-                    entry.commit = applied.commit;
-                    entry.tree = applied.tree;
-                    entry.ref_name = applied.ref_name;
-                    entry.version = applied.version;
-                    entry.exec_pending = true;
-                    self.save()?;
+                    self.record(kind, &name, applied)?;
                 }
                 Ok(_) => {}
-                Err(e) => tracing::error!(%kind, %name, error = %e, "restoring failed; will retry at the next check"),
+                Err(e) => {
+                    tracing::error!(%kind, %name, error = %e, "restoring failed; retrying");
+                    self.failed.insert((kind, name));
+                }
             }
         }
         Ok(())

@@ -440,14 +440,25 @@ pub struct Subscriber {
 impl Subscriber {
     /// Starts a subscriber of `dc` with the given selection flags (e.g. `["--service", "s0"]`).
     pub fn start(nats_url: &str, dc: &str, selection: &[&str]) -> Subscriber {
+        let mut sub = Subscriber::prepare(nats_url, dc, selection);
+        sub.restart();
+        sub
+    }
+
+    /// Like [`Subscriber::start`] but does not start it yet ([`Subscriber::restart`] does).
+    pub fn prepare(nats_url: &str, dc: &str, selection: &[&str]) -> Subscriber {
         let root = tempfile::tempdir().expect("tempdir");
         let dir = root.path().join("etc");
         let exec_log = root.path().join("exec.log");
+        fs::create_dir_all(root.path().join("state")).expect("state dir");
         let mut args: Vec<String> = vec!["--dc".into(), dc.into()];
         args.extend(selection.iter().map(|s| s.to_string()));
-        let mut sub = Subscriber { child: None, args, nats_url: nats_url.to_owned(), dir, exec_log, root };
-        sub.restart();
-        sub
+        Subscriber { child: None, args, nats_url: nats_url.to_owned(), dir, exec_log, root }
+    }
+
+    /// The subscriber's `--state-dir` (trees and position).
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.path().join("state")
     }
 
     /// Starts it again (after [`Subscriber::stop`] or [`Subscriber::kill`]).
