@@ -129,6 +129,7 @@ pub fn commit_events(repo: &Repository, repo_name: &str, updates: &[RefUpdate]) 
                 paths,
                 paths_truncated,
                 pushed_at_ms: now,
+                backfill: false,
             }
         })
         .collect()

@@ -24,6 +24,7 @@ pub fn current_refs(repo: &Path) -> Result<Vec<CommitEvent>, InstallError> {
             paths: Vec::new(),
             paths_truncated: true,
             pushed_at_ms: now,
+            backfill: true,
         })
         .collect())
 }

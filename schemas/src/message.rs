@@ -73,14 +73,19 @@ pub struct CommitEvent {
     pub paths_truncated: bool,
     /// When the hook saw the push, in milliseconds since the Unix epoch.
     pub pushed_at_ms: u64,
+    /// True for events re-announced by `publisher backfill` rather than made by a push.
+    #[serde(default)]
+    pub backfill: bool,
 }
 
 impl CommitEvent {
     /// The JetStream dedup id: the same ref update always gets the same id, so a hook
-    /// retried after a lost ack, or a drained spool, is stored once.
+    /// retried after a lost ack, or a drained spool, is stored once. A backfill is a new
+    /// announcement of the same state, identified by when it was made.
     pub fn dedup_id(&self) -> String {
+        let prefix = if self.backfill { format!("backfill@{}:", self.pushed_at_ms) } else { String::new() };
         format!(
-            "{}:{}:{}:{}",
+            "{prefix}{}:{}:{}:{}",
             self.repo,
             self.ref_name,
             self.old.as_deref().unwrap_or("0"),
@@ -289,6 +294,7 @@ mod tests {
             paths: vec!["x".into()],
             paths_truncated: false,
             pushed_at_ms: 1,
+            backfill: false,
         }
     }
 
@@ -311,5 +317,7 @@ mod tests {
     #[test]
     fn dedup_id_is_derived_from_content() {
         assert_eq!(event().dedup_id(), format!("master:refs/heads/services/a/main:0:{}", "ab".repeat(20)));
+        let backfill = CommitEvent { backfill: true, ..event() };
+        assert_eq!(backfill.dedup_id(), format!("backfill@1:master:refs/heads/services/a/main:0:{}", "ab".repeat(20)));
     }
 }

@@ -690,3 +690,22 @@ impl Drop for GitDaemon {
         self.stop();
     }
 }
+
+/// The value of a key of the configuration index, if present.
+pub fn index_value(nats_url: &str, key: &str) -> Option<String> {
+    block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.ok()?);
+        let kv = js.get_key_value(confcast_schemas::subject::INDEX_BUCKET).await.ok()?;
+        let value = kv.get(key).await.ok()??;
+        Some(String::from_utf8_lossy(&value).into_owned())
+    })
+}
+
+/// How many messages the commit stream holds.
+pub fn commit_events(nats_url: &str) -> u64 {
+    block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("connect"));
+        let mut stream = js.get_stream(confcast_schemas::subject::COMMITS_STREAM).await.expect("commit stream");
+        stream.info().await.expect("info").state.messages
+    })
+}

@@ -312,3 +312,71 @@ fn applications_and_devices_are_distributed_like_services() {
     sub.wait_exec("billing", &app2);
     sub.assert_tree(&master, "billing", &app2);
 }
+
+#[test]
+fn the_index_follows_each_datacenter() {
+    let nats = NatsServer::start();
+    let (master, first) = master_with_dc1(&nats);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let v1 = master.rev("refs/tags/services/pinned/v1.0").expect("tag");
+    let key = "confcast/dc1/configurations/services/service0/latest";
+    wait_for(Duration::from_secs(20), "the index of service0", || {
+        (confcast_tests::index_value(&nats.url(), key) == Some(format!("master/{first}"))).then_some(())
+    });
+    let pinned = "confcast/dc1/configurations/services/pinned/v1.0";
+    assert_eq!(confcast_tests::index_value(&nats.url(), pinned), Some(format!("master/{v1}")));
+
+    let next = master.on("services/service0/master").write("app.conf", "next\n").commit_push("next").commit;
+    wait_for(Duration::from_secs(20), "the index to move", || {
+        (confcast_tests::index_value(&nats.url(), key) == Some(format!("master/{next}"))).then_some(())
+    });
+    // A service dropped from the datacenter leaves the index.
+    master.configuration("big", r#"{ "services": [ { "name": "service0", "branch": "master" } ] }"#);
+    wait_for(Duration::from_secs(20), "the dropped service's key to go", || {
+        confcast_tests::index_value(&nats.url(), pinned).is_none().then_some(())
+    });
+}
+
+#[test]
+fn backfill_announces_every_ref() {
+    let nats = NatsServer::start();
+    let (master, _) = master_with_dc1(&nats);
+    let before = confcast_tests::commit_events(&nats.url());
+    let refs = confcast_tests::git(&master.bare, &["for-each-ref", "--format=%(refname)"]).lines().count();
+    let out = std::process::Command::new(confcast_tests::bin("publisher")).arg("backfill").arg(&master.bare).output().expect("backfill");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("announced {refs} ref(s)"));
+    assert_eq!(confcast_tests::commit_events(&nats.url()), before + refs as u64);
+    // A relay started afterwards serves the datacenter as usual.
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &master.rev("refs/heads/services/service0/master").expect("head"));
+}
+
+#[test]
+fn signal_and_pidfile_tell_a_process() {
+    let nats = NatsServer::start();
+    let (master, first) = master_with_dc1(&nats);
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hups = dir.path().join("hups");
+    let pidfile = dir.path().join("app.pid");
+    let mut app = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("trap 'echo hup >> {}' HUP; echo $$ > {}; while :; do sleep 0.05 & wait $!; done", hups.display(), pidfile.display()))
+        .spawn()
+        .expect("app");
+    wait_for(Duration::from_secs(5), "the app's pidfile", || std::fs::metadata(&pidfile).ok().filter(|m| m.len() > 0));
+    let pid = pidfile.display().to_string();
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0", "--signal", "HUP", "--pidfile", &pid]);
+    sub.wait_exec("service0", &first);
+    let next = master.on("services/service0/master").write("app.conf", "reload me\n").commit_push("reload").commit;
+    sub.wait_exec("service0", &next);
+    let count = wait_for(Duration::from_secs(5), "two HUPs", || {
+        let n = std::fs::read_to_string(&hups).unwrap_or_default().lines().count();
+        (n >= 2).then_some(n)
+    });
+    assert_eq!(count, 2, "one HUP at bootstrap, one for the push");
+    let _ = app.kill();
+    let _ = app.wait();
+}
