@@ -184,9 +184,7 @@ pub fn validate(repo: &Repository, update: &RefUpdate) -> Result<(), Rejection> 
     };
     let git = |error| Rejection::Git { ref_name: update.ref_name.clone(), error };
     let tree = repo.find_object(new, None).and_then(|o| o.peel_to_tree()).map_err(git)?;
-    let entry = tree
-        .get_name(file)
-        .ok_or_else(|| Rejection::Missing { ref_name: update.ref_name.clone(), file })?;
+    let entry = tree.get_name(file).ok_or_else(|| Rejection::Missing { ref_name: update.ref_name.clone(), file })?;
     let blob = entry.to_object(repo).and_then(|o| o.peel_to_blob()).map_err(git)?;
     let invalid = |error| Rejection::Invalid { ref_name: update.ref_name.clone(), error };
     if file == DATACENTER_FILE {

@@ -6,8 +6,8 @@
 //! go to an on-disk [`spool`] instead, so a push never hangs or fails because NATS is
 //! down; the next hook run, or `publisher drain`, publishes the spool in order.
 
-pub mod bus;
 pub mod backfill;
+pub mod bus;
 pub mod install;
 pub mod spool;
 
@@ -64,7 +64,10 @@ pub async fn announce(nats_url: &str, spool_dir: &Path, events: Vec<CommitEvent>
             }
             Ok(Err(e)) => return merge(outcome, spool_all(&spool, &events[i..], e.to_string())),
             Err(_) => {
-                return merge(outcome, spool_all(&spool, &events[i..], format!("no ack from JetStream within {deadline:?}")))
+                return merge(
+                    outcome,
+                    spool_all(&spool, &events[i..], format!("no ack from JetStream within {deadline:?}")),
+                )
             }
         }
     }

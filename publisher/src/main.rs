@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use confcast_publisher::{backfill, config_keys, connect, default_spool_dir, drain, ensure_commit_stream, install, publish_event, Spool};
+use confcast_publisher::{
+    backfill, config_keys, connect, default_spool_dir, drain, ensure_commit_stream, install, publish_event, Spool,
+};
 
 /// Publishes the master repository's ref updates as commit events on NATS JetStream.
 #[derive(Debug, Parser)]
@@ -77,7 +79,9 @@ fn spool_of(repo: &std::path::Path) -> anyhow::Result<Spool> {
 
 async fn jetstream(url: &str, timeout: Duration) -> anyhow::Result<async_nats::jetstream::Context> {
     let js = async_nats::jetstream::new(connect(url, timeout).await?);
-    tokio::time::timeout(timeout, ensure_commit_stream(&js)).await.context("creating the commit stream timed out")??;
+    tokio::time::timeout(timeout, ensure_commit_stream(&js))
+        .await
+        .context("creating the commit stream timed out")??;
     Ok(js)
 }
 
@@ -104,7 +108,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(dir) => dir,
                 None => std::env::current_exe()?.parent().context("binary has no directory")?.to_owned(),
             };
-            let written = install::install_hooks(&install::InstallOptions { repo, nats_url: nats, repo_name, bin_dir, force })?;
+            let written =
+                install::install_hooks(&install::InstallOptions { repo, nats_url: nats, repo_name, bin_dir, force })?;
             for hook in written {
                 println!("installed {}", hook.display());
             }

@@ -72,10 +72,8 @@ impl Spool {
     pub fn push(&self, event: &CommitEvent) -> Result<(), SpoolError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let name = format!("{nanos:024}-{:06}-{:08}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let path = self.dir.join(format!("{name}.event"));

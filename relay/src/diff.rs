@@ -46,10 +46,25 @@ pub fn diff(old: &Listing, new: &Listing) -> Vec<Change> {
     for (path, item) in new {
         match old.get(path) {
             Some(before) if before == item => {}
-            Some(_) => changes.push(Change { path: path.clone(), kind: ChangeKind::Modify, item: Some(*item), from_path: None }),
+            Some(_) => changes.push(Change {
+                path: path.clone(),
+                kind: ChangeKind::Modify,
+                item: Some(*item),
+                from_path: None,
+            }),
             None => match deleted.get_mut(item).and_then(Vec::pop) {
-                Some(from) => changes.push(Change { path: path.clone(), kind: ChangeKind::Rename, item: Some(*item), from_path: Some(from) }),
-                None => changes.push(Change { path: path.clone(), kind: ChangeKind::Add, item: Some(*item), from_path: None }),
+                Some(from) => changes.push(Change {
+                    path: path.clone(),
+                    kind: ChangeKind::Rename,
+                    item: Some(*item),
+                    from_path: Some(from),
+                }),
+                None => changes.push(Change {
+                    path: path.clone(),
+                    kind: ChangeKind::Add,
+                    item: Some(*item),
+                    from_path: None,
+                }),
             },
         }
     }
@@ -88,7 +103,13 @@ mod tests {
     fn kinds(changes: &[Change]) -> Vec<(String, ChangeKind, Option<String>)> {
         changes
             .iter()
-            .map(|c| (String::from_utf8_lossy(&c.path).into(), c.kind, c.from_path.as_ref().map(|p| String::from_utf8_lossy(p).into())))
+            .map(|c| {
+                (
+                    String::from_utf8_lossy(&c.path).into(),
+                    c.kind,
+                    c.from_path.as_ref().map(|p| String::from_utf8_lossy(p).into()),
+                )
+            })
             .collect()
     }
 
@@ -124,7 +145,10 @@ mod tests {
     fn a_rename_needs_the_same_mode() {
         let old = listing(&[("a", item(1, FileMode::Regular))]);
         let new = listing(&[("b", item(1, FileMode::Executable))]);
-        assert_eq!(kinds(&diff(&old, &new)), vec![("b".into(), ChangeKind::Add, None), ("a".into(), ChangeKind::Delete, None)]);
+        assert_eq!(
+            kinds(&diff(&old, &new)),
+            vec![("b".into(), ChangeKind::Add, None), ("a".into(), ChangeKind::Delete, None)]
+        );
     }
 
     #[test]

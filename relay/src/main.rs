@@ -28,7 +28,8 @@ struct Cli {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -38,7 +39,8 @@ async fn main() -> ExitCode {
         Ok(abs) if !cli.master.contains("://") => abs.display().to_string(),
         _ => cli.master.clone(),
     };
-    let config = confcast_relay::Config { nats_url: cli.nats, dc: cli.dc, master_url: master, state_dir: cli.state_dir };
+    let config =
+        confcast_relay::Config { nats_url: cli.nats, dc: cli.dc, master_url: master, state_dir: cli.state_dir };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     match confcast_relay::run(config, shutdown).await {

@@ -79,7 +79,8 @@ impl Mirror {
         // Every fetch adds a pack. A handle computes its index slots when it opens, so a
         // long-running relay would run out of them: give it room, and repack (see
         // `consolidate`) long before it is used up.
-        let options = gix::open::Options::default().object_store_slots(gix::odb::store::init::Slots::Given(OBJECT_STORE_SLOTS));
+        let options =
+            gix::open::Options::default().object_store_slots(gix::odb::store::init::Slots::Given(OBJECT_STORE_SLOTS));
         let repo = gix::open_opts(path, options).map_err(|e| local(&e))?;
         Ok(Mirror { repo: repo.into_sync(), path: path.to_owned(), url: url.to_owned() })
     }
@@ -105,7 +106,9 @@ impl Mirror {
             Ok(out) if out.status.success() => {
                 tracing::debug!(packs, elapsed_ms = started.elapsed().as_millis() as u64, "repacked the mirror");
             }
-            Ok(out) => tracing::warn!(packs, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "git repack of the mirror failed"),
+            Ok(out) => {
+                tracing::warn!(packs, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "git repack of the mirror failed")
+            }
             Err(e) => tracing::warn!(packs, error = %e, "cannot run git to repack the mirror"),
         }
     }
@@ -268,7 +271,8 @@ mod tests {
         let work = dir.path().join("work");
         git(dir.path(), &["init", "-q", "--bare", master.to_str().expect("utf-8")]);
         git(dir.path(), &["init", "-q", work.to_str().expect("utf-8")]);
-        let mirror = Mirror::open_or_init(&dir.path().join("mirror.git"), master.to_str().expect("utf-8")).expect("mirror");
+        let mirror =
+            Mirror::open_or_init(&dir.path().join("mirror.git"), master.to_str().expect("utf-8")).expect("mirror");
         let name = "refs/heads/services/s/main".to_owned();
         let refs = BTreeSet::from([name.clone()]);
         assert_eq!(mirror.fetch(&refs).expect("fetch").missing, refs, "absent on the master");

@@ -92,7 +92,9 @@ impl Bus {
     /// Creates (or finds) every stream and bucket the relay writes.
     pub async fn open(client: async_nats::Client, dc: &str) -> Result<Bus, BusError> {
         let js = jetstream::new(client.clone());
-        js.get_or_create_stream(confcast_publisher::bus::commit_stream_config()).await.map_err(|e| BusError::new("commit stream", e))?;
+        js.get_or_create_stream(confcast_publisher::bus::commit_stream_config())
+            .await
+            .map_err(|e| BusError::new("commit stream", e))?;
         js.get_or_create_stream(updates_stream_config(dc)).await.map_err(|e| BusError::new("update stream", e))?;
         js.get_or_create_stream(state_stream_config(dc)).await.map_err(|e| BusError::new("state stream", e))?;
         let blobs = match js.get_object_store(subject::BLOBS_BUCKET).await {
@@ -131,7 +133,9 @@ impl Bus {
     /// The last published head of every service of the datacenter.
     pub async fn load_heads(&self) -> Result<BTreeMap<(Kind, String), ServiceHead>, BusError> {
         let mut heads = BTreeMap::new();
-        for message in self.last_per_subject(&subject::state_stream(&self.dc), &subject::heads_wildcard(&self.dc)).await? {
+        for message in
+            self.last_per_subject(&subject::state_stream(&self.dc), &subject::heads_wildcard(&self.dc)).await?
+        {
             match decode::<ServiceHead>(&message) {
                 Ok(head) => {
                     heads.insert((head.kind, head.name.clone()), head);
@@ -200,10 +204,7 @@ impl Bus {
         if self.blobs.info(&name).await.is_ok_and(|info| !info.deleted) {
             return Ok(name);
         }
-        self.blobs
-            .put(name.as_str(), &mut &content[..])
-            .await
-            .map_err(|e| BusError::new("storing blob", e))?;
+        self.blobs.put(name.as_str(), &mut &content[..]).await.map_err(|e| BusError::new("storing blob", e))?;
         Ok(name)
     }
 

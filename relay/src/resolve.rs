@@ -120,7 +120,8 @@ fn read_document(source: &impl RefSource, ref_name: &str, file: &'static str) ->
 fn resolve_into(dc: &str, source: &impl RefSource, watched: &mut BTreeSet<String>) -> Result<Resolution, ResolveError> {
     let dc_ref = datacenter_ref(dc);
     watched.insert(dc_ref.clone());
-    let bytes = read_document(source, &dc_ref, DATACENTER_FILE)?.ok_or_else(|| ResolveError::NoDatacenter(dc_ref.clone()))?;
+    let bytes =
+        read_document(source, &dc_ref, DATACENTER_FILE)?.ok_or_else(|| ResolveError::NoDatacenter(dc_ref.clone()))?;
     let bad = |ref_name: &str| {
         let ref_name = ref_name.to_owned();
         move |error| ResolveError::BadDocument { ref_name, error }
@@ -140,7 +141,8 @@ fn resolve_into(dc: &str, source: &impl RefSource, watched: &mut BTreeSet<String
             watched.insert(ref_name.clone());
             match source.commit_of(&ref_name).map_err(ResolveError::Mirror)? {
                 Some(commit) => {
-                    let target = Target { ref_name, branch: pin.branch.clone(), version: pin.version().to_owned(), commit };
+                    let target =
+                        Target { ref_name, branch: pin.branch.clone(), version: pin.version().to_owned(), commit };
                     targets.insert((kind, pin.name.clone()), target);
                 }
                 None => {
@@ -187,7 +189,10 @@ pub(crate) mod tests {
             .with(
                 "refs/heads/datacenters/dc1",
                 "d1",
-                Some((DATACENTER_FILE, r#"{"conf":"datacenter-configuration/big/v1","inventories":{"hosts":{"h":{"services":["s0"]}}}}"#)),
+                Some((
+                    DATACENTER_FILE,
+                    r#"{"conf":"datacenter-configuration/big/v1","inventories":{"hosts":{"h":{"services":["s0"]}}}}"#,
+                )),
             )
             .with(
                 "refs/tags/datacenter-configuration/big/v1",
@@ -220,8 +225,16 @@ pub(crate) mod tests {
     #[test]
     fn conf_can_follow_a_branch() {
         let fake = master()
-            .with("refs/heads/datacenters/dc2", "d2", Some((DATACENTER_FILE, r#"{"conf":"datacenter-configuration/small"}"#)))
-            .with("refs/heads/datacenter-configuration/small", "c2", Some((CONFIGURATION_FILE, r#"{"services":[{"name":"s0","branch":"master"}]}"#)));
+            .with(
+                "refs/heads/datacenters/dc2",
+                "d2",
+                Some((DATACENTER_FILE, r#"{"conf":"datacenter-configuration/small"}"#)),
+            )
+            .with(
+                "refs/heads/datacenter-configuration/small",
+                "c2",
+                Some((CONFIGURATION_FILE, r#"{"services":[{"name":"s0","branch":"master"}]}"#)),
+            );
         let res = resolve("dc2", &fake).outcome.expect("resolves");
         assert_eq!(res.targets[&(Kind::Service, "s0".into())].commit, "s0-head");
     }
@@ -229,22 +242,35 @@ pub(crate) mod tests {
     #[test]
     fn failures_name_what_is_wrong_and_keep_watching() {
         let missing_dc = resolve("nowhere", &master());
-        assert_eq!(missing_dc.outcome.expect_err("no dc").to_string(), "refs/heads/datacenters/nowhere does not exist on the master");
+        assert_eq!(
+            missing_dc.outcome.expect_err("no dc").to_string(),
+            "refs/heads/datacenters/nowhere does not exist on the master"
+        );
         assert!(missing_dc.watched.contains("refs/heads/datacenters/nowhere"));
 
-        let fake = master().with("refs/heads/datacenters/dc3", "d3", Some((DATACENTER_FILE, r#"{"conf":"datacenter-configuration/none"}"#)));
+        let fake = master().with(
+            "refs/heads/datacenters/dc3",
+            "d3",
+            Some((DATACENTER_FILE, r#"{"conf":"datacenter-configuration/none"}"#)),
+        );
         let resolved = resolve("dc3", &fake);
         assert_eq!(
             resolved.outcome.expect_err("no conf").to_string(),
             "refs/heads/datacenters/dc3: datacenter.json: field `conf`: refs/heads/datacenter-configuration/none does not exist on the master"
         );
-        assert!(resolved.watched.contains("refs/heads/datacenter-configuration/none"), "creating it later must trigger");
+        assert!(
+            resolved.watched.contains("refs/heads/datacenter-configuration/none"),
+            "creating it later must trigger"
+        );
 
         let fake = master().with("refs/heads/datacenters/dc4", "d4", Some((DATACENTER_FILE, "{ nope")));
         let e = resolve("dc4", &fake).outcome.expect_err("bad json");
         assert!(e.to_string().starts_with("refs/heads/datacenters/dc4: datacenter.json: key must be a string"), "{e}");
 
         let fake = master().with("refs/heads/datacenters/dc5", "d5", None);
-        assert_eq!(resolve("dc5", &fake).outcome.expect_err("no file").to_string(), "refs/heads/datacenters/dc5: datacenter.json is missing");
+        assert_eq!(
+            resolve("dc5", &fake).outcome.expect_err("no file").to_string(),
+            "refs/heads/datacenters/dc5: datacenter.json is missing"
+        );
     }
 }

@@ -95,7 +95,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
 
     // The durable consumer exists before the first sync, so no push made during the
     // sync is missed; created fresh, it starts at new events since the sync covers the past.
-    let commits = bus.jetstream().get_stream(subject::COMMITS_STREAM).await.map_err(|e| BusError::new("commit stream", e))?;
+    let commits =
+        bus.jetstream().get_stream(subject::COMMITS_STREAM).await.map_err(|e| BusError::new("commit stream", e))?;
     let consumer: consumer::PullConsumer = commits
         .get_or_create_consumer(
             &subject::relay_consumer(&config.dc),
@@ -120,7 +121,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
     let Some(heads) = heads else { return Ok(()) };
     let mut relay = Relay { dc: config.dc.clone(), bus, mirror, heads, watched: BTreeSet::new(), inventory: None };
 
-    let boot = Cause { tag: format!("boot{}", now_ms()), event_seq: 0, pushed_at_ms: now_ms(), ref_name: None, commit: None };
+    let boot =
+        Cause { tag: format!("boot{}", now_ms()), event_seq: 0, pushed_at_ms: now_ms(), ref_name: None, commit: None };
     let mut backoff = Backoff::default();
     loop {
         let first = BTreeSet::from([datacenter_ref(&relay.dc)]);
@@ -251,7 +253,9 @@ impl Relay {
         f: impl FnOnce(Mirror) -> Result<T, SyncError> + Send + 'static,
     ) -> Result<T, SyncError> {
         let mirror = self.mirror.clone();
-        tokio::task::spawn_blocking(move || f(mirror)).await.map_err(|e| SyncError::Resolve(format!("worker panicked: {e}")))?
+        tokio::task::spawn_blocking(move || f(mirror))
+            .await
+            .map_err(|e| SyncError::Resolve(format!("worker panicked: {e}")))?
     }
 
     /// Fetches `first`, then every newly depended-on ref, resolves, and publishes.
@@ -270,7 +274,12 @@ impl Relay {
             }
             let dc = dc.clone();
             let resolved = self.blocking(move |m| Ok(resolve(&dc, &m))).await?;
-            to_fetch = resolved.watched.iter().filter(|r| !self.watched.contains(*r) && !fetched.contains(*r)).cloned().collect();
+            to_fetch = resolved
+                .watched
+                .iter()
+                .filter(|r| !self.watched.contains(*r) && !fetched.contains(*r))
+                .cloned()
+                .collect();
             if to_fetch.is_empty() {
                 break resolved;
             }
@@ -284,15 +293,23 @@ impl Relay {
                 // and keep flowing, so one bad document does not freeze the datacenter.
                 let heads: Vec<ServiceHead> = self.heads.values().filter(|h| h.commit.is_some()).cloned().collect();
                 let fallback_refs: BTreeSet<String> = heads.iter().map(|h| h.ref_name.clone()).collect();
-                let missing: BTreeSet<String> =
-                    fallback_refs.iter().filter(|r| !self.watched.contains(*r) && !fetched.contains(*r)).cloned().collect();
+                let missing: BTreeSet<String> = fallback_refs
+                    .iter()
+                    .filter(|r| !self.watched.contains(*r) && !fetched.contains(*r))
+                    .cloned()
+                    .collect();
                 if !missing.is_empty() {
                     self.blocking(move |m| Ok(m.fetch(&missing)?)).await?;
                 }
                 self.watched = resolved.watched.into_iter().chain(fallback_refs).collect();
-                let resolution = self.blocking(move |m| Ok(last_good(&m, &heads))).await?.map_err(SyncError::Resolve)?;
+                let resolution =
+                    self.blocking(move |m| Ok(last_good(&m, &heads))).await?.map_err(SyncError::Resolve)?;
                 let published = self.apply(cause, resolution, false).await?;
-                tracing::info!(published, elapsed_ms = started.elapsed().as_millis() as u64, "synced on the last good pins");
+                tracing::info!(
+                    published,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "synced on the last good pins"
+                );
                 return Ok(());
             }
             Ok(resolution) => resolution,
@@ -310,8 +327,12 @@ impl Relay {
         for ((kind, name), ref_name) in &resolution.unresolved {
             let kept = self.heads.get(&(*kind, name.clone())).and_then(|h| h.commit.clone());
             let message = match kept {
-                Some(commit) => format!("{kind} {name:?} is pinned to {ref_name}, which does not exist on the master; keeping {commit}"),
-                None => format!("{kind} {name:?} is pinned to {ref_name}, which does not exist on the master; it is not published"),
+                Some(commit) => format!(
+                    "{kind} {name:?} is pinned to {ref_name}, which does not exist on the master; keeping {commit}"
+                ),
+                None => format!(
+                    "{kind} {name:?} is pinned to {ref_name}, which does not exist on the master; it is not published"
+                ),
             };
             tracing::error!(%kind, %name, %ref_name, "{message}");
             self.publish_error(cause, message).await?;
@@ -339,14 +360,23 @@ impl Relay {
             .heads
             .iter()
             .filter(|_| authoritative)
-            .filter(|(key, head)| head.commit.is_some() && !resolution.targets.contains_key(*key) && !resolution.unresolved.contains_key(*key))
+            .filter(|(key, head)| {
+                head.commit.is_some()
+                    && !resolution.targets.contains_key(*key)
+                    && !resolution.unresolved.contains_key(*key)
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for (kind, name) in dropped {
             self.publish_removal(cause, kind, &name).await?;
             published += 1;
         }
-        let inventory = Inventory { v: WIRE_VERSION, dc: self.dc.clone(), conf_ref: resolution.conf_ref.clone(), hosts: resolution.hosts.clone() };
+        let inventory = Inventory {
+            v: WIRE_VERSION,
+            dc: self.dc.clone(),
+            conf_ref: resolution.conf_ref.clone(),
+            hosts: resolution.hosts.clone(),
+        };
         if authoritative && self.inventory.as_ref() != Some(&inventory) {
             let id = format!("{}/inventory@{}", self.dc, cause.tag);
             self.bus.publish(subject::inventory_subject(&self.dc), &id, encode(&inventory)).await?;
@@ -355,7 +385,13 @@ impl Relay {
         Ok(published)
     }
 
-    async fn publish_service(&mut self, cause: &Cause, kind: Kind, name: &str, target: &Target) -> Result<(), PublishError> {
+    async fn publish_service(
+        &mut self,
+        cause: &Cause,
+        kind: Kind,
+        name: &str,
+        target: &Target,
+    ) -> Result<(), PublishError> {
         let head = self.heads.get(&(kind, name.to_owned())).cloned();
         let (dc, cause2, name2, target2) = (self.dc.clone(), cause.clone(), name.to_owned(), target.clone());
         let prepared = self
@@ -369,14 +405,27 @@ impl Relay {
             self.bus.ensure_blob(blob, content).await.map_err(SyncError::from)?;
         }
         let update = &prepared.update;
-        let id = format!("{}/{kind}/{name}/{}..{}@{}", self.dc, update.from.as_deref().unwrap_or("none"), target.commit, cause.tag);
+        let id = format!(
+            "{}/{kind}/{name}/{}..{}@{}",
+            self.dc,
+            update.from.as_deref().unwrap_or("none"),
+            target.commit,
+            cause.tag
+        );
         // The snapshot goes first: a host that resyncs never finds a snapshot older
         // than an update it has seen.
         self.bus
-            .publish(subject::snapshot_subject(&self.dc, kind, name), &format!("{id}/snapshot"), encode(&prepared.snapshot))
+            .publish(
+                subject::snapshot_subject(&self.dc, kind, name),
+                &format!("{id}/snapshot"),
+                encode(&prepared.snapshot),
+            )
             .await
             .map_err(SyncError::from)?;
-        self.bus.publish(subject::update_subject(&self.dc, kind, name), &id, encode(update)).await.map_err(SyncError::from)?;
+        self.bus
+            .publish(subject::update_subject(&self.dc, kind, name), &id, encode(update))
+            .await
+            .map_err(SyncError::from)?;
         tracing::info!(%kind, %name, from = update.from.as_deref().unwrap_or("-"), to = %target.commit, entries = update.entries.len(), "published update");
         self.publish_head(cause, kind, name, Some(target), Some(target.commit.clone()), update.tree.clone()).await?;
         Ok(())
@@ -401,9 +450,12 @@ impl Relay {
             pushed_at_ms: cause.pushed_at_ms,
             published_at_ms: now_ms(),
         };
-        let id = format!("{}/{kind}/{name}/{}..removed@{}", self.dc, removal.from.as_deref().unwrap_or("none"), cause.tag);
+        let id =
+            format!("{}/{kind}/{name}/{}..removed@{}", self.dc, removal.from.as_deref().unwrap_or("none"), cause.tag);
         let snapshot = ServiceUpdate { snapshot: true, from: None, ..removal.clone() };
-        self.bus.publish(subject::snapshot_subject(&self.dc, kind, name), &format!("{id}/snapshot"), encode(&snapshot)).await?;
+        self.bus
+            .publish(subject::snapshot_subject(&self.dc, kind, name), &format!("{id}/snapshot"), encode(&snapshot))
+            .await?;
         self.bus.publish(subject::update_subject(&self.dc, kind, name), &id, encode(&removal)).await?;
         tracing::info!(%kind, %name, "published removal");
         self.publish_head(cause, kind, name, None, None, None).await
@@ -424,12 +476,19 @@ impl Relay {
             kind,
             name: name.to_owned(),
             ref_name: target.map(|t| t.ref_name.clone()).unwrap_or_default(),
-            branch: target.map(|t| t.branch.clone()).or_else(|| old.as_ref().map(|h| h.branch.clone())).unwrap_or_default(),
-            version: target.map(|t| t.version.clone()).or_else(|| old.as_ref().map(|h| h.version.clone())).unwrap_or_default(),
+            branch: target
+                .map(|t| t.branch.clone())
+                .or_else(|| old.as_ref().map(|h| h.branch.clone()))
+                .unwrap_or_default(),
+            version: target
+                .map(|t| t.version.clone())
+                .or_else(|| old.as_ref().map(|h| h.version.clone()))
+                .unwrap_or_default(),
             commit,
             tree,
         };
-        let id = format!("{}/{kind}/{name}/head/{}@{}", self.dc, head.commit.as_deref().unwrap_or("removed"), cause.tag);
+        let id =
+            format!("{}/{kind}/{name}/head/{}@{}", self.dc, head.commit.as_deref().unwrap_or("removed"), cause.tag);
         self.bus.publish(subject::head_subject(&self.dc, kind, name), &id, encode(&head)).await?;
         // The index: one key per (service, version); a version that is no longer the
         // datacenter's goes away.
@@ -439,7 +498,12 @@ impl Relay {
             }
         }
         if let Some(commit) = &head.commit {
-            self.bus.put_index(&subject::index_key(&self.dc, kind, name, &head.version), &format!("{}/{commit}", head.branch)).await?;
+            self.bus
+                .put_index(
+                    &subject::index_key(&self.dc, kind, name, &head.version),
+                    &format!("{}/{commit}", head.branch),
+                )
+                .await?;
         }
         self.heads.insert((kind, name.to_owned()), head);
         Ok(())
@@ -502,7 +566,9 @@ fn prepare(
 ) -> Result<Prepared, Prepare> {
     let new = mirror.listing(&target.commit)?;
     let tree = mirror.tree_of(&target.commit)?;
-    let bad = |e: path::PathError| Prepare::BadTree(format!("{kind} {name:?} at {} ({}): {e}; not published", target.commit, target.ref_name));
+    let bad = |e: path::PathError| {
+        Prepare::BadTree(format!("{kind} {name:?} at {} ({}): {e}; not published", target.commit, target.ref_name))
+    };
     let mut contents: BTreeMap<[u8; 20], Vec<u8>> = BTreeMap::new();
     for (p, item) in &new {
         path::check_relative(p).map_err(bad)?;
@@ -523,7 +589,11 @@ fn prepare(
         None => (None, diff(&Listing::new(), &new)),
     };
     let mut large = Vec::new();
-    let mut entry_for = |path: &[u8], change: ChangeKind, item: Option<crate::diff::Item>, from_path: Option<Vec<u8>>| -> Result<Entry, Prepare> {
+    let mut entry_for = |path: &[u8],
+                         change: ChangeKind,
+                         item: Option<crate::diff::Item>,
+                         from_path: Option<Vec<u8>>|
+     -> Result<Entry, Prepare> {
         let (mut content, mut object) = (None, None);
         if let (Some(item), ChangeKind::Add | ChangeKind::Modify) = (item, change) {
             let bytes = match contents.get(&item.blob) {
@@ -587,12 +657,22 @@ fn prepare(
 /// The last good resolution, rebuilt from the published heads: each service stays on
 /// the ref it was published from, at that ref's current commit.
 fn last_good(mirror: &Mirror, heads: &[ServiceHead]) -> Result<Resolution, String> {
-    let mut resolution = Resolution { conf_ref: String::new(), targets: BTreeMap::new(), unresolved: BTreeMap::new(), hosts: BTreeMap::new() };
+    let mut resolution = Resolution {
+        conf_ref: String::new(),
+        targets: BTreeMap::new(),
+        unresolved: BTreeMap::new(),
+        hosts: BTreeMap::new(),
+    };
     for head in heads {
         let key = (head.kind, head.name.clone());
         match mirror.commit_of(&head.ref_name)? {
             Some(commit) => {
-                let target = Target { ref_name: head.ref_name.clone(), branch: head.branch.clone(), version: head.version.clone(), commit };
+                let target = Target {
+                    ref_name: head.ref_name.clone(),
+                    branch: head.branch.clone(),
+                    version: head.version.clone(),
+                    commit,
+                };
                 resolution.targets.insert(key, target);
             }
             None => {

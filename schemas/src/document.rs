@@ -270,7 +270,11 @@ fn check_name(file: &'static str, field: &str, name: &str) -> Result<(), Documen
         return Err(DocumentError::invalid(file, field, "must not be empty"));
     }
     if name.contains('/') || name.chars().any(char::is_control) || name == "." || name == ".." {
-        return Err(DocumentError::invalid(file, field, format!("{name:?} is not a valid name (no '/', control characters, '.' or '..')")));
+        return Err(DocumentError::invalid(
+            file,
+            field,
+            format!("{name:?} is not a valid name (no '/', control characters, '.' or '..')"),
+        ));
     }
     Ok(())
 }
@@ -343,14 +347,20 @@ mod tests {
             e.to_string(),
             "datacenter.json: field `conf`: \"bigdatacenter/v1\" must start with \"datacenter-configuration/\""
         );
-        let e = DatacenterDoc::parse(br#"{ "conf": "datacenter-configuration/a", "inventory": {} }"#).expect_err("typo");
+        let e =
+            DatacenterDoc::parse(br#"{ "conf": "datacenter-configuration/a", "inventory": {} }"#).expect_err("typo");
         assert!(e.to_string().contains("unknown field `inventory`"), "{e}");
         let e = DatacenterDoc::parse(b"{ \"conf\": ").expect_err("truncated");
         assert!(e.to_string().starts_with("datacenter.json: EOF while parsing"), "{e}");
-        let e = DatacenterConfiguration::parse(br#"{"services":[{"name":"a","branch":"m"},{"name":"a","branch":"n"}]}"#)
-            .expect_err("duplicate");
-        assert_eq!(e.to_string(), "datacenter-configuration.json: field `services[1].name`: service \"a\" is pinned more than once");
-        let e = DatacenterConfiguration::parse(br#"{"services":[{"name":"a","branch":"m..x"}]}"#).expect_err("bad branch");
+        let e =
+            DatacenterConfiguration::parse(br#"{"services":[{"name":"a","branch":"m"},{"name":"a","branch":"n"}]}"#)
+                .expect_err("duplicate");
+        assert_eq!(
+            e.to_string(),
+            "datacenter-configuration.json: field `services[1].name`: service \"a\" is pinned more than once"
+        );
+        let e =
+            DatacenterConfiguration::parse(br#"{"services":[{"name":"a","branch":"m..x"}]}"#).expect_err("bad branch");
         assert!(e.to_string().contains("field `services[0].branch`"), "{e}");
         let e = DatacenterConfiguration::parse(br#"{"devices":[{"name":"a/b","branch":"m"}]}"#).expect_err("bad name");
         assert!(e.to_string().contains("field `devices[0].name`"), "{e}");

@@ -17,6 +17,6 @@ pub mod subject;
 
 pub use document::{DatacenterConfiguration, DatacenterDoc, DocumentError, Kind, Pin};
 pub use message::{
-    decode, encode, ChangeKind, CommitEvent, DecodeError, Entry, ErrorEvent, FileMode,
-    HostStatus, Inventory, ServiceHead, ServiceUpdate, WIRE_VERSION,
+    decode, encode, ChangeKind, CommitEvent, DecodeError, Entry, ErrorEvent, FileMode, HostStatus, Inventory,
+    ServiceHead, ServiceUpdate, WIRE_VERSION,
 };

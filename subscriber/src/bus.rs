@@ -73,7 +73,8 @@ impl Reader {
     }
 
     async fn last_on(&self, subject: &str) -> Result<Option<Vec<u8>>, ReadError> {
-        let stream = self.js.get_stream(subject::state_stream(&self.dc)).await.map_err(|e| ReadError::new("state stream", e))?;
+        let stream =
+            self.js.get_stream(subject::state_stream(&self.dc)).await.map_err(|e| ReadError::new("state stream", e))?;
         match stream.get_last_raw_message_by_subject(subject).await {
             Ok(message) => Ok(Some(self.payload(Some(&message.headers), &message.payload).await?)),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),

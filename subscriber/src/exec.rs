@@ -65,7 +65,8 @@ pub async fn notify(notify: &Notify, change: &Change<'_>) -> Result<Option<i32>,
     }
     if let Some((signal, pidfile)) = &notify.signal {
         let text = std::fs::read_to_string(pidfile).map_err(|e| format!("--pidfile {}: {e}", pidfile.display()))?;
-        let pid: i32 = text.trim().parse().map_err(|_| format!("--pidfile {} holds no pid: {text:?}", pidfile.display()))?;
+        let pid: i32 =
+            text.trim().parse().map_err(|_| format!("--pidfile {} holds no pid: {text:?}", pidfile.display()))?;
         kill(Pid::from_raw(pid), *signal).map_err(|e| format!("sending {signal} to {pid}: {e}"))?;
     }
     Ok(status)
@@ -98,11 +99,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("out");
         let notify_ok = Notify {
-            exec: Some(format!("echo \"$CONFCAST_SERVICE $CONFCAST_COMMIT $CONFCAST_REF $CONFCAST_DIR\" > {}", out.display())),
+            exec: Some(format!(
+                "echo \"$CONFCAST_SERVICE $CONFCAST_COMMIT $CONFCAST_REF $CONFCAST_DIR\" > {}",
+                out.display()
+            )),
             signal: None,
             timeout: Duration::from_secs(5),
         };
-        let change = Change { kind: Kind::Service, name: "s0", commit: Some("abc"), ref_name: "refs/heads/x", dir: Path::new("/d/s0") };
+        let change = Change {
+            kind: Kind::Service,
+            name: "s0",
+            commit: Some("abc"),
+            ref_name: "refs/heads/x",
+            dir: Path::new("/d/s0"),
+        };
         assert_eq!(notify(&notify_ok, &change).await, Ok(Some(0)));
         assert_eq!(std::fs::read_to_string(&out).expect("ran"), "s0 abc refs/heads/x /d/s0\n");
         let failing = Notify { exec: Some("exit 3".into()), ..notify_ok.clone() };

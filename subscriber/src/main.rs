@@ -81,7 +81,8 @@ enum Command {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -94,7 +95,11 @@ async fn main() -> ExitCode {
                 for line in lines {
                     println!("{line}");
                 }
-                if intact { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                if intact {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
             }
             Err(e) => {
                 eprintln!("subscriber verify: {e}");
@@ -134,7 +139,11 @@ async fn main() -> ExitCode {
         state_dir: cli.state_dir.unwrap_or_else(|| dir.join(".confcast")),
         dir,
         verify_interval: (cli.verify_interval_secs > 0).then(|| Duration::from_secs(cli.verify_interval_secs)),
-        notify: Notify { exec: cli.exec, signal: signal.zip(cli.pidfile), timeout: Duration::from_secs(cli.exec_timeout_secs) },
+        notify: Notify {
+            exec: cli.exec,
+            signal: signal.zip(cli.pidfile),
+            timeout: Duration::from_secs(cli.exec_timeout_secs),
+        },
         host_id,
     };
     let shutdown = CancellationToken::new();

@@ -91,7 +91,12 @@ pub type Objects = HashMap<String, Vec<u8>>;
 
 /// Builds and verifies the tree of `update` from `base` (the current tree, for a
 /// diff) and returns its directory. Does not switch the link.
-pub fn build(layout: &Layout, base: Option<&Path>, update: &ServiceUpdate, objects: &Objects) -> Result<PathBuf, ApplyError> {
+pub fn build(
+    layout: &Layout,
+    base: Option<&Path>,
+    update: &ServiceUpdate,
+    objects: &Objects,
+) -> Result<PathBuf, ApplyError> {
     let commit = update.to.as_deref().ok_or_else(|| ApplyError::Malformed("removal has no tree to build".into()))?;
     let expected = update.tree.as_deref().ok_or_else(|| ApplyError::Malformed("update announces no tree id".into()))?;
     for entry in &update.entries {
@@ -144,8 +149,11 @@ fn populate(tmp: &Path, base: Option<&Path>, update: &ServiceUpdate, objects: &O
         match entry.change {
             ChangeKind::Delete => {}
             ChangeKind::Rename => {
-                let base = base.filter(|_| !update.snapshot).ok_or_else(|| ApplyError::Malformed("rename without a base tree".into()))?;
-                let from = entry.from_path.as_ref().ok_or_else(|| ApplyError::Malformed("rename without from_path".into()))?;
+                let base = base
+                    .filter(|_| !update.snapshot)
+                    .ok_or_else(|| ApplyError::Malformed("rename without a base tree".into()))?;
+                let from =
+                    entry.from_path.as_ref().ok_or_else(|| ApplyError::Malformed("rename without from_path".into()))?;
                 let source = base.join(OsStr::from_bytes(from));
                 ensure_parent(tmp, &target, &mut dirty_dirs)?;
                 let meta = fs::symlink_metadata(&source).map_err(io_at(&source))?;
@@ -227,14 +235,19 @@ fn ensure_parent(root: &Path, target: &Path, dirty: &mut BTreeSet<PathBuf>) -> R
 fn write_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), ApplyError> {
     let content: &[u8] = match (&entry.content, &entry.object) {
         (Some(inline), _) => inline,
-        (None, Some(name)) => objects
-            .get(name)
-            .ok_or_else(|| ApplyError::Malformed(format!("content object {name} was not fetched")))?,
-        (None, None) => return Err(ApplyError::Malformed(format!("{} has no content", String::from_utf8_lossy(&entry.path)))),
+        (None, Some(name)) => {
+            objects.get(name).ok_or_else(|| ApplyError::Malformed(format!("content object {name} was not fetched")))?
+        }
+        (None, None) => {
+            return Err(ApplyError::Malformed(format!("{} has no content", String::from_utf8_lossy(&entry.path))))
+        }
     };
     if let Some(blob) = &entry.blob {
         if hex::encode(tree_hash::blob_id(content)) != *blob {
-            return Err(ApplyError::Malformed(format!("content of {} does not match blob {blob}", String::from_utf8_lossy(&entry.path))));
+            return Err(ApplyError::Malformed(format!(
+                "content of {} does not match blob {blob}",
+                String::from_utf8_lossy(&entry.path)
+            )));
         }
     }
     match entry.mode.ok_or_else(|| ApplyError::Malformed("added entry without mode".into()))? {
@@ -244,7 +257,8 @@ fn write_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), Ap
         }
         mode => {
             let perm = if mode == FileMode::Executable { 0o755 } else { 0o644 };
-            let mut file = OpenOptions::new().write(true).create_new(true).mode(perm).open(target).map_err(io_at(target))?;
+            let mut file =
+                OpenOptions::new().write(true).create_new(true).mode(perm).open(target).map_err(io_at(target))?;
             file.write_all(content).map_err(io_at(target))?;
             // The umask may have cleared bits; the mode is part of the verified tree.
             file.set_permissions(fs::Permissions::from_mode(perm)).map_err(io_at(target))?;

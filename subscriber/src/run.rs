@@ -82,8 +82,15 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let reader = Reader::new(js, &config.dc);
     let position_path = config.state_dir.join("position.json");
     let position = Position::load(&position_path, &config.dc)?;
-    let mut host =
-        Host { config: config.clone(), client, reader, position, position_path, services: BTreeSet::new(), failed: BTreeSet::new() };
+    let mut host = Host {
+        config: config.clone(),
+        client,
+        reader,
+        position,
+        position_path,
+        services: BTreeSet::new(),
+        failed: BTreeSet::new(),
+    };
 
     loop {
         let services = match &config.selection {
@@ -97,7 +104,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         host.services = services;
         match host.follow(&shutdown).await? {
             Followed::Shutdown => return Ok(()),
-            Followed::InventoryChanged => tracing::info!(host = %config.host_id, "inventory changed, following the new service set"),
+            Followed::InventoryChanged => {
+                tracing::info!(host = %config.host_id, "inventory changed, following the new service set")
+            }
         }
     }
 }
@@ -138,7 +147,12 @@ struct Applied {
 
 impl Applied {
     fn of(update: &ServiceUpdate) -> Applied {
-        Applied { commit: update.to.clone(), tree: update.tree.clone(), ref_name: update.ref_name.clone(), version: update.version.clone() }
+        Applied {
+            commit: update.to.clone(),
+            tree: update.tree.clone(),
+            ref_name: update.ref_name.clone(),
+            version: update.version.clone(),
+        }
     }
 }
 
@@ -178,9 +192,14 @@ impl Host {
                 Ok(Some(inventory)) => {
                     let inv = inventory.hosts.get(id).cloned().unwrap_or_default();
                     if !inventory.hosts.contains_key(id) {
-                        tracing::warn!(host = id, "host is not in the datacenter's inventory; following nothing until it is");
+                        tracing::warn!(
+                            host = id,
+                            "host is not in the datacenter's inventory; following nothing until it is"
+                        );
                     }
-                    return Some(Kind::ALL.iter().flat_map(|k| inv.names(*k).iter().map(|n| (*k, n.clone()))).collect());
+                    return Some(
+                        Kind::ALL.iter().flat_map(|k| inv.names(*k).iter().map(|n| (*k, n.clone()))).collect(),
+                    );
                 }
                 Ok(None) if !warned => {
                     tracing::info!("waiting for the relay to publish the datacenter's inventory");
@@ -227,7 +246,8 @@ impl Host {
         }
 
         let start = services.iter().map(|(k, n)| self.state(*k, n).seq).min().unwrap_or(0) + 1;
-        let filters: Vec<String> = services.iter().map(|(k, n)| subject::update_subject(&self.config.dc, *k, n)).collect();
+        let filters: Vec<String> =
+            services.iter().map(|(k, n)| subject::update_subject(&self.config.dc, *k, n)).collect();
         let mut inventory_updates = match &self.config.selection {
             Selection::Host(_) => Some(self.watch_inventory().await),
             Selection::Services(_) => None,
@@ -235,7 +255,10 @@ impl Host {
 
         self.check_integrity().await?;
         self.flush_execs().await?;
-        let mut verify_tick = self.config.verify_interval.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+        let mut verify_tick = self
+            .config
+            .verify_interval
+            .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
         let mut retry_tick = tokio::time::interval_at(tokio::time::Instant::now() + RETRY_FAILED, RETRY_FAILED);
         let mut messages = if filters.is_empty() {
             None
@@ -329,7 +352,9 @@ impl Host {
             .cloned()
             .collect();
         for k in gone {
-            let Some((kind, name)) = k.split_once('/').and_then(|(k, n)| Some((kind_of(k)?, n.to_owned()))) else { continue };
+            let Some((kind, name)) = k.split_once('/').and_then(|(k, n)| Some((kind_of(k)?, n.to_owned()))) else {
+                continue;
+            };
             let state = self.state(kind, &name);
             if state.commit.is_some() {
                 if let Err(e) = materialize::unlink(&self.layout(kind, &name)) {
@@ -523,9 +548,10 @@ impl Host {
             return Err(ApplyError::Malformed("the tree this update starts from is not on disk".into()));
         }
         let (layout2, update2) = (layout.clone(), update.clone());
-        let tree = tokio::task::spawn_blocking(move || materialize::build(&layout2, base.as_deref(), &update2, &objects))
-            .await
-            .map_err(|e| ApplyError::Malformed(format!("worker panicked: {e}")))??;
+        let tree =
+            tokio::task::spawn_blocking(move || materialize::build(&layout2, base.as_deref(), &update2, &objects))
+                .await
+                .map_err(|e| ApplyError::Malformed(format!("worker panicked: {e}")))??;
         materialize::switch(&layout, &tree)?;
         materialize::prune(&layout);
         Ok(())
@@ -547,7 +573,9 @@ impl Host {
             let check = tokio::task::spawn_blocking(move || materialize::verify(&layout, &tree)).await;
             let problem = match check {
                 Ok(Ok(materialize::Integrity::Intact)) => continue,
-                Ok(Ok(materialize::Integrity::Missing)) => format!("{} is missing", self.config.dir.join(&name).display()),
+                Ok(Ok(materialize::Integrity::Missing)) => {
+                    format!("{} is missing", self.config.dir.join(&name).display())
+                }
                 Ok(Ok(materialize::Integrity::Altered { found })) => format!(
                     "{} was changed on this host: it hashes to tree {found}, not {} of commit {commit}",
                     self.config.dir.join(&name).display(),
@@ -578,10 +606,18 @@ impl Host {
 
     /// Runs `--exec` for every service whose change has not been announced yet.
     async fn flush_execs(&mut self) -> Result<(), SubscriberError> {
-        let pending: Vec<(String, ServiceState)> =
-            self.position.services.iter().filter(|(_, s)| s.exec_pending).map(|(k, s)| (k.clone(), s.clone())).collect();
+        let pending: Vec<(String, ServiceState)> = self
+            .position
+            .services
+            .iter()
+            .filter(|(_, s)| s.exec_pending)
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
         for (k, state) in pending {
-            let Some((kind, name)) = k.split_once('/').and_then(|(kind, n)| Some((kind_of(kind)?, n.to_owned()))) else { continue };
+            let Some((kind, name)) = k.split_once('/').and_then(|(kind, n)| Some((kind_of(kind)?, n.to_owned())))
+            else {
+                continue;
+            };
             self.run_exec(kind, &name, &state).await;
             if let Some(s) = self.position.services.get_mut(&k) {
                 s.exec_pending = false;
@@ -604,7 +640,14 @@ impl Host {
         self.report(kind, name, state.commit.clone(), error, status).await;
     }
 
-    async fn report(&self, kind: Kind, name: &str, commit: Option<String>, error: Option<String>, exec_status: Option<i32>) {
+    async fn report(
+        &self,
+        kind: Kind,
+        name: &str,
+        commit: Option<String>,
+        error: Option<String>,
+        exec_status: Option<i32>,
+    ) {
         let status = HostStatus {
             v: WIRE_VERSION,
             dc: self.config.dc.clone(),
@@ -644,7 +687,10 @@ pub fn verify(dir: &std::path::Path, state_dir: &std::path::Path) -> Result<(Vec
             }
             Ok(materialize::Integrity::Altered { found }) => {
                 all_intact = false;
-                format!("{kind} {name}: ALTERED: {} hashes to tree {found}, commit {commit} has tree {tree}", layout.link.display())
+                format!(
+                    "{kind} {name}: ALTERED: {} hashes to tree {found}, commit {commit} has tree {tree}",
+                    layout.link.display()
+                )
             }
             Err(e) => {
                 all_intact = false;
@@ -662,5 +708,12 @@ fn kind_of(s: &str) -> Option<Kind> {
 
 fn state_after(update: &ServiceUpdate, seq: u64) -> ServiceState {
     let applied = Applied::of(update);
-    ServiceState { commit: applied.commit, tree: applied.tree, ref_name: applied.ref_name, version: applied.version, seq, exec_pending: true }
+    ServiceState {
+        commit: applied.commit,
+        tree: applied.tree,
+        ref_name: applied.ref_name,
+        version: applied.version,
+        seq,
+        exec_pending: true,
+    }
 }

@@ -51,8 +51,8 @@ impl Position {
     pub fn load(path: &Path, dc: &str) -> io::Result<Position> {
         match fs::read(path) {
             Ok(bytes) => {
-                let position: Position = serde_json::from_slice(&bytes)
-                    .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
+                let position: Position =
+                    serde_json::from_slice(&bytes).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
                 if position.dc != dc {
                     return Err(io::Error::other(format!(
                         "{} belongs to datacenter {:?}, not {dc:?}; use another --state-dir",
@@ -62,7 +62,9 @@ impl Position {
                 }
                 Ok(position)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Position { dc: dc.to_owned(), services: BTreeMap::new() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Ok(Position { dc: dc.to_owned(), services: BTreeMap::new() })
+            }
             Err(e) => Err(e),
         }
     }
@@ -95,7 +97,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("position.json");
         let mut position = Position::load(&path, "dc1").expect("empty");
-        position.services.insert(key(Kind::Service, "s"), ServiceState { commit: Some("c".into()), seq: 7, ..Default::default() });
+        position
+            .services
+            .insert(key(Kind::Service, "s"), ServiceState { commit: Some("c".into()), seq: 7, ..Default::default() });
         position.save(&path).expect("save");
         assert_eq!(Position::load(&path, "dc1").expect("load"), position);
         let e = Position::load(&path, "dc2").expect_err("other dc");

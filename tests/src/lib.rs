@@ -228,7 +228,8 @@ impl Master {
     /// Sets or clears the executable bit.
     pub fn chmod(&self, path: &str, executable: bool) -> &Self {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(self.work.join(path), fs::Permissions::from_mode(if executable { 0o755 } else { 0o644 })).expect("chmod");
+        fs::set_permissions(self.work.join(path), fs::Permissions::from_mode(if executable { 0o755 } else { 0o644 }))
+            .expect("chmod");
         self
     }
 
@@ -274,9 +275,18 @@ impl Master {
     pub fn push_refspec(&self, refspec: &str) -> Pushed {
         let commit = git(&self.work, &["rev-parse", "HEAD"]);
         let started = Instant::now();
-        let out: Output =
-            Command::new("git").arg("-C").arg(&self.work).args(["push", "-q", "origin", refspec]).output().expect("git push runs");
-        Pushed { ok: out.status.success(), stderr: String::from_utf8_lossy(&out.stderr).into_owned(), took: started.elapsed(), commit }
+        let out: Output = Command::new("git")
+            .arg("-C")
+            .arg(&self.work)
+            .args(["push", "-q", "origin", refspec])
+            .output()
+            .expect("git push runs");
+        Pushed {
+            ok: out.status.success(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            took: started.elapsed(),
+            commit,
+        }
     }
 
     /// Tags the current commit and pushes the tag (`refs/tags/<tag>`).
@@ -389,7 +399,11 @@ impl Relay {
 
     /// Starts it again with the same state directory (after [`Relay::kill`]).
     pub fn restart(&mut self) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.state_dir.path().join("relay.log")).expect("log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.path().join("relay.log"))
+            .expect("log");
         let child = Command::new(bin("relay"))
             .args(&self.args)
             .env("RUST_LOG", "info,confcast_relay=debug")
@@ -463,7 +477,11 @@ impl Subscriber {
 
     /// Starts it again (after [`Subscriber::stop`] or [`Subscriber::kill`]).
     pub fn restart(&mut self) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.root.path().join("subscriber.log")).expect("log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("subscriber.log"))
+            .expect("log");
         let exec = format!(
             "printf '%s %s %s %s\\n' \"$CONFCAST_SERVICE\" \"$CONFCAST_COMMIT\" \"$CONFCAST_REF\" \"$CONFCAST_DIR\" >> '{}'",
             self.exec_log.display()
@@ -553,7 +571,12 @@ impl Subscriber {
         let prefix = format!("{service} {commit} ");
         wait_for(timeout, &format!("exec of {service} at {commit}"), || {
             let execs = self.execs();
-            execs.iter().rev().find(|l| l.starts_with(&format!("{service} "))).filter(|l| l.starts_with(&prefix)).map(|_| execs.clone())
+            execs
+                .iter()
+                .rev()
+                .find(|l| l.starts_with(&format!("{service} ")))
+                .filter(|l| l.starts_with(&prefix))
+                .map(|_| execs.clone())
         })
     }
 
@@ -592,7 +615,8 @@ pub fn latest_error(nats_url: &str, dc: &str) -> Option<confcast_schemas::ErrorE
         let client = async_nats::connect(nats_url).await.ok()?;
         let js = async_nats::jetstream::new(client);
         let stream = js.get_stream(confcast_schemas::subject::updates_stream(dc)).await.ok()?;
-        let message = stream.get_last_raw_message_by_subject(&confcast_schemas::subject::error_subject(dc)).await.ok()?;
+        let message =
+            stream.get_last_raw_message_by_subject(&confcast_schemas::subject::error_subject(dc)).await.ok()?;
         // Error events are small: one that was spilled would be a relay bug.
         assert!(message.headers.get(confcast_schemas::subject::SPILLED_HEADER).is_none(), "error event was spilled");
         confcast_schemas::decode(&message.payload).ok()
@@ -681,7 +705,9 @@ impl GitDaemon {
             .spawn()
             .expect("git daemon runs");
         self.child = Some(child);
-        wait_for(Duration::from_secs(10), "git daemon to listen", || std::net::TcpStream::connect(("127.0.0.1", self.port)).ok());
+        wait_for(Duration::from_secs(10), "git daemon to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()
+        });
     }
 }
 

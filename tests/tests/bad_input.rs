@@ -29,21 +29,41 @@ fn bad_documents_behind_pre_receive_keep_the_last_good_pins() {
 
     // Malformed JSON in datacenter.json, pushed with the pre-receive hook bypassed.
     master.without_pre_receive(|| master.datacenter("dc1", "{ nope"));
-    wait_error(&nats.url(), "dc1", &["refs/heads/datacenters/dc1: datacenter.json: key must be a string", "keeping the last good configuration"]);
+    wait_error(
+        &nats.url(),
+        "dc1",
+        &["refs/heads/datacenters/dc1: datacenter.json: key must be a string", "keeping the last good configuration"],
+    );
     // Service changes keep flowing on the last good pins.
-    let c2 = master.on("services/service0/master").write("app.conf", "still flowing\n").commit_push("during bad dc doc").commit;
+    let c2 = master
+        .on("services/service0/master")
+        .write("app.conf", "still flowing\n")
+        .commit_push("during bad dc doc")
+        .commit;
     sub.wait_exec("service0", &c2);
     sub.assert_tree(&master, "service0", &c2);
 
     // A configuration that names a missing configuration.
     master.without_pre_receive(|| master.datacenter("dc1", r#"{ "conf": "datacenter-configuration/nope" }"#));
-    wait_error(&nats.url(), "dc1", &["field `conf`: refs/heads/datacenter-configuration/nope does not exist on the master"]);
+    wait_error(
+        &nats.url(),
+        "dc1",
+        &["field `conf`: refs/heads/datacenter-configuration/nope does not exist on the master"],
+    );
 
     // A schema violation in the configuration document.
     master.datacenter("dc1", DC);
     master.without_pre_receive(|| master.configuration("big", r#"{"services":[{"name":"service0"}]}"#));
-    wait_error(&nats.url(), "dc1", &["refs/heads/datacenter-configuration/big: datacenter-configuration.json: missing field `branch`"]);
-    let c3 = master.on("services/service0/master").write("app.conf", "flowing again\n").commit_push("during bad conf").commit;
+    wait_error(
+        &nats.url(),
+        "dc1",
+        &["refs/heads/datacenter-configuration/big: datacenter-configuration.json: missing field `branch`"],
+    );
+    let c3 = master
+        .on("services/service0/master")
+        .write("app.conf", "flowing again\n")
+        .commit_push("during bad conf")
+        .commit;
     sub.wait_exec("service0", &c3);
 
     // Fixed: everything resumes; nothing was ever removed from the host.
@@ -57,11 +77,18 @@ fn bad_documents_behind_pre_receive_keep_the_last_good_pins() {
 #[test]
 fn missing_pins_and_deleted_branches_keep_what_hosts_have() {
     let nats = NatsServer::start();
-    let (master, first) = setup(&nats, r#"{"services":[{"name":"service0","branch":"master"},{"name":"ghost","branch":"main","tag":"v9"}]}"#);
+    let (master, first) = setup(
+        &nats,
+        r#"{"services":[{"name":"service0","branch":"master"},{"name":"ghost","branch":"main","tag":"v9"}]}"#,
+    );
     let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
     sub.wait_exec("service0", &first);
-    wait_error(&nats.url(), "dc1", &["service \"ghost\" is pinned to refs/tags/services/ghost/v9, which does not exist on the master"]);
+    wait_error(
+        &nats.url(),
+        "dc1",
+        &["service \"ghost\" is pinned to refs/tags/services/ghost/v9, which does not exist on the master"],
+    );
 
     master.delete("refs/heads/services/service0/master");
     wait_error(&nats.url(), "dc1", &[&format!("service \"service0\" is pinned to refs/heads/services/service0/master, which does not exist on the master; keeping {first}")]);
@@ -81,11 +108,24 @@ fn a_tree_with_an_escaping_symlink_is_refused() {
     let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
     sub.wait_exec("service0", &first);
 
-    let evil = master.on("services/service0/master").symlink("conf/passwd", "../../../../etc/passwd").commit_push("escape").commit;
-    wait_error(&nats.url(), "dc1", &[&format!("service \"service0\" at {evil}"), "symlink \"conf/passwd\" points outside the service tree"]);
+    let evil = master
+        .on("services/service0/master")
+        .symlink("conf/passwd", "../../../../etc/passwd")
+        .commit_push("escape")
+        .commit;
+    wait_error(
+        &nats.url(),
+        "dc1",
+        &[&format!("service \"service0\" at {evil}"), "symlink \"conf/passwd\" points outside the service tree"],
+    );
     sub.assert_tree(&master, "service0", &first);
 
-    let fixed = master.on("services/service0/master").remove("conf/passwd").write("app.conf", "fixed\n").commit_push("fixed").commit;
+    let fixed = master
+        .on("services/service0/master")
+        .remove("conf/passwd")
+        .write("app.conf", "fixed\n")
+        .commit_push("fixed")
+        .commit;
     let execs = sub.wait_exec("service0", &fixed);
     assert_eq!(execs.len(), 2, "the refused commit never ran exec: {execs:?}");
     sub.assert_tree(&master, "service0", &fixed);
@@ -157,7 +197,8 @@ fn file_names_with_newlines_and_invalid_utf8_arrive_byte_for_byte() {
     sub.wait_exec("service0", &first);
 
     master.on("services/service0/master");
-    let odd: [&[u8]; 4] = [b"line\nbreak.conf", b"\xff\xfe latin1 \xe9.conf", b"tab\tand space .conf", b"dir \xc3\xa9/\x01ctl"];
+    let odd: [&[u8]; 4] =
+        [b"line\nbreak.conf", b"\xff\xfe latin1 \xe9.conf", b"tab\tand space .conf", b"dir \xc3\xa9/\x01ctl"];
     for name in odd {
         let path = master.work.join(OsStr::from_bytes(name));
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
@@ -166,7 +207,8 @@ fn file_names_with_newlines_and_invalid_utf8_arrive_byte_for_byte() {
     let c = master.commit_push("odd names").commit;
     sub.wait_exec("service0", &c);
     for name in odd {
-        let on_disk = std::fs::read(sub.service_dir("service0").join(OsStr::from_bytes(name))).expect("file with odd name");
+        let on_disk =
+            std::fs::read(sub.service_dir("service0").join(OsStr::from_bytes(name))).expect("file with odd name");
         assert_eq!(on_disk, name);
     }
     sub.assert_tree(&master, "service0", &c);

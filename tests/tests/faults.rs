@@ -72,7 +72,9 @@ fn relay_killed_during_pushes(pushes: usize) {
 
     let last = pushed.last().expect("pushed").clone();
     let (execs, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
-    eprintln!("relay SIGKILLed {kills} times during {pushes} pushes: converged, {execs} execs, {duplicates} duplicate execs");
+    eprintln!(
+        "relay SIGKILLed {kills} times during {pushes} pushes: converged, {execs} execs, {duplicates} duplicate execs"
+    );
     assert!(kills > 0, "the schedule killed the relay at least once");
     assert_eq!(duplicates, 0, "only the subscriber decides to exec, and it was never killed");
 }
@@ -143,7 +145,9 @@ fn nats_killed_and_restarted_during_pushes() {
     let (_, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
     assert_eq!(duplicates, 0);
     let spool = master.bare.join("confcast/spool");
-    let left = std::fs::read_dir(&spool).map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "event"))).count()).unwrap_or(0);
+    let left = std::fs::read_dir(&spool)
+        .map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "event"))).count())
+        .unwrap_or(0);
     assert_eq!(left, 0, "the spool was drained");
 }
 
@@ -161,7 +165,9 @@ fn a_host_away_longer_than_the_stream_keeps_resyncs_from_the_snapshot() {
     let mut pushed = vec![first];
     push_many(&master, 10, &mut pushed, |_| {});
     let last = pushed.last().expect("pushed").clone();
-    wait_for(Duration::from_secs(20), "relay to publish the last push", || _relay.log().contains(&format!("to={last}")).then_some(()));
+    wait_for(Duration::from_secs(20), "relay to publish the last push", || {
+        _relay.log().contains(&format!("to={last}")).then_some(())
+    });
 
     sub.restart();
     let (execs, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);

@@ -13,13 +13,21 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Tmpfs {
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).output().expect("mount runs");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount runs");
         assert!(out.status.success(), "mounting a tmpfs needs root: {}", String::from_utf8_lossy(&out.stderr));
         Tmpfs(at.to_owned())
     }
 
     fn resize(&self, size: &str) {
-        let out = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).output().expect("mount runs");
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .expect("mount runs");
         assert!(out.status.success(), "remount: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
@@ -44,8 +52,11 @@ fn a_full_disk_keeps_the_old_tree_and_recovers_when_space_is_freed() {
     sub.restart();
     sub.wait_exec("service0", &first);
 
-    let big = master.on("services/service0/master").write("data.bin", vec![7u8; 3 * 1024 * 1024]).commit_push("3 MiB").commit;
-    wait_for(Duration::from_secs(20), "the apply to fail", || sub.log().contains("update refused; keeping the current configuration").then_some(()));
+    let big =
+        master.on("services/service0/master").write("data.bin", vec![7u8; 3 * 1024 * 1024]).commit_push("3 MiB").commit;
+    wait_for(Duration::from_secs(20), "the apply to fail", || {
+        sub.log().contains("update refused; keeping the current configuration").then_some(())
+    });
     assert!(sub.log().contains("No space left on device"), "the error names the cause");
     sub.assert_tree(&master, "service0", &first);
     assert_eq!(sub.execs().len(), 1, "nothing ran for the state that was not applied");

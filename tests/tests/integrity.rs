@@ -12,7 +12,12 @@ fn an_altered_tree_is_detected_restored_and_reported() {
     let master = Master::new(&nats.url());
     master.configuration("big", r#"{"services":[{"name":"service0","branch":"master"}]}"#);
     master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
-    let commit = master.on("services/service0/master").write("app.conf", "good\n").write("keep/me.conf", "x\n").commit_push("first").commit;
+    let commit = master
+        .on("services/service0/master")
+        .write("app.conf", "good\n")
+        .write("keep/me.conf", "x\n")
+        .commit_push("first")
+        .commit;
     let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0", "--verify-interval-secs", "1"]);
     sub.wait_exec("service0", &commit);
@@ -30,7 +35,9 @@ fn an_altered_tree_is_detected_restored_and_reported() {
         assert!(report.contains(&format!("commit {commit} has tree")), "{report}");
     }
 
-    wait_for(Duration::from_secs(10), "the subscriber to restore the tree", || sub.log().contains("restored").then_some(()));
+    wait_for(Duration::from_secs(10), "the subscriber to restore the tree", || {
+        sub.log().contains("restored").then_some(())
+    });
     sub.assert_tree(&master, "service0", &commit);
     assert!(sub.log().contains("integrity check failed"), "reported in the log");
     let (ok, report) = sub.verify();

@@ -14,8 +14,11 @@ const CONF: &str = r#"{ "services": [
 fn master_with_dc1(nats: &NatsServer) -> (Master, String) {
     let master = Master::new(&nats.url());
     master.configuration("big", CONF);
-    master.datacenter("dc1", r#"{ "conf": "datacenter-configuration/big",
-        "inventories": { "hosts": { "host-a": { "services": ["service0", "pinned"] } } } }"#);
+    master.datacenter(
+        "dc1",
+        r#"{ "conf": "datacenter-configuration/big",
+        "inventories": { "hosts": { "host-a": { "services": ["service0", "pinned"] } } } }"#,
+    );
     let first = master.on("services/service0/master").write("app.conf", "port = 80\n").commit_push("first").commit;
     master.on("services/pinned/master").write("p.conf", "v1\n").commit_push("pinned v1");
     master.tag_push("services/pinned/v1.0");
@@ -33,7 +36,11 @@ fn a_push_reaches_the_subscriber_exactly_and_runs_exec_once() {
     sub.wait_exec("service0", &first);
     sub.assert_tree(&master, "service0", &first);
 
-    let pushed = master.on("services/service0/master").write("app.conf", "port = 8080\n").write("new/nested/file", "x").commit_push("second");
+    let pushed = master
+        .on("services/service0/master")
+        .write("app.conf", "port = 8080\n")
+        .write("new/nested/file", "x")
+        .commit_push("second");
     assert!(pushed.stderr.contains("confcast: announced 1 ref update(s)"), "hook output: {}", pushed.stderr);
     let execs = sub.wait_exec("service0", &pushed.commit);
     sub.assert_tree(&master, "service0", &pushed.commit);
@@ -88,7 +95,10 @@ fn every_kind_of_file_change_arrives_intact() {
     // Several MiB in one push: more than NATS's max_payload, so contents travel through
     // the object store.
     for i in 0..4u8 {
-        svc.write(&format!("big/{i}.bin"), (0..1_100_000u32).map(|n| (n as u8) ^ i.wrapping_mul(31)).collect::<Vec<u8>>());
+        svc.write(
+            &format!("big/{i}.bin"),
+            (0..1_100_000u32).map(|n| (n as u8) ^ i.wrapping_mul(31)).collect::<Vec<u8>>(),
+        );
     }
     let c3 = svc.commit_push("4 x 1.1 MB").commit;
     sub.wait_exec("service0", &c3);
@@ -97,7 +107,10 @@ fn every_kind_of_file_change_arrives_intact() {
     // Many files small enough to travel inline, 1.5 MB together: the update itself is
     // larger than max_payload and is spilled to the object store.
     for i in 0..25u32 {
-        svc.write(&format!("medium/{i}.conf"), (0..60_000u32).map(|n| b'a' + ((n * 7 + i) % 26) as u8).collect::<Vec<u8>>());
+        svc.write(
+            &format!("medium/{i}.conf"),
+            (0..60_000u32).map(|n| b'a' + ((n * 7 + i) % 26) as u8).collect::<Vec<u8>>(),
+        );
     }
     let spilled = svc.commit_push("25 x 60 kB").commit;
     sub.wait_exec("service0", &spilled);
@@ -155,7 +168,10 @@ fn repinning_switches_exactly_the_affected_services_per_datacenter() {
     let s2 = master.on("services/s2/main").write("s2", "two").commit_push("s2").commit;
 
     // Configuration "web", versions 1 and 2 as tags; dc-a on v1, dc-b on v2.
-    master.configuration("web", r#"{"services":[{"name":"s0","branch":"master","tag":"v1"},{"name":"s1","branch":"main"}]}"#);
+    master.configuration(
+        "web",
+        r#"{"services":[{"name":"s0","branch":"master","tag":"v1"},{"name":"s1","branch":"main"}]}"#,
+    );
     master.tag_push("datacenter-configuration/web/1");
     master.configuration("web", r#"{"services":[{"name":"s0","branch":"master","tag":"v2"},{"name":"s1","branch":"main"},{"name":"s2","branch":"main"}]}"#);
     master.tag_push("datacenter-configuration/web/2");
@@ -187,7 +203,10 @@ fn repinning_switches_exactly_the_affected_services_per_datacenter() {
     a.assert_tree(&master, "s2", &s2);
 
     // A service moved to another tag in a followed configuration branch; and one dropped.
-    master.configuration("web", r#"{"services":[{"name":"s0","branch":"master","tag":"v1"},{"name":"s1","branch":"main"}]}"#);
+    master.configuration(
+        "web",
+        r#"{"services":[{"name":"s0","branch":"master","tag":"v1"},{"name":"s1","branch":"main"}]}"#,
+    );
     master.datacenter("dc-b", r#"{"conf":"datacenter-configuration/web"}"#);
     b.wait_exec("s0", &s0_v1);
     b.wait_exec("s2", "");
@@ -209,10 +228,16 @@ fn a_stopped_subscriber_catches_up_and_runs_exec_for_the_final_state() {
     let svc = master.on("services/service0/master");
     let mut last = String::new();
     for i in 0..20 {
-        last = svc.write("counter", format!("{i}\n")).write(&format!("f{}", i % 3), format!("{i}")).commit_push(&format!("push {i}")).commit;
+        last = svc
+            .write("counter", format!("{i}\n"))
+            .write(&format!("f{}", i % 3), format!("{i}"))
+            .commit_push(&format!("push {i}"))
+            .commit;
     }
     // Let the relay publish all 20 before the host comes back.
-    wait_for(Duration::from_secs(20), "relay to publish the last push", || relay.log().contains(&format!("to={last}")).then_some(()));
+    wait_for(Duration::from_secs(20), "relay to publish the last push", || {
+        relay.log().contains(&format!("to={last}")).then_some(())
+    });
     sub.restart();
     let execs = sub.wait_exec("service0", &last);
     assert_eq!(execs.len(), 2, "one exec at bootstrap, one for the final state after catching up: {execs:?}");
@@ -232,12 +257,26 @@ fn a_push_while_nats_is_down_returns_fast_and_is_delivered_later() {
     assert!(pushed.took < Duration::from_secs(2), "push took {:?}", pushed.took);
     assert!(pushed.stderr.contains("spooled 1 event(s)"), "hook output: {}", pushed.stderr);
     let spool = master.bare.join("confcast/spool");
-    assert_eq!(std::fs::read_dir(&spool).expect("spool").filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "event"))).count(), 1);
+    assert_eq!(
+        std::fs::read_dir(&spool)
+            .expect("spool")
+            .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "event")))
+            .count(),
+        1
+    );
 
     nats.restart();
-    let out = std::process::Command::new(confcast_tests::bin("publisher")).arg("drain").arg(&master.bare).output().expect("drain");
+    let out = std::process::Command::new(confcast_tests::bin("publisher"))
+        .arg("drain")
+        .arg(&master.bare)
+        .output()
+        .expect("drain");
     assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("published 1 spooled event(s)"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("published 1 spooled event(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     sub.wait_exec("service0", &pushed.commit);
     sub.assert_tree(&master, "service0", &pushed.commit);
 }
@@ -264,11 +303,19 @@ fn pre_receive_rejects_a_malformed_datacenter_document() {
     assert!(!pushed.ok);
     assert!(pushed.stderr.contains("datacenter.json: EOF while parsing"), "{}", pushed.stderr);
 
-    master.on("datacenter-configuration/big").write("datacenter-configuration.json", r#"{"services":[{"name":"a","branch":"m","tagg":"v1"}]}"#);
+    master
+        .on("datacenter-configuration/big")
+        .write("datacenter-configuration.json", r#"{"services":[{"name":"a","branch":"m","tagg":"v1"}]}"#);
     master.commit("typo");
     let pushed = master.push();
     assert!(!pushed.ok);
-    assert!(pushed.stderr.contains("refs/heads/datacenter-configuration/big: datacenter-configuration.json: unknown field `tagg`"), "{}", pushed.stderr);
+    assert!(
+        pushed
+            .stderr
+            .contains("refs/heads/datacenter-configuration/big: datacenter-configuration.json: unknown field `tagg`"),
+        "{}",
+        pushed.stderr
+    );
 }
 
 #[test]
@@ -282,8 +329,11 @@ fn a_host_follows_its_inventory() {
     sub.wait_exec("pinned", &v1);
 
     // The host stops running `pinned`: it leaves the host.
-    master.datacenter("dc1", r#"{ "conf": "datacenter-configuration/big",
-        "inventories": { "hosts": { "host-a": { "services": ["service0"] } } } }"#);
+    master.datacenter(
+        "dc1",
+        r#"{ "conf": "datacenter-configuration/big",
+        "inventories": { "hosts": { "host-a": { "services": ["service0"] } } } }"#,
+    );
     sub.wait_exec("pinned", "");
     assert!(!sub.service_dir("pinned").exists());
     let pushed = master.on("services/service0/master").write("more", "1").commit_push("more");
@@ -308,7 +358,8 @@ fn applications_and_devices_are_distributed_like_services() {
     sub.wait_exec("switch-1", &dev);
     sub.assert_tree(&master, "billing", &app);
     sub.assert_tree(&master, "switch-1", &dev);
-    let app2 = master.on("applications/billing/main").write("billing.yaml", "workers: 8\n").commit_push("more workers").commit;
+    let app2 =
+        master.on("applications/billing/main").write("billing.yaml", "workers: 8\n").commit_push("more workers").commit;
     sub.wait_exec("billing", &app2);
     sub.assert_tree(&master, "billing", &app2);
 }
@@ -343,7 +394,11 @@ fn backfill_announces_every_ref() {
     let (master, _) = master_with_dc1(&nats);
     let before = confcast_tests::commit_events(&nats.url());
     let refs = confcast_tests::git(&master.bare, &["for-each-ref", "--format=%(refname)"]).lines().count();
-    let out = std::process::Command::new(confcast_tests::bin("publisher")).arg("backfill").arg(&master.bare).output().expect("backfill");
+    let out = std::process::Command::new(confcast_tests::bin("publisher"))
+        .arg("backfill")
+        .arg(&master.bare)
+        .output()
+        .expect("backfill");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("announced {refs} ref(s)"));
     assert_eq!(confcast_tests::commit_events(&nats.url()), before + refs as u64);
@@ -363,7 +418,11 @@ fn signal_and_pidfile_tell_a_process() {
     let pidfile = dir.path().join("app.pid");
     let mut app = std::process::Command::new("bash")
         .arg("-c")
-        .arg(format!("trap 'echo hup >> {}' HUP; echo $$ > {}; while :; do sleep 0.05 & wait $!; done", hups.display(), pidfile.display()))
+        .arg(format!(
+            "trap 'echo hup >> {}' HUP; echo $$ > {}; while :; do sleep 0.05 & wait $!; done",
+            hups.display(),
+            pidfile.display()
+        ))
         .spawn()
         .expect("app");
     wait_for(Duration::from_secs(5), "the app's pidfile", || std::fs::metadata(&pidfile).ok().filter(|m| m.len() > 0));
