@@ -16,11 +16,14 @@ pub use tempfile::TempDir;
 
 /// Path of a workspace binary next to the running test executable.
 pub fn bin(name: &str) -> PathBuf {
+    // Tests run from target/<profile>/deps, the bench from target/<profile>.
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
-    let path = dir.join(name);
-    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
-    path
+    let dir = exe.parent().expect("executable directory");
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    let found = candidates.iter().find(|p| p.is_file());
+    found
+        .cloned()
+        .unwrap_or_else(|| panic!("{} is missing: run `cargo build --workspace --bins` first", candidates[1].display()))
 }
 
 /// A small deterministic random number generator for fault schedules; the seed is
@@ -524,6 +527,11 @@ impl Subscriber {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Runs `subscriber verify` on this host's directories: (exit success, stdout).
