@@ -353,14 +353,48 @@ fn synthetic(files: usize, changed: Option<usize>, round: usize) -> BTreeMap<Str
         .collect()
 }
 
+/// The git tree id of regular files given by path, computed in memory.
 fn tree_of(files: &BTreeMap<String, Vec<u8>>) -> String {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for (p, c) in files {
-        let path = dir.path().join(p);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::fs::write(path, c).expect("write");
+    use sha1::{Digest, Sha1};
+    #[derive(Default)]
+    struct Dir {
+        files: BTreeMap<String, [u8; 20]>,
+        dirs: BTreeMap<String, Dir>,
     }
-    tree_hash::tree_id(dir.path()).expect("hash")
+    fn hash(dir: &Dir) -> [u8; 20] {
+        let mut entries: Vec<(Vec<u8>, &str, [u8; 20])> = Vec::new();
+        for (name, id) in &dir.files {
+            entries.push((name.as_bytes().to_vec(), "100644", *id));
+        }
+        for (name, sub) in &dir.dirs {
+            entries.push(([name.as_bytes(), b"/"].concat(), "40000", hash(sub)));
+        }
+        entries.sort();
+        let mut body = Vec::new();
+        for (name, mode, id) in entries {
+            let name = name.strip_suffix(b"/").unwrap_or(&name).to_vec();
+            body.extend_from_slice(mode.as_bytes());
+            body.push(b' ');
+            body.extend_from_slice(&name);
+            body.push(0);
+            body.extend_from_slice(&id);
+        }
+        let mut h = Sha1::new();
+        h.update(format!("tree {}\0", body.len()).as_bytes());
+        h.update(&body);
+        h.finalize().into()
+    }
+    let mut root = Dir::default();
+    for (path, content) in files {
+        let mut parts: Vec<&str> = path.split('/').collect();
+        let file = parts.pop().expect("file name");
+        let mut dir = &mut root;
+        for p in parts {
+            dir = dir.dirs.entry(p.to_owned()).or_default();
+        }
+        dir.files.insert(file.to_owned(), tree_hash::blob_id(content));
+    }
+    hex(&hash(&root))
 }
 
 fn entry(path: &str, change: ChangeKind, content: &[u8]) -> Entry {
