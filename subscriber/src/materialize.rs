@@ -80,6 +80,11 @@ impl Layout {
         self.trees.join(commit)
     }
 
+    /// The manifest kept beside the tree of `commit`.
+    pub fn manifest(&self, commit: &str) -> PathBuf {
+        self.trees.join(format!("{commit}.manifest"))
+    }
+
     /// The tree the link currently points at, if any.
     pub fn current(&self) -> Option<PathBuf> {
         fs::read_link(&self.link).ok().filter(|p| p.is_dir())
@@ -89,11 +94,16 @@ impl Layout {
 /// Content of entries stored in the object store, fetched before materializing.
 pub type Objects = HashMap<String, Vec<u8>>;
 
-/// Builds and verifies the tree of `update` from `base` (the current tree, for a
+/// Builds and verifies the tree of `update` from the tree of commit `base` (for a
 /// diff) and returns its directory. Does not switch the link.
+///
+/// A diff is verified against the manifest of its base plus the files it wrote (read
+/// back from disk), so its cost grows with the diff; unchanged files are hard links to
+/// the base, which was verified when it was built and is re-hashed in full by the
+/// integrity check. A snapshot is verified by hashing everything it wrote.
 pub fn build(
     layout: &Layout,
-    base: Option<&Path>,
+    base: Option<&str>,
     update: &ServiceUpdate,
     objects: &Objects,
 ) -> Result<PathBuf, ApplyError> {
@@ -109,141 +119,159 @@ pub fn build(
     let final_dir = layout.tree_dir(commit);
     // A tree from an earlier attempt (crash after build) is reused only if it verifies.
     if final_dir.is_dir() {
-        if tree_hash::tree_id(&final_dir).map_err(io_at(&final_dir))? == expected {
+        let manifest = tree_hash::scan(&final_dir).map_err(io_at(&final_dir))?;
+        if tree_hash::tree_id_of(&manifest) == expected {
+            let _ = tree_hash::write_manifest(&layout.manifest(commit), &manifest);
             return Ok(final_dir);
         }
         fs::remove_dir_all(&final_dir).map_err(io_at(&final_dir))?;
     }
-    let tmp = layout.trees.join(format!(".{commit}.{}.tmp", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io_at(&tmp))?;
-    }
-    fs::create_dir(&tmp).map_err(io_at(&tmp))?;
-    let result = populate(&tmp, base, update, objects).and_then(|()| {
-        let built = tree_hash::tree_id(&tmp).map_err(io_at(&tmp))?;
+    let base = if update.snapshot { None } else { base };
+    let base_manifest = match base {
+        Some(b) => Some(
+            tree_hash::read_manifest(&layout.manifest(b))
+                .map(Ok)
+                .unwrap_or_else(|| tree_hash::scan(&layout.tree_dir(b)))
+                .map_err(io_at(&layout.tree_dir(b)))?,
+        ),
+        None => None,
+    };
+    // Built in place: nothing reads `<trees>/<commit>` before the link is swapped to it,
+    // and a half-built one left by a crash fails verification above and is rebuilt.
+    let dir = &final_dir;
+    fs::create_dir(dir).map_err(io_at(dir))?;
+    let result = (|| {
+        let manifest = match (base, &base_manifest) {
+            (Some(b), Some(m)) => {
+                populate(dir, Some((&layout.tree_dir(b), m)), update, objects)?;
+                derive(m, update, dir)?
+            }
+            _ => {
+                populate(dir, None, update, objects)?;
+                tree_hash::scan(dir).map_err(io_at(dir))?
+            }
+        };
+        let built = tree_hash::tree_id_of(&manifest);
         if built != expected {
             return Err(ApplyError::Verify { expected: expected.to_owned(), built });
         }
-        fs::rename(&tmp, &final_dir).map_err(io_at(&final_dir))?;
-        sync_dir(&layout.trees)
-    });
+        // A cache: if it is lost, the next diff scans the tree instead.
+        let _ = tree_hash::write_manifest(&layout.manifest(commit), &manifest);
+        Ok(())
+    })();
     if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
+        let _ = fs::remove_dir_all(dir);
     }
     result.map(|()| final_dir)
 }
 
-/// Above this many written files, one `syncfs(2)` replaces a fsync per file and per
-/// directory: same durability before the swap, far fewer disk flushes.
-const SYNCFS_ABOVE: usize = 64;
+/// The manifest of `base` with the update's changes, the written entries hashed from
+/// what is on disk now.
+fn derive(base: &tree_hash::Manifest, update: &ServiceUpdate, tmp: &Path) -> Result<tree_hash::Manifest, ApplyError> {
+    let mut manifest = base.clone();
+    for entry in &update.entries {
+        match entry.change {
+            ChangeKind::Delete => {
+                manifest.remove(&entry.path[..]);
+            }
+            ChangeKind::Rename => {
+                let from = entry.from_path.as_deref().map(|p| &p[..]).unwrap_or_default();
+                let item = manifest
+                    .remove(from)
+                    .ok_or_else(|| ApplyError::Malformed("rename of a path not in the base".into()))?;
+                manifest.insert(entry.path.to_vec(), item);
+            }
+            ChangeKind::Add | ChangeKind::Modify => {
+                let target = tmp.join(OsStr::from_bytes(&entry.path));
+                manifest.insert(entry.path.to_vec(), tree_hash::entry_id(&target).map_err(io_at(&target))?);
+            }
+        }
+    }
+    Ok(manifest)
+}
 
-fn populate(tmp: &Path, base: Option<&Path>, update: &ServiceUpdate, objects: &Objects) -> Result<(), ApplyError> {
-    let mut dirty_dirs: BTreeSet<PathBuf> = BTreeSet::from([tmp.to_owned()]);
-    let writes = update.entries.iter().filter(|e| matches!(e.change, ChangeKind::Add | ChangeKind::Modify)).count();
-    let per_file_sync = writes <= SYNCFS_ABOVE;
-    if let (Some(base), false) = (base, update.snapshot) {
-        // Everything the update does not touch is carried over by hard link.
+fn populate(
+    tmp: &Path,
+    base: Option<(&Path, &tree_hash::Manifest)>,
+    update: &ServiceUpdate,
+    objects: &Objects,
+) -> Result<(), ApplyError> {
+    if let Some((base_dir, manifest)) = base {
+        // Everything the update does not touch is carried over by hard link: exactly
+        // the base's manifest, so what is built is what `derive` computes.
         let touched: BTreeSet<&[u8]> = update
             .entries
             .iter()
             .flat_map(|e| std::iter::once(&e.path[..]).chain(e.from_path.as_deref().map(|p| &p[..])))
             .collect();
-        link_tree(base, tmp, &mut Vec::new(), &touched, &mut dirty_dirs)?;
+        let carried: Vec<&Vec<u8>> = manifest.keys().filter(|p| !touched.contains(&p[..])).collect();
+        // link(2) is the cost of a large tree: spread it over the cores.
+        let workers = if carried.len() < PARALLEL_LINKS_ABOVE {
+            1
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
+        };
+        let chunk = carried.len().div_ceil(workers).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                carried.chunks(chunk).map(|part| scope.spawn(move || link_all(base_dir, tmp, part))).collect();
+            handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(ApplyError::Malformed("link worker panicked".into()))))
+        })?;
     }
     for entry in &update.entries {
         let target = tmp.join(OsStr::from_bytes(&entry.path));
         match entry.change {
             ChangeKind::Delete => {}
             ChangeKind::Rename => {
-                let base = base
-                    .filter(|_| !update.snapshot)
-                    .ok_or_else(|| ApplyError::Malformed("rename without a base tree".into()))?;
-                let from =
-                    entry.from_path.as_ref().ok_or_else(|| ApplyError::Malformed("rename without from_path".into()))?;
-                let source = base.join(OsStr::from_bytes(from));
-                ensure_parent(tmp, &target, &mut dirty_dirs)?;
-                let meta = fs::symlink_metadata(&source).map_err(io_at(&source))?;
-                if meta.file_type().is_symlink() {
-                    let link = fs::read_link(&source).map_err(io_at(&source))?;
-                    std::os::unix::fs::symlink(link, &target).map_err(io_at(&target))?;
-                } else {
-                    fs::hard_link(&source, &target).map_err(io_at(&target))?;
-                }
+                let (base_dir, _) = base.ok_or_else(|| ApplyError::Malformed("rename without a base tree".into()))?;
+                let from = entry.from_path.as_ref().ok_or_else(|| ApplyError::Malformed("rename without from_path".into()))?;
+                let source = base_dir.join(OsStr::from_bytes(from));
+                ensure_parent(&target)?;
+                fs::hard_link(&source, &target).map_err(io_at(&source))?;
             }
             ChangeKind::Add | ChangeKind::Modify => {
-                ensure_parent(tmp, &target, &mut dirty_dirs)?;
-                write_entry(entry, &target, objects, per_file_sync)?;
+                ensure_parent(&target)?;
+                write_entry(entry, &target, objects)?;
             }
         }
     }
-    if per_file_sync {
-        for dir in dirty_dirs {
-            sync_dir(&dir)?;
+    // One flush of the file system makes every file and directory entry durable before
+    // the link is swapped; far cheaper than a fsync per file and per directory.
+    let root = File::open(tmp).map_err(io_at(tmp))?;
+    nix::unistd::syncfs(&root).map_err(|e| ApplyError::Io { path: tmp.to_owned(), source: e.into() })?;
+    Ok(())
+}
+
+/// Above this many carried-over files, hard links are made by several threads.
+const PARALLEL_LINKS_ABOVE: usize = 20_000;
+
+fn link_all(base_dir: &Path, tmp: &Path, paths: &[&Vec<u8>]) -> Result<(), ApplyError> {
+    let mut made: Option<PathBuf> = None;
+    for path in paths {
+        let rel = OsStr::from_bytes(path);
+        let target = tmp.join(rel);
+        if let Some(parent) = target.parent() {
+            // Paths are sorted, so siblings follow each other: one check per directory.
+            if parent != tmp && made.as_deref() != Some(parent) {
+                fs::create_dir_all(parent).map_err(io_at(parent))?;
+                made = Some(parent.to_owned());
+            }
         }
-    } else {
-        let root = File::open(tmp).map_err(io_at(tmp))?;
-        nix::unistd::syncfs(&root).map_err(|e| ApplyError::Io { path: tmp.to_owned(), source: e.into() })?;
+        let source = base_dir.join(rel);
+        // link(2) does not follow symlinks: a symlink is carried over as itself.
+        fs::hard_link(&source, &target).map_err(io_at(&source))?;
     }
     Ok(())
 }
 
-fn link_tree(
-    from: &Path,
-    to: &Path,
-    rel: &mut Vec<u8>,
-    touched: &BTreeSet<&[u8]>,
-    dirty: &mut BTreeSet<PathBuf>,
-) -> Result<(), ApplyError> {
-    for entry in fs::read_dir(from).map_err(io_at(from))? {
-        let entry = entry.map_err(io_at(from))?;
-        let name = entry.file_name();
-        let len = rel.len();
-        if !rel.is_empty() {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(name.as_bytes());
-        let source = entry.path();
-        let target = to.join(&name);
-        let file_type = entry.file_type().map_err(io_at(&source))?;
-        if file_type.is_dir() {
-            link_tree(&source, &target, rel, touched, dirty)?;
-        } else if !touched.contains(&rel[..]) {
-            if let Some(parent) = target.parent() {
-                if !parent.exists() {
-                    fs::create_dir_all(parent).map_err(io_at(parent))?;
-                    dirty.insert(parent.to_owned());
-                }
-            }
-            if file_type.is_symlink() {
-                let link = fs::read_link(&source).map_err(io_at(&source))?;
-                std::os::unix::fs::symlink(link, &target).map_err(io_at(&target))?;
-            } else {
-                fs::hard_link(&source, &target).map_err(io_at(&target))?;
-            }
-        }
-        rel.truncate(len);
+fn ensure_parent(target: &Path) -> Result<(), ApplyError> {
+    match target.parent() {
+        Some(parent) if !parent.is_dir() => fs::create_dir_all(parent).map_err(io_at(parent)),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-fn ensure_parent(root: &Path, target: &Path, dirty: &mut BTreeSet<PathBuf>) -> Result<(), ApplyError> {
-    let parent = target.parent().unwrap_or(root);
-    if !parent.is_dir() {
-        fs::create_dir_all(parent).map_err(io_at(parent))?;
-        let mut p = parent;
-        while p != root {
-            dirty.insert(p.to_owned());
-            p = match p.parent() {
-                Some(p) => p,
-                None => break,
-            };
-        }
-    }
-    dirty.insert(parent.to_owned());
-    Ok(())
-}
-
-fn write_entry(entry: &Entry, target: &Path, objects: &Objects, sync: bool) -> Result<(), ApplyError> {
+fn write_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), ApplyError> {
     let content: &[u8] = match (&entry.content, &entry.object) {
         (Some(inline), _) => inline,
         (None, Some(name)) => {
@@ -273,9 +301,6 @@ fn write_entry(entry: &Entry, target: &Path, objects: &Objects, sync: bool) -> R
             file.write_all(content).map_err(io_at(target))?;
             // The umask may have cleared bits; the mode is part of the verified tree.
             file.set_permissions(fs::Permissions::from_mode(perm)).map_err(io_at(target))?;
-            if sync {
-                file.sync_all().map_err(io_at(target))?;
-            }
         }
     }
     Ok(())
@@ -323,7 +348,7 @@ pub fn prune(layout: &Layout) {
     let Ok(entries) = fs::read_dir(&layout.trees) else { return };
     let mut trees: Vec<(std::time::SystemTime, PathBuf)> = entries
         .filter_map(Result::ok)
-        .filter(|e| !e.file_name().as_bytes().starts_with(b"."))
+        .filter(|e| !e.file_name().as_bytes().starts_with(b".") && e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .filter(|(_, p)| p.canonicalize().ok() != current)
         .collect();
@@ -333,6 +358,7 @@ pub fn prune(layout: &Layout) {
         if let Err(e) = fs::remove_dir_all(&old) {
             tracing::warn!(path = %old.display(), error = %e, "cannot prune old tree");
         }
+        let _ = fs::remove_file(old.with_extension("manifest"));
     }
 }
 

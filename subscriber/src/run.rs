@@ -543,7 +543,7 @@ impl Host {
     async fn apply(&self, update: &ServiceUpdate, current: Option<&str>) -> Result<(), ApplyError> {
         let objects = self.reader.objects(update).await.map_err(|e| ApplyError::Malformed(e.to_string()))?;
         let layout = self.layout(update.kind, &update.name);
-        let base = current.map(|c| layout.tree_dir(c)).filter(|p| p.is_dir());
+        let base = current.filter(|c| layout.tree_dir(c).is_dir()).map(str::to_owned);
         if !update.snapshot && base.is_none() {
             return Err(ApplyError::Malformed("the tree this update starts from is not on disk".into()));
         }

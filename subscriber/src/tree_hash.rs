@@ -6,6 +6,7 @@
 //! omitted (git cannot hold them). An update names the tree id it must produce; if what
 //! was materialized hashes differently, the subscriber refuses to switch to it.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -48,56 +49,108 @@ fn file_blob_id(path: &Path, len: u64) -> io::Result<ObjectId> {
     Ok(hasher.finalize().into())
 }
 
-/// The git tree id of the directory `root`, as lowercase hex.
+/// What a tree holds: every file and symlink by path (raw bytes), with its git mode and
+/// blob id. Directories are implied by paths, as in git: an empty one does not exist.
+pub type Manifest = BTreeMap<Vec<u8>, (&'static str, ObjectId)>;
+
+/// Git mode of a regular file with permission bits `mode`.
+pub fn file_mode(mode: u32) -> &'static str {
+    if mode & 0o111 != 0 {
+        "100755"
+    } else {
+        "100644"
+    }
+}
+
+/// The git tree id of the directory `root`, as lowercase hex: every file is read.
 pub fn tree_id(root: &Path) -> io::Result<String> {
-    Ok(hex::encode(hash_dir(root)?.unwrap_or_else(empty_tree)))
+    Ok(tree_id_of(&scan(root)?))
 }
 
-fn empty_tree() -> ObjectId {
-    let mut id = [0u8; 20];
-    hex::decode_to_slice(EMPTY_TREE, &mut id).expect("constant is valid hex");
-    id
+/// Reads and hashes every file below `root`.
+pub fn scan(root: &Path) -> io::Result<Manifest> {
+    let mut manifest = Manifest::new();
+    scan_into(root, &mut Vec::new(), &mut manifest)?;
+    Ok(manifest)
 }
 
-/// `None` for a directory with no files below it.
-fn hash_dir(dir: &Path) -> io::Result<Option<ObjectId>> {
-    let mut entries: Vec<(Vec<u8>, &'static str, ObjectId, bool)> = Vec::new();
+/// Hashes one entry on disk (a file or a symlink), as git would record it.
+pub fn entry_id(path: &Path) -> io::Result<(&'static str, ObjectId)> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        Ok(("120000", blob_id(fs::read_link(path)?.as_os_str().as_bytes())))
+    } else if meta.file_type().is_file() {
+        Ok((file_mode(meta.permissions().mode()), file_blob_id(path, meta.len())?))
+    } else {
+        Err(io::Error::other(format!("{} is neither file nor symlink", path.display())))
+    }
+}
+
+fn scan_into(dir: &Path, rel: &mut Vec<u8>, manifest: &mut Manifest) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        let name = entry.file_name().as_bytes().to_vec();
+        let len = rel.len();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(entry.file_name().as_bytes());
         let path = entry.path();
-        let meta = fs::symlink_metadata(&path)?;
-        let file_type = meta.file_type();
-        if file_type.is_dir() {
-            if let Some(id) = hash_dir(&path)? {
-                entries.push((name, "40000", id, true));
-            }
-        } else if file_type.is_symlink() {
-            let target = fs::read_link(&path)?;
-            entries.push((name, "120000", blob_id(target.as_os_str().as_bytes()), false));
-        } else if file_type.is_file() {
-            let mode = if meta.permissions().mode() & 0o111 != 0 { "100755" } else { "100644" };
-            entries.push((name, mode, file_blob_id(&path, meta.len())?, false));
+        if entry.file_type()?.is_dir() {
+            scan_into(&path, rel, manifest)?;
         } else {
-            return Err(io::Error::other(format!("{} is neither file, directory nor symlink", path.display())));
+            manifest.insert(rel.clone(), entry_id(&path)?);
+        }
+        rel.truncate(len);
+    }
+    Ok(())
+}
+
+/// The git tree id of a manifest, computed in memory.
+pub fn tree_id_of(manifest: &Manifest) -> String {
+    let entries: Vec<(&[u8], &'static str, ObjectId)> = manifest.iter().map(|(p, (m, id))| (&p[..], *m, *id)).collect();
+    hex::encode(hash_level(&entries).unwrap_or_else(empty_tree))
+}
+
+/// Hashes the tree of `entries` (sorted paths relative to this level).
+fn hash_level(entries: &[(&[u8], &'static str, ObjectId)]) -> Option<ObjectId> {
+    if entries.is_empty() {
+        return None;
+    }
+    let mut items: Vec<(Vec<u8>, &'static str, ObjectId)> = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let (path, mode, id) = entries[i];
+        match path.iter().position(|&b| b == b'/') {
+            None => {
+                items.push((path.to_vec(), mode, id));
+                i += 1;
+            }
+            Some(slash) => {
+                let name = &path[..slash];
+                let mut j = i;
+                let mut children = Vec::new();
+                while j < entries.len()
+                    && entries[j].0.len() > slash
+                    && &entries[j].0[..slash] == name
+                    && entries[j].0[slash] == b'/'
+                {
+                    children.push((&entries[j].0[slash + 1..], entries[j].1, entries[j].2));
+                    j += 1;
+                }
+                if let Some(sub) = hash_level(&children) {
+                    let mut key = name.to_vec();
+                    key.push(b'/');
+                    items.push((key, "40000", sub));
+                }
+                i = j;
+            }
         }
     }
-    if entries.is_empty() {
-        return Ok(None);
-    }
     // git sorts tree entries by name, comparing a directory as if its name ended in '/'.
-    entries.sort_by(|a, b| {
-        let key = |e: &(Vec<u8>, &str, ObjectId, bool)| {
-            let mut k = e.0.clone();
-            if e.3 {
-                k.push(b'/');
-            }
-            k
-        };
-        key(a).cmp(&key(b))
-    });
+    items.sort_by(|a, b| a.0.cmp(&b.0));
     let mut body = Vec::new();
-    for (name, mode, id, _) in &entries {
+    for (name, mode, id) in &items {
+        let name = if *mode == "40000" { &name[..name.len() - 1] } else { &name[..] };
         body.extend_from_slice(mode.as_bytes());
         body.push(b' ');
         body.extend_from_slice(name);
@@ -107,7 +160,57 @@ fn hash_dir(dir: &Path) -> io::Result<Option<ObjectId>> {
     let mut hasher = Sha1::new();
     hasher.update(format!("tree {}\0", body.len()).as_bytes());
     hasher.update(&body);
-    Ok(Some(hasher.finalize().into()))
+    Some(hasher.finalize().into())
+}
+
+fn empty_tree() -> ObjectId {
+    let mut id = [0u8; 20];
+    hex::decode_to_slice(EMPTY_TREE, &mut id).expect("constant is valid hex");
+    id
+}
+
+/// Writes a manifest beside a tree: a cache that lets the next diff be verified without
+/// re-reading unchanged files. Format: per entry, u32 path length (LE), path, mode byte
+/// (0 regular, 1 executable, 2 symlink), 20-byte blob id.
+pub fn write_manifest(path: &Path, manifest: &Manifest) -> io::Result<()> {
+    let mut out = Vec::with_capacity(manifest.len() * 64);
+    for (p, (mode, id)) in manifest {
+        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        out.extend_from_slice(p);
+        out.push(match *mode {
+            "100755" => 1,
+            "120000" => 2,
+            _ => 0,
+        });
+        out.extend_from_slice(id);
+    }
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, out)?;
+    fs::rename(tmp, path)
+}
+
+/// Reads a manifest written by [`write_manifest`]; `None` if absent or damaged.
+pub fn read_manifest(path: &Path) -> Option<Manifest> {
+    let bytes = fs::read(path).ok()?;
+    let mut manifest = Manifest::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let len = u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?) as usize;
+        i += 4;
+        let p = bytes.get(i..i + len)?.to_vec();
+        i += len;
+        let mode = match bytes.get(i)? {
+            0 => "100644",
+            1 => "100755",
+            2 => "120000",
+            _ => return None,
+        };
+        i += 1;
+        let id: ObjectId = bytes.get(i..i + 20)?.try_into().ok()?;
+        i += 20;
+        manifest.insert(p, (mode, id));
+    }
+    Some(manifest)
 }
 
 #[cfg(test)]
@@ -119,6 +222,21 @@ mod tests {
         let out = Command::new("git").arg("-C").arg(dir).args(args).output().expect("git runs");
         assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn manifests_round_trip_and_hash_like_the_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join("a/b")).expect("mkdir");
+        fs::write(dir.path().join("a/b/x"), "x").expect("write");
+        fs::write(dir.path().join("a.y"), "y").expect("write");
+        std::os::unix::fs::symlink("a/b/x", dir.path().join("l")).expect("symlink");
+        let manifest = scan(dir.path()).expect("scan");
+        let file = dir.path().join("m");
+        write_manifest(&file, &manifest).expect("write");
+        assert_eq!(read_manifest(&file), Some(manifest.clone()));
+        fs::remove_file(&file).expect("rm");
+        assert_eq!(tree_id_of(&manifest), tree_id(dir.path()).expect("hash"));
     }
 
     #[test]

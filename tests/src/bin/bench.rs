@@ -45,10 +45,9 @@ impl CountingProxy {
                 let Ok(client) = client else { continue };
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                for (mut from, mut to) in [
-                    (client.try_clone().expect("clone"), server.try_clone().expect("clone")),
-                    (server, client),
-                ] {
+                for (mut from, mut to) in
+                    [(client.try_clone().expect("clone"), server.try_clone().expect("clone")), (server, client)]
+                {
                     let b = b.clone();
                     thread::spawn(move || {
                         let mut buf = [0u8; 64 * 1024];
@@ -123,7 +122,11 @@ impl Table {
 }
 
 fn verdict(met: bool) -> String {
-    if met { "met".into() } else { "**not met**".into() }
+    if met {
+        "met".into()
+    } else {
+        "**not met**".into()
+    }
 }
 
 fn dc_doc() -> &'static str {
@@ -177,7 +180,15 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
     let (pp50, _, pp99, _) = summary(push_only);
     let mut t = Table::new(
         "1. Push → `--exec` on one host (real processes, sequential pushes)",
-        &["pushes", "p50 ms", "p95 ms", "p99 ms", "max ms", "`git push` itself p50 / p99 ms", "target p50 ≤ 30, p99 ≤ 100"],
+        &[
+            "pushes",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+            "`git push` itself p50 / p99 ms",
+            "target p50 ≤ 30, p99 ≤ 100",
+        ],
     );
     t.row(vec![
         pushes.to_string(),
@@ -195,7 +206,8 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
     let cpu = |pid: u32| -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+        fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
     };
     let rss_kb = || -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -222,9 +234,12 @@ fn master_load(datacenters: usize, pushes: usize, t: &mut Table) {
     let (master, first) = master(&nats, datacenters);
     let daemon = GitDaemon::start(&master.bare);
     let proxy = CountingProxy::start(daemon_port(&daemon));
-    let relays: Vec<Relay> = (0..datacenters).map(|d| Relay::start_url(&nats.url(), &format!("dc{d}"), &proxy.url())).collect();
+    let relays: Vec<Relay> =
+        (0..datacenters).map(|d| Relay::start_url(&nats.url(), &format!("dc{d}"), &proxy.url())).collect();
     let subs: Vec<Subscriber> = (0..datacenters)
-        .map(|d| Subscriber::start(&nats.url(), &format!("dc{d}"), &["--service", "service0", "--verify-interval-secs", "0"]))
+        .map(|d| {
+            Subscriber::start(&nats.url(), &format!("dc{d}"), &["--service", "service0", "--verify-interval-secs", "0"])
+        })
         .collect();
     for sub in &subs {
         exec_seen(sub, &first, Duration::from_secs(60)).expect("bootstrap");
@@ -291,7 +306,8 @@ fn polling_baseline(hosts: usize, period: Duration, observe: Duration, t: &mut T
                 thread::sleep(period.mul_f64(h as f64 / hosts as f64));
                 while !stop.load(Ordering::SeqCst) {
                     let next = Instant::now() + period;
-                    let _ = std::process::Command::new("git").arg("-C").arg(&dir).args(["fetch", "-q", "origin"]).status();
+                    let _ =
+                        std::process::Command::new("git").arg("-C").arg(&dir).args(["fetch", "-q", "origin"]).status();
                     let head = git(&dir, &["rev-parse", "refs/heads/services/service0/master"]);
                     seen.lock().expect("seen").entry(head).or_default().push(Instant::now());
                     while Instant::now() < next && !stop.load(Ordering::SeqCst) {
@@ -440,7 +456,8 @@ fn apply_cost(files: usize, rounds: usize, t: &mut Table) {
     let entries = base.iter().map(|(p, c)| entry(p, ChangeKind::Add, c)).collect();
     let c0 = format!("{:040x}", 0);
     let started = Instant::now();
-    let tree = materialize::build(&layout, None, &update(None, &c0, tree_of(&base), entries), &Objects::new()).expect("snapshot");
+    let tree = materialize::build(&layout, None, &update(None, &c0, tree_of(&base), entries), &Objects::new())
+        .expect("snapshot");
     materialize::switch(&layout, &tree).expect("switch");
     let snapshot_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut current = c0;
@@ -450,9 +467,10 @@ fn apply_cost(files: usize, rounds: usize, t: &mut Table) {
         let next = synthetic(files, Some(changed), round);
         let path = synthetic_path(changed);
         let commit = format!("{round:040x}");
-        let diff = update(Some(&current), &commit, tree_of(&next), vec![entry(&path, ChangeKind::Modify, &next[&path])]);
+        let diff =
+            update(Some(&current), &commit, tree_of(&next), vec![entry(&path, ChangeKind::Modify, &next[&path])]);
         let started = Instant::now();
-        let tree = materialize::build(&layout, Some(&layout.tree_dir(&current)), &diff, &Objects::new()).expect("apply");
+        let tree = materialize::build(&layout, Some(&current), &diff, &Objects::new()).expect("apply");
         materialize::switch(&layout, &tree).expect("switch");
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         materialize::prune(&layout);
@@ -474,13 +492,24 @@ fn burst(hosts: usize, services: usize, t: &mut Table) {
     let pins: Vec<String> = (0..services).map(|s| format!(r#"{{"name":"s{s}","branch":"master"}}"#)).collect();
     master.configuration("big", &format!(r#"{{"services":[{}]}}"#, pins.join(",")));
     let names: Vec<String> = (0..services).map(|s| format!("\"s{s}\"")).collect();
-    let inventory: Vec<String> = (0..hosts).map(|h| format!(r#""h{h}":{{"services":[{}]}}"#, names.join(","))).collect();
-    master.datacenter("dc0", &format!(r#"{{"conf":"datacenter-configuration/big","inventories":{{"hosts":{{{}}}}}}}"#, inventory.join(",")));
+    let inventory: Vec<String> =
+        (0..hosts).map(|h| format!(r#""h{h}":{{"services":[{}]}}"#, names.join(","))).collect();
+    master.datacenter(
+        "dc0",
+        &format!(r#"{{"conf":"datacenter-configuration/big","inventories":{{"hosts":{{{}}}}}}}"#, inventory.join(",")),
+    );
     for s in 0..services {
         master.on(&format!("services/s{s}/master")).write("app.conf", "0\n").commit(&format!("s{s}"));
     }
-    let all: Vec<String> = (0..services).map(|s| format!("+refs/heads/services/s{s}/master:refs/heads/services/s{s}/master")).collect();
-    let out = std::process::Command::new("git").arg("-C").arg(&master.work).args(["push", "-q", "origin"]).args(&all).output().expect("push");
+    let all: Vec<String> =
+        (0..services).map(|s| format!("+refs/heads/services/s{s}/master:refs/heads/services/s{s}/master")).collect();
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&master.work)
+        .args(["push", "-q", "origin"])
+        .args(&all)
+        .output()
+        .expect("push");
     assert!(out.status.success());
     let _relay = Relay::start(&nats.url(), "dc0", &master.bare);
     let subs: Vec<Subscriber> = (0..hosts)
@@ -497,8 +526,9 @@ fn burst(hosts: usize, services: usize, t: &mut Table) {
         }
         want.iter().all(|(s, c)| last.get(s.as_str()) == Some(&c.as_str()))
     };
-    let initial: BTreeMap<String, String> =
-        (0..services).map(|s| (format!("s{s}"), git(&master.work, &["rev-parse", &format!("services/s{s}/master")]))).collect();
+    let initial: BTreeMap<String, String> = (0..services)
+        .map(|s| (format!("s{s}"), git(&master.work, &["rev-parse", &format!("services/s{s}/master")])))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !subs.iter().all(|s| current(s, &initial)) {
         assert!(Instant::now() < deadline, "bootstrap of the burst scenario");
@@ -509,10 +539,17 @@ fn burst(hosts: usize, services: usize, t: &mut Table) {
     for s in 0..services {
         master.on(&format!("services/s{s}/master")).write("app.conf", "burst\n").commit("burst");
     }
-    let want: BTreeMap<String, String> =
-        (0..services).map(|s| (format!("s{s}"), git(&master.work, &["rev-parse", &format!("services/s{s}/master")]))).collect();
+    let want: BTreeMap<String, String> = (0..services)
+        .map(|s| (format!("s{s}"), git(&master.work, &["rev-parse", &format!("services/s{s}/master")])))
+        .collect();
     let started = Instant::now();
-    let out = std::process::Command::new("git").arg("-C").arg(&master.work).args(["push", "-q", "origin"]).args(&all).output().expect("push");
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&master.work)
+        .args(["push", "-q", "origin"])
+        .args(&all)
+        .output()
+        .expect("push");
     assert!(out.status.success());
     let pushed = started.elapsed();
     while !subs.iter().all(|s| current(s, &want)) {
@@ -530,63 +567,96 @@ fn burst(hosts: usize, services: usize, t: &mut Table) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only latency,load,polling,apply,burst` runs a subset.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let run = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let started = Instant::now();
     let mut tables = Vec::new();
     println!("# confcast benchmark{}", if quick { " (quick)" } else { "" });
     println!("\nmachine: {} cores, {}", thread::available_parallelism().map(|n| n.get()).unwrap_or(0), uname());
 
-    latency_one_host(if quick { 10 } else { 100 }, &mut tables);
+    if run("latency") {
+        latency_one_host(if quick { 10 } else { 100 }, &mut tables);
+    }
 
     let mut load = Table::new(
         "2. Master load per push (git requests and bytes through a counting proxy in front of `git daemon`)",
-        &["datacenters pinning the ref", "pushes", "master requests per push", "bytes served per push", "bytes changed per push", "requests for a push nobody pins", "requests in 5 s idle", "target ≤ D per push, 0 unpinned, 0 idle"],
+        &[
+            "datacenters pinning the ref",
+            "pushes",
+            "master requests per push",
+            "bytes served per push",
+            "bytes changed per push",
+            "requests for a push nobody pins",
+            "requests in 5 s idle",
+            "target ≤ D per push, 0 unpinned, 0 idle",
+        ],
     );
-    for d in if quick { vec![1, 3] } else { vec![1, 10] } {
-        master_load(d, if quick { 3 } else { 20 }, &mut load);
+    if run("load") {
+        for d in if quick { vec![1, 3] } else { vec![1, 10] } {
+            master_load(d, if quick { 3 } else { 20 }, &mut load);
+        }
+        tables.push(load);
     }
-    tables.push(load);
 
     let mut polling = Table::new(
         "6. The polling baseline against the same master (H hosts running `git fetch` every T seconds)",
         &["design", "hosts", "master requests / s", "master bytes / s", "freshness p50 / p99 ms", "how"],
     );
     let hosts = if quick { 3 } else { 10 };
-    polling_baseline(hosts, Duration::from_secs(1), Duration::from_secs(if quick { 4 } else { 15 }), &mut polling);
-    for t in [10.0, 60.0] {
+    if run("polling") {
+        polling_baseline(hosts, Duration::from_secs(1), Duration::from_secs(if quick { 4 } else { 15 }), &mut polling);
+        for t in [10.0, 60.0] {
+            polling.row(vec![
+                format!("polling, T = {t} s"),
+                hosts.to_string(),
+                format!("{:.2}", hosts as f64 / t),
+                "(as T = 1 s, scaled by 1/T)".into(),
+                format!("{:.0} / {:.0}", t * 1000.0 / 2.0, t * 1000.0 * 0.99),
+                "derived: a fetch every T s per host, a change waits T/2 on average".into(),
+            ]);
+        }
         polling.row(vec![
-            format!("polling, T = {t} s"),
-            hosts.to_string(),
-            format!("{:.2}", hosts as f64 / t),
-            "(as T = 1 s, scaled by 1/T)".into(),
-            format!("{:.0} / {:.0}", t * 1000.0 / 2.0, t * 1000.0 * 0.99),
-            "derived: a fetch every T s per host, a change waits T/2 on average".into(),
+            "confcast".into(),
+            "any".into(),
+            "0 while idle; one per datacenter per relevant push".into(),
+            "the change, once per datacenter".into(),
+            "see table 1".into(),
+            "measured (tables 1, 2)".into(),
         ]);
+        tables.push(polling);
     }
-    polling.row(vec![
-        "confcast".into(),
-        "any".into(),
-        "0 while idle; one per datacenter per relevant push".into(),
-        "the change, once per datacenter".into(),
-        "see table 1".into(),
-        "measured (tables 1, 2)".into(),
-    ]);
-    tables.push(polling);
 
     let mut apply = Table::new(
         "5. Apply cost against tree size: one file changed (in process, the subscriber's own materialize code)",
-        &["files in the tree", "first materialization ms", "one-file change p50 ms", "max ms", "target ≤ 50 ms at 100,000"],
+        &[
+            "files in the tree",
+            "first materialization ms",
+            "one-file change p50 ms",
+            "max ms",
+            "target ≤ 50 ms at 100,000",
+        ],
     );
-    apply_cost(100, 10, &mut apply);
-    apply_cost(if quick { 10_000 } else { 100_000 }, if quick { 3 } else { 5 }, &mut apply);
-    tables.push(apply);
+    if run("apply") {
+        apply_cost(100, 10, &mut apply);
+        apply_cost(if quick { 10_000 } else { 100_000 }, if quick { 3 } else { 5 }, &mut apply);
+        tables.push(apply);
+    }
 
     let mut b = Table::new(
         "4. Burst: one `git push` updating N services at once; time until every host has applied all of them",
         &["ref updates", "hosts (real processes)", "`git push` ms", "every host current ms", "target ≤ 2000 ms"],
     );
-    burst(if quick { 3 } else { 10 }, if quick { 10 } else { 100 }, &mut b);
-    tables.push(b);
+    if run("burst") {
+        burst(if quick { 3 } else { 10 }, if quick { 10 } else { 100 }, &mut b);
+        tables.push(b);
+    }
 
     tables.sort_by(|a, b| a.title.cmp(&b.title));
     for t in &tables {
@@ -606,4 +676,3 @@ fn uname() -> String {
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").to_owned();
     format!("{cpu}, {}", mem.replace("MemTotal:", "memory").split_whitespace().collect::<Vec<_>>().join(" "))
 }
-
