@@ -22,6 +22,10 @@ struct Cli {
     /// Directory for the relay's mirror of the master.
     #[arg(long, env = "CONFCAST_STATE_DIR")]
     state_dir: PathBuf,
+    /// How long a fetch may wait on the network before it fails and is retried, in
+    /// seconds (per read or write on `git://`; twice that for a whole fetch).
+    #[arg(long, env = "CONFCAST_FETCH_TIMEOUT_SECS", default_value_t = 30)]
+    fetch_timeout_secs: u64,
 }
 
 #[tokio::main]
@@ -40,7 +44,7 @@ async fn main() -> ExitCode {
         _ => cli.master.clone(),
     };
     let config =
-        confcast_relay::Config { nats_url: cli.nats, dc: cli.dc, master_url: master, state_dir: cli.state_dir };
+        confcast_relay::Config { nats_url: cli.nats, dc: cli.dc, master_url: master, state_dir: cli.state_dir, fetch_timeout: std::time::Duration::from_secs(cli.fetch_timeout_secs) };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     match confcast_relay::run(config, shutdown).await {

@@ -66,7 +66,11 @@ pub struct Mirror {
     repo: gix::ThreadSafeRepository,
     path: PathBuf,
     url: String,
+    io_timeout: std::time::Duration,
 }
+
+/// How long a fetch may wait on the network before it fails, unless configured.
+pub const DEFAULT_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Mirror {
     /// Opens the mirror, creating an empty bare repository on first use.
@@ -82,7 +86,43 @@ impl Mirror {
         let options =
             gix::open::Options::default().object_store_slots(gix::odb::store::init::Slots::Given(OBJECT_STORE_SLOTS));
         let repo = gix::open_opts(path, options).map_err(|e| local(&e))?;
-        Ok(Mirror { repo: repo.into_sync(), path: path.to_owned(), url: url.to_owned() })
+        Ok(Mirror { repo: repo.into_sync(), path: path.to_owned(), url: url.to_owned(), io_timeout: DEFAULT_IO_TIMEOUT })
+    }
+
+    /// Sets how long a fetch may wait on the network for one read or write.
+    pub fn with_io_timeout(mut self, timeout: std::time::Duration) -> Mirror {
+        self.io_timeout = timeout;
+        self
+    }
+
+    /// A `git://` connection whose socket reads and writes time out, so a black-holed
+    /// network fails the fetch instead of hanging it (gix only bounds the connect).
+    fn git_daemon_transport(&self) -> Result<Option<Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>>, MirrorError> {
+        let err = |message: String| MirrorError::Fetch { url: self.url.clone(), message };
+        let url = gix::url::parse(gix::bstr::BStr::new(self.url.as_bytes())).map_err(|e| err(e.to_string()))?;
+        if url.scheme != gix::url::Scheme::Git {
+            return Ok(None);
+        }
+        let host = url.host().ok_or_else(|| err("no host".into()))?.to_owned();
+        let port = url.port;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port.unwrap_or(9418)))
+            .map_err(|e| err(e.to_string()))?
+            .next()
+            .ok_or_else(|| err(format!("{host} does not resolve")))?;
+        let stream = std::net::TcpStream::connect_timeout(&addr, self.io_timeout).map_err(|e| err(e.to_string()))?;
+        stream.set_read_timeout(Some(self.io_timeout)).map_err(|e| err(e.to_string()))?;
+        stream.set_write_timeout(Some(self.io_timeout)).map_err(|e| err(e.to_string()))?;
+        let write = stream.try_clone().map_err(|e| err(e.to_string()))?;
+        let connection = gix::protocol::transport::client::git::blocking_io::Connection::new(
+            stream,
+            write,
+            gix::protocol::transport::Protocol::V2,
+            url.path.clone(),
+            Some((host, port)),
+            gix::protocol::transport::client::git::ConnectMode::Daemon,
+            false,
+        );
+        Ok(Some(Box::new(connection)))
     }
 
     /// Packs in the mirror.
@@ -133,7 +173,10 @@ impl Mirror {
             .map_err(remote_err)?
             .with_refspecs(specs.iter().map(String::as_str), gix::remote::Direction::Fetch)
             .map_err(remote_err)?;
-        let connection = remote.connect(gix::remote::Direction::Fetch).map_err(remote_err)?;
+        let connection = match self.git_daemon_transport()? {
+            Some(transport) => remote.to_connection_with_transport(transport),
+            None => remote.connect(gix::remote::Direction::Fetch).map_err(remote_err)?,
+        };
         let prepare = connection.prepare_fetch(gix::progress::Discard, Default::default()).map_err(remote_err)?;
         fetched.present = prepare
             .ref_map()

@@ -36,6 +36,9 @@ pub struct Config {
     pub master_url: String,
     /// Directory for the mirror.
     pub state_dir: PathBuf,
+    /// How long a fetch may wait on the network (per read or write on `git://`, and
+    /// twice that for a whole fetch on any transport) before it fails and is retried.
+    pub fetch_timeout: Duration,
 }
 
 /// Why the relay stopped.
@@ -80,9 +83,12 @@ struct Prepared {
 
 /// Runs the relay until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
-    let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?;
+    let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?.with_io_timeout(config.fetch_timeout);
     let client = async_nats::ConnectOptions::new()
         .name(format!("confcast-relay {}", config.dc))
+        // A relay must notice a dead connection (black-holed network) quickly: two
+        // missed pings and it reconnects.
+        .ping_interval(Duration::from_secs(5))
         .retry_on_initial_connect()
         .connect(&config.nats_url)
         .await
@@ -119,7 +125,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
         () = shutdown.cancelled() => return Ok(()),
     };
     let Some(heads) = heads else { return Ok(()) };
-    let mut relay = Relay { dc: config.dc.clone(), bus, mirror, heads, watched: BTreeSet::new(), inventory: None };
+    let mut relay = Relay {
+        dc: config.dc.clone(),
+        bus,
+        mirror,
+        heads,
+        watched: BTreeSet::new(),
+        inventory: None,
+        fetch_timeout: config.fetch_timeout,
+    };
 
     let boot =
         Cause { tag: format!("boot{}", now_ms()), event_seq: 0, pushed_at_ms: now_ms(), ref_name: None, commit: None };
@@ -245,6 +259,7 @@ struct Relay {
     heads: BTreeMap<(Kind, String), ServiceHead>,
     watched: BTreeSet<String>,
     inventory: Option<Inventory>,
+    fetch_timeout: Duration,
 }
 
 impl Relay {
@@ -258,6 +273,17 @@ impl Relay {
             .map_err(|e| SyncError::Resolve(format!("worker panicked: {e}")))?
     }
 
+    /// Fetches `refs` into the mirror, failing after twice the fetch timeout even if the
+    /// transport hangs (the stuck worker is abandoned; `git://` sockets time out by
+    /// themselves).
+    async fn fetch(&self, refs: BTreeSet<String>) -> Result<crate::mirror::Fetched, SyncError> {
+        let limit = self.fetch_timeout * 2;
+        match tokio::time::timeout(limit, self.blocking(move |m| Ok(m.fetch(&refs)?))).await {
+            Ok(result) => result,
+            Err(_) => Err(SyncError::Resolve(format!("fetch from the master did not finish within {limit:?}"))),
+        }
+    }
+
     /// Fetches `first`, then every newly depended-on ref, resolves, and publishes.
     #[tracing::instrument(skip_all, fields(dc = %self.dc, cause = %cause.tag))]
     async fn sync(&mut self, cause: &Cause, first: BTreeSet<String>) -> Result<(), SyncError> {
@@ -267,8 +293,7 @@ impl Relay {
         let dc = self.dc.clone();
         let resolved = loop {
             if !to_fetch.is_empty() {
-                let refs = to_fetch.clone();
-                let outcome = self.blocking(move |m| Ok(m.fetch(&refs)?)).await?;
+                let outcome = self.fetch(to_fetch.clone()).await?;
                 tracing::debug!(present = outcome.present.len(), missing = outcome.missing.len(), "fetched");
                 fetched.extend(to_fetch);
             }
@@ -299,7 +324,7 @@ impl Relay {
                     .cloned()
                     .collect();
                 if !missing.is_empty() {
-                    self.blocking(move |m| Ok(m.fetch(&missing)?)).await?;
+                    self.fetch(missing).await?;
                 }
                 self.watched = resolved.watched.into_iter().chain(fallback_refs).collect();
                 let resolution =

@@ -384,6 +384,11 @@ impl Relay {
 
     /// Starts the relay of `dc`, fetching from `master_url`.
     pub fn start_url(nats_url: &str, dc: &str, master_url: &str) -> Relay {
+        Relay::start_with(nats_url, dc, master_url, &[])
+    }
+
+    /// Starts the relay of `dc` with extra flags.
+    pub fn start_with(nats_url: &str, dc: &str, master_url: &str, extra: &[&str]) -> Relay {
         let state_dir = tempfile::tempdir().expect("tempdir");
         let args = vec![
             "--nats".into(),
@@ -395,6 +400,7 @@ impl Relay {
             "--state-dir".into(),
             state_dir.path().display().to_string(),
         ];
+        let args = args.into_iter().chain(extra.iter().map(|s| s.to_string())).collect();
         let mut relay = Relay { child: None, args, state_dir };
         relay.restart();
         relay
@@ -742,4 +748,120 @@ pub fn commit_events(nats_url: &str) -> u64 {
         let mut stream = js.get_stream(confcast_schemas::subject::COMMITS_STREAM).await.expect("commit stream");
         stream.info().await.expect("info").state.messages
     })
+}
+
+/// How a [`FaultProxy`] treats traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything.
+    Pass,
+    /// Forward nothing, and hold what was sent (a black hole: packets vanish, no RST,
+    /// no FIN; TCP delivers what was sent once the path heals, if the peers still wait).
+    BlackHole,
+    /// Close every connection at once (connection reset).
+    Reset,
+    /// Forward, after this many milliseconds per chunk.
+    Latency(u64),
+}
+
+/// A TCP proxy on loopback between a component and a server, whose behaviour a test
+/// switches at will: the network between the relay and NATS, or the master.
+#[derive(Debug)]
+pub struct FaultProxy {
+    port: u16,
+    mode: std::sync::Arc<std::sync::Mutex<Fault>>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FaultProxy {
+    /// Proxies to `127.0.0.1:<upstream>`.
+    pub fn start(upstream: u16) -> FaultProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mode = std::sync::Arc::new(std::sync::Mutex::new(Fault::Pass));
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (m, g) = (mode.clone(), generation.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if *m.lock().expect("mode") == Fault::Reset {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                let born = g.load(Ordering::SeqCst);
+                for (from, to) in [(client.try_clone().expect("clone"), server.try_clone().expect("clone")), (server, client)] {
+                    let (m, g) = (m.clone(), g.clone());
+                    std::thread::spawn(move || pump(from, to, m, g, born));
+                }
+            }
+        });
+        FaultProxy { port, mode, generation }
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Switches the behaviour; `Reset` also closes every open connection.
+    pub fn set(&self, fault: Fault) {
+        *self.mode.lock().expect("mode") = fault;
+        if fault == Fault::Reset {
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    mode: std::sync::Arc<std::sync::Mutex<Fault>>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    born: u64,
+) {
+    use std::io::Read;
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        if generation.load(std::sync::atomic::Ordering::SeqCst) != born {
+            break;
+        }
+        if *mode.lock().expect("mode") == Fault::BlackHole {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => break,
+        };
+        let fault = *mode.lock().expect("mode");
+        match fault {
+            Fault::Pass | Fault::BlackHole => {}
+            Fault::Reset => break,
+            Fault::Latency(ms) => std::thread::sleep(Duration::from_millis(ms)),
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+impl NatsServer {
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl GitDaemon {
+    /// The daemon's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }

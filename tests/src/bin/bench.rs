@@ -176,6 +176,20 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
         to_exec.push((seen - started).as_secs_f64() * 1000.0);
         thread::sleep(Duration::from_millis(50));
     }
+    // The same pushes with confcast's hooks disabled: what git itself costs.
+    let hooks = master.bare.join("hooks");
+    let hooks_off = master.bare.join("hooks.off");
+    std::fs::rename(&hooks, &hooks_off).expect("disable hooks");
+    let mut plain = Vec::new();
+    for i in 0..pushes.min(30) {
+        svc.write("app.conf", format!("plain {i}\n"));
+        svc.commit("plain");
+        let pushed = svc.push();
+        assert!(pushed.ok);
+        plain.push(pushed.took.as_secs_f64() * 1000.0);
+    }
+    std::fs::rename(&hooks_off, &hooks).expect("enable hooks");
+    let (plain50, _, _, _) = summary(plain);
     let (p50, p95, p99, max) = summary(to_exec);
     let (pp50, _, pp99, _) = summary(push_only);
     let mut t = Table::new(
@@ -197,6 +211,7 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
         format!("{p99:.1}"),
         format!("{max:.1}"),
         format!("{pp50:.1} / {pp99:.1}"),
+        format!("{plain50:.1}"),
         verdict(p50 <= 30.0 && p99 <= 100.0),
     ]);
     tables.push(t);
