@@ -7,6 +7,7 @@
 //! configuration index. The loop itself lives in [`run`].
 
 pub mod diff;
+pub mod lease;
 pub mod mirror;
 pub mod publish;
 pub mod resolve;

@@ -26,6 +26,10 @@ struct Cli {
     /// seconds (per read or write on `git://`; twice that for a whole fetch).
     #[arg(long, env = "CONFCAST_FETCH_TIMEOUT_SECS", default_value_t = 30)]
     fetch_timeout_secs: u64,
+    /// Seconds a relay's hold on its datacenter outlives it: with several relays for one
+    /// datacenter, a standby takes over this long after the active one dies.
+    #[arg(long, env = "CONFCAST_LEASE_TTL_SECS", default_value_t = 6)]
+    lease_ttl_secs: u64,
 }
 
 #[tokio::main]
@@ -44,7 +48,7 @@ async fn main() -> ExitCode {
         _ => cli.master.clone(),
     };
     let config =
-        confcast_relay::Config { nats_url: cli.nats, dc: cli.dc, master_url: master, state_dir: cli.state_dir, fetch_timeout: std::time::Duration::from_secs(cli.fetch_timeout_secs) };
+        confcast_relay::Config { nats_url: cli.nats, dc: cli.dc, master_url: master, state_dir: cli.state_dir, fetch_timeout: std::time::Duration::from_secs(cli.fetch_timeout_secs), lease_ttl: std::time::Duration::from_secs(cli.lease_ttl_secs.max(1)) };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     match confcast_relay::run(config, shutdown).await {

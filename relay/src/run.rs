@@ -21,6 +21,7 @@ use serde_bytes::ByteBuf;
 use tokio_util::sync::CancellationToken;
 
 use crate::diff::{diff, Listing};
+use crate::lease::Lease;
 use crate::mirror::{Mirror, MirrorError};
 use crate::publish::{Bus, BusError, INLINE_LIMIT};
 use crate::resolve::{datacenter_ref, resolve, RefSource, Resolution, Target};
@@ -39,6 +40,8 @@ pub struct Config {
     /// How long a fetch may wait on the network (per read or write on `git://`, and
     /// twice that for a whole fetch on any transport) before it fails and is retried.
     pub fetch_timeout: Duration,
+    /// How long the datacenter's lease outlives its holder (see [`crate::lease`]).
+    pub lease_ttl: Duration,
 }
 
 /// Why the relay stopped.
@@ -113,15 +116,89 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
                 deliver_policy: consumer::DeliverPolicy::New,
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(120),
-                max_ack_pending: 1,
+                // Events are triggers (each handled by re-resolving the datacenter), so
+                // their order does not matter: several may be pending, so that one held
+                // by a relay that was killed does not block the others until ack_wait.
+                max_ack_pending: 64,
                 ..Default::default()
             },
         )
         .await
         .map_err(|e| BusError::new("relay consumer", e))?;
 
+    let holder = format!(
+        "{}:{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
+        std::process::id()
+    );
+    let lease = tokio::select! {
+        lease = retry("opening the lease", &shutdown, || Lease::open(bus.jetstream(), &config.dc, holder.clone(), config.lease_ttl)) => lease,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    let Some(lease) = lease else { return Ok(()) };
+    loop {
+        let Some(revision) = lease.acquire(&shutdown).await else { return Ok(()) };
+        tracing::info!(dc = %config.dc, %holder, "holding the datacenter's lease; handling its events");
+        let lost = CancellationToken::new();
+        let stop_keeping = CancellationToken::new();
+        let keeper = tokio::spawn(lease.clone().keep(revision, lost.clone(), stop_keeping.clone()));
+        let led = lead(&config, &bus, &mirror, &consumer, &shutdown, &lost).await;
+        stop_keeping.cancel();
+        let _ = keeper.await;
+        match led {
+            Led::Shutdown => break,
+            Led::Lost => continue,
+        }
+    }
+    tracing::info!(dc = %config.dc, "relay stopped");
+    Ok(())
+}
+
+/// Why a relay stopped handling events.
+enum Led {
+    Shutdown,
+    Lost,
+}
+
+/// Handles the datacenter's events while this relay holds the lease.
+async fn lead(
+    config: &Config,
+    bus: &Bus,
+    mirror: &Mirror,
+    consumer: &consumer::PullConsumer,
+    shutdown: &CancellationToken,
+    lost: &CancellationToken,
+) -> Led {
+    // Stop at shutdown or when the lease is gone, whichever comes first.
+    let stop = CancellationToken::new();
+    let watch = {
+        let (stop, shutdown, lost) = (stop.clone(), shutdown.clone(), lost.clone());
+        tokio::spawn(async move {
+            tokio::select! { () = shutdown.cancelled() => {}, () = lost.cancelled() => {} }
+            stop.cancel();
+        })
+    };
+    let result = lead_until(config, bus, mirror, consumer, &stop).await;
+    watch.abort();
+    if let Err(e) = result {
+        tracing::error!(error = %e, "the relay loop failed; starting over");
+    }
+    if shutdown.is_cancelled() { Led::Shutdown } else { Led::Lost }
+}
+
+/// The leader's work: load what was published, catch up with the master, then handle
+/// events until `shutdown`.
+async fn lead_until(
+    config: &Config,
+    bus: &Bus,
+    mirror: &Mirror,
+    consumer: &consumer::PullConsumer,
+    shutdown: &CancellationToken,
+) -> Result<(), RelayError> {
+    let bus = bus.clone();
+    let mirror = mirror.clone();
     let heads = tokio::select! {
-        heads = retry("loading heads", &shutdown, || bus.load_heads()) => heads,
+        heads = retry("loading heads", shutdown, || bus.load_heads()) => heads,
         () = shutdown.cancelled() => return Ok(()),
     };
     let Some(heads) = heads else { return Ok(()) };
@@ -211,7 +288,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
             }
         }
     }
-    tracing::info!(dc = %relay.dc, "relay stopped");
     Ok(())
 }
 

@@ -218,3 +218,40 @@ fn the_master_unavailable_for_a_while_delays_but_loses_nothing() {
 fn the_master_unavailable_for_30_seconds_delays_but_loses_nothing() {
     master_unavailable(Duration::from_secs(30));
 }
+
+#[test]
+fn two_relays_for_one_datacenter_either_can_die() {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats);
+    let ttl = ["--lease-ttl-secs", "2"];
+    let url = master.bare.display().to_string();
+    let mut a = Relay::start_with(&nats.url(), "dc1", &url, &ttl);
+    wait_for(Duration::from_secs(20), "relay a to lead", || a.log().contains("holding the datacenter's lease").then_some(()));
+    let mut b = Relay::start_with(&nats.url(), "dc1", &url, &ttl);
+    wait_for(Duration::from_secs(20), "relay b to stand by", || b.log().contains("standing by").then_some(()));
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    let mut pushed = vec![first];
+
+    push_many(&master, 5, &mut pushed, |_| {});
+    sub.wait_exec("service0", pushed.last().expect("pushed"));
+    a.kill();
+    // Pushes while nobody leads: b takes over within the lease's TTL and catches up.
+    push_many(&master, 5, &mut pushed, |_| {});
+    sub.wait_exec("service0", pushed.last().expect("pushed"));
+    assert!(b.log().contains("holding the datacenter's lease"), "b took over");
+    a.restart();
+    wait_for(Duration::from_secs(20), "restarted a to stand by", || a.log().matches("standing by").count().ge(&1).then_some(()));
+    b.kill();
+    push_many(&master, 5, &mut pushed, |_| {});
+
+    let last = pushed.last().expect("pushed").clone();
+    let (_, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    assert_eq!(duplicates, 0);
+    // Only the lease holder publishes: no state was announced twice.
+    let execs = sub.execs();
+    let mut seen = std::collections::BTreeSet::new();
+    for line in &execs {
+        assert!(seen.insert(line.clone()), "exec ran twice for {line}: {execs:?}");
+    }
+}
