@@ -92,7 +92,9 @@ impl Lease {
                     return;
                 }
             }
-            match tokio::time::timeout(every, self.store.update(&self.key, Bytes::from(self.holder.clone()), revision)).await {
+            match tokio::time::timeout(every, self.store.update(&self.key, Bytes::from(self.holder.clone()), revision))
+                .await
+            {
                 Ok(Ok(next)) => revision = next,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "lost the datacenter's lease; standing by");

@@ -47,8 +47,14 @@ async fn main() -> ExitCode {
         Ok(abs) if !cli.master.contains("://") => abs.display().to_string(),
         _ => cli.master.clone(),
     };
-    let config =
-        confcast_relay::Config { nats_url: cli.nats, dc: cli.dc, master_url: master, state_dir: cli.state_dir, fetch_timeout: std::time::Duration::from_secs(cli.fetch_timeout_secs), lease_ttl: std::time::Duration::from_secs(cli.lease_ttl_secs.max(1)) };
+    let config = confcast_relay::Config {
+        nats_url: cli.nats,
+        dc: cli.dc,
+        master_url: master,
+        state_dir: cli.state_dir,
+        fetch_timeout: std::time::Duration::from_secs(cli.fetch_timeout_secs),
+        lease_ttl: std::time::Duration::from_secs(cli.lease_ttl_secs.max(1)),
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     match confcast_relay::run(config, shutdown).await {

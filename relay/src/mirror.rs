@@ -86,7 +86,12 @@ impl Mirror {
         let options =
             gix::open::Options::default().object_store_slots(gix::odb::store::init::Slots::Given(OBJECT_STORE_SLOTS));
         let repo = gix::open_opts(path, options).map_err(|e| local(&e))?;
-        Ok(Mirror { repo: repo.into_sync(), path: path.to_owned(), url: url.to_owned(), io_timeout: DEFAULT_IO_TIMEOUT })
+        Ok(Mirror {
+            repo: repo.into_sync(),
+            path: path.to_owned(),
+            url: url.to_owned(),
+            io_timeout: DEFAULT_IO_TIMEOUT,
+        })
     }
 
     /// Sets how long a fetch may wait on the network for one read or write.
@@ -97,7 +102,9 @@ impl Mirror {
 
     /// A `git://` connection whose socket reads and writes time out, so a black-holed
     /// network fails the fetch instead of hanging it (gix only bounds the connect).
-    fn git_daemon_transport(&self) -> Result<Option<Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>>, MirrorError> {
+    fn git_daemon_transport(
+        &self,
+    ) -> Result<Option<Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>>, MirrorError> {
         let err = |message: String| MirrorError::Fetch { url: self.url.clone(), message };
         let url = gix::url::parse(gix::bstr::BStr::new(self.url.as_bytes())).map_err(|e| err(e.to_string()))?;
         if url.scheme != gix::url::Scheme::Git {

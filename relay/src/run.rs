@@ -86,7 +86,8 @@ struct Prepared {
 
 /// Runs the relay until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
-    let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?.with_io_timeout(config.fetch_timeout);
+    let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?
+        .with_io_timeout(config.fetch_timeout);
     let client = async_nats::ConnectOptions::new()
         .name(format!("confcast-relay {}", config.dc))
         // A relay must notice a dead connection (black-holed network) quickly: two
@@ -183,7 +184,11 @@ async fn lead(
     if let Err(e) = result {
         tracing::error!(error = %e, "the relay loop failed; starting over");
     }
-    if shutdown.is_cancelled() { Led::Shutdown } else { Led::Lost }
+    if shutdown.is_cancelled() {
+        Led::Shutdown
+    } else {
+        Led::Lost
+    }
 }
 
 /// The leader's work: load what was published, catch up with the master, then handle

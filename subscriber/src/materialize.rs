@@ -215,7 +215,9 @@ fn populate(
         std::thread::scope(|scope| {
             let handles: Vec<_> =
                 carried.chunks(chunk).map(|part| scope.spawn(move || link_all(base_dir, tmp, part))).collect();
-            handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(ApplyError::Malformed("link worker panicked".into()))))
+            handles.into_iter().try_for_each(|h| {
+                h.join().unwrap_or_else(|_| Err(ApplyError::Malformed("link worker panicked".into())))
+            })
         })?;
     }
     for entry in &update.entries {
@@ -224,7 +226,8 @@ fn populate(
             ChangeKind::Delete => {}
             ChangeKind::Rename => {
                 let (base_dir, _) = base.ok_or_else(|| ApplyError::Malformed("rename without a base tree".into()))?;
-                let from = entry.from_path.as_ref().ok_or_else(|| ApplyError::Malformed("rename without from_path".into()))?;
+                let from =
+                    entry.from_path.as_ref().ok_or_else(|| ApplyError::Malformed("rename without from_path".into()))?;
                 let source = base_dir.join(OsStr::from_bytes(from));
                 ensure_parent(&target)?;
                 fs::hard_link(&source, &target).map_err(io_at(&source))?;

@@ -791,7 +791,9 @@ impl FaultProxy {
                 }
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
                 let born = g.load(Ordering::SeqCst);
-                for (from, to) in [(client.try_clone().expect("clone"), server.try_clone().expect("clone")), (server, client)] {
+                for (from, to) in
+                    [(client.try_clone().expect("clone"), server.try_clone().expect("clone")), (server, client)]
+                {
                     let (m, g) = (m.clone(), g.clone());
                     std::thread::spawn(move || pump(from, to, m, g, born));
                 }

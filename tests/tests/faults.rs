@@ -226,7 +226,9 @@ fn two_relays_for_one_datacenter_either_can_die() {
     let ttl = ["--lease-ttl-secs", "2"];
     let url = master.bare.display().to_string();
     let mut a = Relay::start_with(&nats.url(), "dc1", &url, &ttl);
-    wait_for(Duration::from_secs(20), "relay a to lead", || a.log().contains("holding the datacenter's lease").then_some(()));
+    wait_for(Duration::from_secs(20), "relay a to lead", || {
+        a.log().contains("holding the datacenter's lease").then_some(())
+    });
     let mut b = Relay::start_with(&nats.url(), "dc1", &url, &ttl);
     wait_for(Duration::from_secs(20), "relay b to stand by", || b.log().contains("standing by").then_some(()));
     let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
@@ -241,7 +243,9 @@ fn two_relays_for_one_datacenter_either_can_die() {
     sub.wait_exec("service0", pushed.last().expect("pushed"));
     assert!(b.log().contains("holding the datacenter's lease"), "b took over");
     a.restart();
-    wait_for(Duration::from_secs(20), "restarted a to stand by", || a.log().matches("standing by").count().ge(&1).then_some(()));
+    wait_for(Duration::from_secs(20), "restarted a to stand by", || {
+        a.log().matches("standing by").count().ge(&1).then_some(())
+    });
     b.kill();
     push_many(&master, 5, &mut pushed, |_| {});
 

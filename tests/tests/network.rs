@@ -57,7 +57,11 @@ fn scenario(between_relay_and_nats: bool, faults: &[(Fault, Duration)]) {
 fn relay_to_master_black_hole_reset_and_latency() {
     scenario(
         false,
-        &[(Fault::BlackHole, Duration::from_secs(2)), (Fault::Reset, Duration::from_secs(1)), (Fault::Latency(100), Duration::from_secs(1))],
+        &[
+            (Fault::BlackHole, Duration::from_secs(2)),
+            (Fault::Reset, Duration::from_secs(1)),
+            (Fault::Latency(100), Duration::from_secs(1)),
+        ],
     );
 }
 
@@ -65,6 +69,10 @@ fn relay_to_master_black_hole_reset_and_latency() {
 fn relay_to_nats_black_hole_reset_and_latency() {
     scenario(
         true,
-        &[(Fault::BlackHole, Duration::from_secs(2)), (Fault::Reset, Duration::from_secs(1)), (Fault::Latency(100), Duration::from_secs(1))],
+        &[
+            (Fault::BlackHole, Duration::from_secs(2)),
+            (Fault::Reset, Duration::from_secs(1)),
+            (Fault::Latency(100), Duration::from_secs(1)),
+        ],
     );
 }

@@ -200,7 +200,8 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
             "p95 ms",
             "p99 ms",
             "max ms",
-            "`git push` itself p50 / p99 ms",
+            "`git push` with the hooks p50 / p99 ms",
+            "`git push` without confcast's hooks p50 ms",
             "target p50 ≤ 30, p99 ≤ 100",
         ],
     );
@@ -310,7 +311,9 @@ fn polling_baseline(hosts: usize, period: Duration, observe: Duration, t: &mut T
         })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let seen: Arc<std::sync::Mutex<BTreeMap<String, Vec<Instant>>>> = Default::default();
+    // Per host: when it fetched, and what the service's head was then.
+    let seen: Arc<std::sync::Mutex<Vec<Vec<(Instant, String)>>>> =
+        Arc::new(std::sync::Mutex::new(vec![Vec::new(); hosts]));
     let pollers: Vec<_> = clones
         .into_iter()
         .enumerate()
@@ -324,7 +327,7 @@ fn polling_baseline(hosts: usize, period: Duration, observe: Duration, t: &mut T
                     let _ =
                         std::process::Command::new("git").arg("-C").arg(&dir).args(["fetch", "-q", "origin"]).status();
                     let head = git(&dir, &["rev-parse", "refs/heads/services/service0/master"]);
-                    seen.lock().expect("seen").entry(head).or_default().push(Instant::now());
+                    seen.lock().expect("seen")[h].push((Instant::now(), head));
                     while Instant::now() < next && !stop.load(Ordering::SeqCst) {
                         thread::sleep(Duration::from_millis(5));
                     }
@@ -352,11 +355,15 @@ fn polling_baseline(hosts: usize, period: Duration, observe: Duration, t: &mut T
         let _ = p.join();
     }
     let seen = seen.lock().expect("seen");
+    let index: BTreeMap<&str, usize> = pushes.iter().enumerate().map(|(i, (c, _))| (c.as_str(), i)).collect();
     let mut delays = Vec::new();
-    for (commit, at) in &pushes {
-        // Each host's first observation of this commit, or of a later one.
-        if let Some(first) = seen.get(commit).and_then(|v| v.iter().filter(|t| *t >= at).min()) {
-            delays.push((*first - *at).as_secs_f64() * 1000.0);
+    for (i, (_, at)) in pushes.iter().enumerate() {
+        // Each host's first fetch that saw this push or a later one.
+        for host in seen.iter() {
+            let first = host.iter().find(|(t, head)| t >= at && index.get(head.as_str()).is_some_and(|j| *j >= i));
+            if let Some((t, _)) = first {
+                delays.push((*t - *at).as_secs_f64() * 1000.0);
+            }
         }
     }
     let (p50, _, p99, _) = summary(delays);
