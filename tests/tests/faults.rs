@@ -100,9 +100,37 @@ fn subscriber_killed_during_pushes(pushes: usize) {
 
     let stop = Arc::new(AtomicBool::new(false));
     let killer = chaos(sub.clone(), stop.clone(), Subscriber::kill, Subscriber::restart);
+    // A reader on the host, as an application would be: every tree it ever sees through
+    // `<dir>/service0` must be exactly the tree of a pushed commit, never a partial one.
+    let link = sub.lock().expect("sub").service_dir("service0");
+    let observer = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(target) = std::fs::read_link(&link) {
+                    // Only a tree that stayed current while it was read counts: the link
+                    // moves forward only, and the current tree is never pruned.
+                    if let Ok(listing) = std::panic::catch_unwind(|| confcast_tests::disk_listing(&target)) {
+                        if std::fs::read_link(&link).ok().as_ref() == Some(&target) {
+                            seen.push(listing);
+                        }
+                    }
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            seen
+        })
+    };
     push_many(&master, pushes, &mut pushed, |_| thread::sleep(Duration::from_millis(5)));
     stop.store(true, Ordering::SeqCst);
     let kills = killer.join().expect("killer");
+    let observed = observer.join().expect("observer");
+    let trees: Vec<_> = pushed.iter().map(|c| master.listing(c)).collect();
+    for listing in &observed {
+        assert!(trees.contains(listing), "a host exposed a tree that no push made: {listing:?}");
+    }
+    eprintln!("{} trees observed through the link during the kills, all complete", observed.len());
 
     let last = pushed.last().expect("pushed").clone();
     let sub = sub.lock().expect("sub");
