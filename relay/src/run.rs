@@ -16,7 +16,7 @@ use confcast_schemas::{
     decode, encode, path, subject, ChangeKind, CommitEvent, Entry, ErrorEvent, FileMode, Inventory, Kind, ServiceHead,
     ServiceUpdate, WIRE_VERSION,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_bytes::ByteBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -250,7 +250,7 @@ async fn lead_until(
         };
         loop {
             let next = tokio::select! { n = messages.next() => n, () = shutdown.cancelled() => break 'outer };
-            let message = match next {
+            let first = match next {
                 Some(Ok(message)) => message,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "commit event stream error");
@@ -258,43 +258,70 @@ async fn lead_until(
                 }
                 None => continue 'outer,
             };
-            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let event: CommitEvent = match decode(&message.payload) {
-                Ok(event) => event,
-                Err(e) => {
-                    tracing::error!(seq, error = %e, "unreadable commit event, dropping it");
-                    let _ = message.ack_with(AckKind::Term).await;
-                    continue;
+            // Events are triggers: whatever else is already waiting is handled with this
+            // one — one fetch of all their refs, one resolution — so a burst of pushes
+            // costs the master and the relay about as much as one.
+            let mut batch = vec![first];
+            while batch.len() < BATCH_MAX {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(message))) => batch.push(message),
+                    _ => break,
                 }
-            };
-            if !relay.watched.contains(&event.ref_name) {
-                let _ = message.ack().await;
-                continue;
             }
-            let cause = Cause {
-                tag: format!("e{seq}"),
-                event_seq: seq,
-                pushed_at_ms: event.pushed_at_ms,
-                ref_name: Some(event.ref_name.clone()),
-                commit: event.new.clone(),
+            let mut relevant = Vec::new();
+            let mut refs = BTreeSet::new();
+            for message in batch {
+                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                match decode::<CommitEvent>(&message.payload) {
+                    Ok(event) if relay.watched.contains(&event.ref_name) => {
+                        refs.insert(event.ref_name.clone());
+                        relevant.push((message, seq, event));
+                    }
+                    Ok(_) => {
+                        let _ = message.ack().await;
+                    }
+                    Err(e) => {
+                        tracing::error!(seq, error = %e, "unreadable commit event, dropping it");
+                        let _ = message.ack_with(AckKind::Term).await;
+                    }
+                }
+            }
+            let (Some((_, first_seq, oldest)), Some((_, last_seq, newest))) = (relevant.first(), relevant.last()) else {
+                continue;
             };
-            match relay.sync(&cause, BTreeSet::from([event.ref_name.clone()])).await {
+            let cause = Cause {
+                tag: if first_seq == last_seq { format!("e{last_seq}") } else { format!("e{first_seq}-{last_seq}") },
+                event_seq: *last_seq,
+                pushed_at_ms: oldest.pushed_at_ms,
+                ref_name: Some(newest.ref_name.clone()),
+                commit: newest.new.clone(),
+            };
+            let events = relevant.len();
+            match relay.sync(&cause, refs).await {
                 Ok(()) => {
                     backoff = Backoff::default();
-                    if let Err(e) = message.double_ack().await {
-                        tracing::warn!(seq, error = %e, "ack of commit event failed; it will be redelivered and found done");
+                    for (message, seq, _) in relevant {
+                        if let Err(e) = message.double_ack().await {
+                            tracing::warn!(seq, error = %e, "ack of commit event failed; it will be redelivered and found done");
+                        }
                     }
                 }
                 Err(e) => {
                     let delay = backoff.next();
-                    tracing::warn!(seq, ref_name = %event.ref_name, error = %e, retry_in = ?delay, "event not handled, will retry");
-                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    tracing::warn!(events, cause = %cause.tag, error = %e, retry_in = ?delay, "events not handled, will retry");
+                    for (message, _, _) in relevant {
+                        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    }
                 }
             }
         }
     }
     Ok(())
 }
+
+/// At most this many waiting events are handled together (the consumer's
+/// `max_ack_pending` bounds it too).
+const BATCH_MAX: usize = 64;
 
 /// Retries `f` with backoff until it succeeds or shutdown; `None` on shutdown.
 async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
