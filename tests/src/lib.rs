@@ -431,6 +431,11 @@ impl Relay {
         }
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The relay's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.state_dir.path().join("relay.log")).unwrap_or_default()

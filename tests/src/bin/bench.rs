@@ -245,6 +245,86 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
     Some(pid)
 }
 
+/// CPU time (user + system) of a process so far, in milliseconds.
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    ticks * 10
+}
+
+/// D datacenters, H hosts spread over them, in-process subscribers (the library's `run`,
+/// as the binary uses it); P pushes; time until each host's link points at the commit.
+fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
+    let nats = NatsServer::start();
+    let (master, first) = master(&nats, datacenters);
+    let relays: Vec<Relay> = (0..datacenters).map(|d| Relay::start(&nats.url(), &format!("dc{d}"), &master.bare)).collect();
+    let root = tempfile::tempdir().expect("tempdir");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let links: Vec<std::path::PathBuf> = (0..hosts)
+        .map(|h| {
+            let dir = root.path().join(format!("h{h}"));
+            let config = confcast_subscriber::Config {
+                nats_url: nats.url(),
+                dc: format!("dc{}", h % datacenters),
+                selection: confcast_subscriber::Selection::Services(vec![(Kind::Service, "service0".into())]),
+                dir: dir.join("etc"),
+                state_dir: dir.join("state"),
+                notify: Default::default(),
+                host_id: format!("h{h}"),
+                verify_interval: None,
+            };
+            runtime.spawn(confcast_subscriber::run(config, shutdown.clone()));
+            dir.join("etc/service0")
+        })
+        .collect();
+    let at = |commit: &str| links.iter().filter(|l| std::fs::read_link(l).is_ok_and(|p| p.ends_with(commit))).count();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while at(&first) < hosts {
+        assert!(Instant::now() < deadline, "fan-out bootstrap: {} of {hosts}", at(&first));
+        thread::sleep(Duration::from_millis(20));
+    }
+    let relay_cpu0: u64 = relays.iter().filter_map(Relay::pid).map(cpu_ms).sum();
+    let svc = master.on("services/service0/master");
+    let (mut per_host, mut last_host) = (Vec::new(), Vec::new());
+    for i in 0..pushes {
+        svc.write("app.conf", format!("fan-out {i}\n"));
+        let commit = svc.commit("fan-out");
+        let started = Instant::now();
+        assert!(svc.push().ok);
+        let mut done = vec![None; hosts];
+        while done.iter().any(Option::is_none) {
+            assert!(started.elapsed() < Duration::from_secs(120), "fan-out push {i}");
+            for (h, link) in links.iter().enumerate() {
+                if done[h].is_none() && std::fs::read_link(link).is_ok_and(|p| p.ends_with(&commit)) {
+                    done[h] = Some(started.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        let times: Vec<f64> = done.into_iter().flatten().collect();
+        last_host.push(times.iter().cloned().fold(0.0, f64::max));
+        per_host.extend(times);
+        thread::sleep(Duration::from_millis(100));
+    }
+    let relay_cpu = relays.iter().filter_map(Relay::pid).map(cpu_ms).sum::<u64>() - relay_cpu0;
+    shutdown.cancel();
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let (h50, _, h99, _) = summary(per_host);
+    let (l50, _, l99, lmax) = summary(last_host);
+    t.row(vec![
+        datacenters.to_string(),
+        hosts.to_string(),
+        pushes.to_string(),
+        format!("{h50:.0} / {h99:.0}"),
+        format!("{l50:.0} / {l99:.0} / {lmax:.0}"),
+        format!("{:.1}", relay_cpu as f64 / (pushes * datacenters) as f64),
+        if datacenters == 10 && hosts == 1000 { verdict(l99 <= 1000.0) } else { "—".into() },
+    ]);
+}
+
 fn master_load(datacenters: usize, pushes: usize, t: &mut Table) {
     let nats = NatsServer::start();
     let (master, first) = master(&nats, datacenters);
@@ -620,6 +700,17 @@ fn main() {
             "target ≤ D per push, 0 unpinned, 0 idle",
         ],
     );
+    if run("fanout") {
+        let mut fan = Table::new(
+            "7. Fan-out: D datacenters, H hosts (in-process subscribers: the same library code as the binary), push → host applied",
+            &["D", "H", "pushes", "per host p50 / p99 ms", "last host p50 / p99 / max ms", "relay CPU per update ms", "target D = 10, H = 1,000: last host p99 ≤ 1000 ms"],
+        );
+        let sizes: &[(usize, usize)] = if quick { &[(1, 10), (2, 50)] } else { &[(1, 10), (10, 10), (1, 1000), (10, 1000)] };
+        for (d, h) in sizes {
+            fanout(*d, *h, if quick { 3 } else { 10 }, &mut fan);
+        }
+        tables.push(fan);
+    }
     if run("load") {
         for d in if quick { vec![1, 3] } else { vec![1, 10] } {
             master_load(d, if quick { 3 } else { 20 }, &mut load);
