@@ -553,7 +553,9 @@ impl Host {
                 .await
                 .map_err(|e| ApplyError::Malformed(format!("worker panicked: {e}")))??;
         materialize::switch(&layout, &tree)?;
-        materialize::prune(&layout);
+        // Deleting an old tree costs as much as building one: off the path to `--exec`.
+        // It never touches the current tree, which the next update builds from.
+        tokio::task::spawn_blocking(move || materialize::prune(&layout));
         Ok(())
     }
 
