@@ -286,7 +286,8 @@ async fn lead_until(
                     }
                 }
             }
-            let (Some((_, first_seq, oldest)), Some((_, last_seq, newest))) = (relevant.first(), relevant.last()) else {
+            let (Some((_, first_seq, oldest)), Some((_, last_seq, newest))) = (relevant.first(), relevant.last())
+            else {
                 continue;
             };
             let cause = Cause {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{ReadError, Reader};
 use crate::exec::{notify, Change, Notify};
 use crate::materialize::{self, ApplyError, Layout};
-use crate::state::{key, Position, ServiceState};
+use crate::state::{key, parse_key, Position, ServiceState};
 
 /// Which services this host runs.
 #[derive(Debug, Clone)]
@@ -352,9 +352,7 @@ impl Host {
             .cloned()
             .collect();
         for k in gone {
-            let Some((kind, name)) = k.split_once('/').and_then(|(k, n)| Some((kind_of(k)?, n.to_owned()))) else {
-                continue;
-            };
+            let Some((kind, name)) = parse_key(&k) else { continue };
             let state = self.state(kind, &name);
             if state.commit.is_some() {
                 if let Err(e) = materialize::unlink(&self.layout(kind, &name)) {
@@ -616,10 +614,7 @@ impl Host {
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
         for (k, state) in pending {
-            let Some((kind, name)) = k.split_once('/').and_then(|(kind, n)| Some((kind_of(kind)?, n.to_owned())))
-            else {
-                continue;
-            };
+            let Some((kind, name)) = parse_key(&k) else { continue };
             self.run_exec(kind, &name, &state).await;
             if let Some(s) = self.position.services.get_mut(&k) {
                 s.exec_pending = false;
@@ -675,7 +670,8 @@ pub fn verify(dir: &std::path::Path, state_dir: &std::path::Path) -> Result<(Vec
     let mut lines = Vec::new();
     let mut all_intact = true;
     for (k, state) in &position.services {
-        let Some((kind, name)) = k.split_once('/').and_then(|(kind, n)| Some((kind_of(kind)?, n))) else { continue };
+        let Some((kind, name)) = parse_key(k) else { continue };
+        let name = name.as_str();
         let (Some(commit), Some(tree)) = (&state.commit, &state.tree) else {
             lines.push(format!("{kind} {name}: not present on this host"));
             continue;
@@ -702,10 +698,6 @@ pub fn verify(dir: &std::path::Path, state_dir: &std::path::Path) -> Result<(Vec
         lines.push(line);
     }
     Ok((lines, all_intact))
-}
-
-fn kind_of(s: &str) -> Option<Kind> {
-    Kind::ALL.into_iter().find(|k| k.as_str() == s)
 }
 
 fn state_after(update: &ServiceUpdate, seq: u64) -> ServiceState {

@@ -46,6 +46,13 @@ pub fn key(kind: Kind, name: &str) -> String {
     format!("{kind}/{name}")
 }
 
+/// The service a [`key`] names.
+pub fn parse_key(key: &str) -> Option<(Kind, String)> {
+    let (kind, name) = key.split_once('/')?;
+    let kind = Kind::ALL.into_iter().find(|k| k.as_str() == kind)?;
+    Some((kind, name.to_owned()))
+}
+
 impl Position {
     /// Loads the position, or an empty one for a new host.
     pub fn load(path: &Path, dc: &str) -> io::Result<Position> {
@@ -102,6 +109,8 @@ mod tests {
             .insert(key(Kind::Service, "s"), ServiceState { commit: Some("c".into()), seq: 7, ..Default::default() });
         position.save(&path).expect("save");
         assert_eq!(Position::load(&path, "dc1").expect("load"), position);
+        assert_eq!(parse_key(&key(Kind::Device, "a/b")), Some((Kind::Device, "a/b".to_owned())));
+        assert_eq!(parse_key("nonsense/x"), None);
         let e = Position::load(&path, "dc2").expect_err("other dc");
         assert!(e.to_string().contains("belongs to datacenter \"dc1\""), "{e}");
     }

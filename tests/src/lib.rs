@@ -193,6 +193,16 @@ impl Master {
         Master { bare, work, _dir: dir }
     }
 
+    /// A master with datacenter `dc1` following `datacenter-configuration/big`, which
+    /// pins `service0` to its master branch; returns it and service0's first commit.
+    pub fn with_service0(nats_url: &str) -> (Master, String) {
+        let master = Master::new(nats_url);
+        master.configuration("big", r#"{"services":[{"name":"service0","branch":"master"}]}"#);
+        master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
+        let first = master.on("services/service0/master").write("app.conf", "0\n").commit_push("first").commit;
+        (master, first)
+    }
+
     /// Switches the work clone to local branch `branch` (e.g. `services/s0/master`),
     /// creating it empty if it does not exist yet.
     pub fn on(&self, branch: &str) -> &Self {

@@ -41,9 +41,7 @@ impl Drop for Tmpfs {
 #[test]
 fn a_full_disk_keeps_the_old_tree_and_recovers_when_space_is_freed() {
     let nats = NatsServer::start();
-    let master = Master::new(&nats.url());
-    master.configuration("big", r#"{"services":[{"name":"service0","branch":"master"}]}"#);
-    master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
+    let (master, _) = Master::with_service0(&nats.url());
     let first = master.on("services/service0/master").write("app.conf", "small\n").commit_push("first").commit;
     let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
 

@@ -9,9 +9,7 @@ use confcast_tests::{wait_for, Master, NatsServer, Relay, Subscriber};
 #[test]
 fn an_altered_tree_is_detected_restored_and_reported() {
     let nats = NatsServer::start();
-    let master = Master::new(&nats.url());
-    master.configuration("big", r#"{"services":[{"name":"service0","branch":"master"}]}"#);
-    master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
+    let (master, _) = Master::with_service0(&nats.url());
     let commit = master
         .on("services/service0/master")
         .write("app.conf", "good\n")
@@ -50,9 +48,7 @@ fn an_altered_tree_is_detected_restored_and_reported() {
 #[test]
 fn verify_reports_an_altered_tree_of_a_stopped_subscriber() {
     let nats = NatsServer::start();
-    let master = Master::new(&nats.url());
-    master.configuration("big", r#"{"services":[{"name":"service0","branch":"master"}]}"#);
-    master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
+    let (master, _) = Master::with_service0(&nats.url());
     let commit = master.on("services/service0/master").write("app.conf", "good\n").commit_push("first").commit;
     let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let mut sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);

@@ -8,11 +8,7 @@ use std::time::Duration;
 use confcast_tests::{Fault, FaultProxy, GitDaemon, Master, NatsServer, Relay, Subscriber};
 
 fn setup(nats: &NatsServer) -> (Master, String) {
-    let master = Master::new(&nats.url());
-    master.configuration("big", r#"{"services":[{"name":"service0","branch":"master"}]}"#);
-    master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
-    let first = master.on("services/service0/master").write("app.conf", "0\n").commit_push("first").commit;
-    (master, first)
+    Master::with_service0(&nats.url())
 }
 
 fn pushes(master: &Master, n: usize, pushed: &mut Vec<String>) {

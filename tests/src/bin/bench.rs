@@ -259,7 +259,8 @@ fn cpu_ms(pid: u32) -> u64 {
 fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
     let nats = NatsServer::start();
     let (master, first) = master(&nats, datacenters);
-    let relays: Vec<Relay> = (0..datacenters).map(|d| Relay::start(&nats.url(), &format!("dc{d}"), &master.bare)).collect();
+    let relays: Vec<Relay> =
+        (0..datacenters).map(|d| Relay::start(&nats.url(), &format!("dc{d}"), &master.bare)).collect();
     let root = tempfile::tempdir().expect("tempdir");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -705,7 +706,8 @@ fn main() {
             "7. Fan-out: D datacenters, H hosts (in-process subscribers: the same library code as the binary), push → host applied",
             &["D", "H", "pushes", "per host p50 / p99 ms", "last host p50 / p99 / max ms", "relay CPU per update ms", "target D = 10, H = 1,000: last host p99 ≤ 1000 ms"],
         );
-        let sizes: &[(usize, usize)] = if quick { &[(1, 10), (2, 50)] } else { &[(1, 10), (10, 10), (1, 1000), (10, 1000)] };
+        let sizes: &[(usize, usize)] =
+            if quick { &[(1, 10), (2, 50)] } else { &[(1, 10), (10, 10), (1, 1000), (10, 1000)] };
         for (d, h) in sizes {
             fanout(*d, *h, if quick { 3 } else { 10 }, &mut fan);
         }
