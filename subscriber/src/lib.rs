@@ -3,12 +3,14 @@
 //! It follows its services' updates on the datacenter's stream ([`run`]), builds each
 //! new tree beside the current one and switches to it atomically after verifying its
 //! git tree id ([`materialize`], [`tree_hash`]), remembers where it stands on local disk
-//! ([`state`]) and tells the host's processes ([`exec`]).
+//! ([`state`]), tells the host's processes ([`exec`]) and serves what it applied as JSON
+//! on localhost ([`serve`]).
 
 pub mod bus;
 pub mod exec;
 pub mod materialize;
 pub mod run;
+pub mod serve;
 pub mod state;
 pub mod tree_hash;
 

@@ -57,6 +57,11 @@ struct Cli {
     /// Host id in status reports (default: `--host`, else the system host name).
     #[arg(long, env = "CONFCAST_HOST_ID")]
     host_id: Option<String>,
+    /// Serve the host's configuration as JSON on this address (e.g. 127.0.0.1:7070) or
+    /// unix socket path: /healthz, /v1/services, /v1/services/<name>,
+    /// /v1/services/<name>/files/<path>.
+    #[arg(long, env = "CONFCAST_LISTEN")]
+    listen: Option<confcast_subscriber::serve::Listen>,
     /// Re-hash the applied trees this often, in seconds, and restore any that was
     /// altered on the host (0: only at start).
     #[arg(long, env = "CONFCAST_VERIFY_INTERVAL_SECS", default_value_t = 300)]
@@ -138,6 +143,7 @@ async fn main() -> ExitCode {
         selection,
         state_dir: cli.state_dir.unwrap_or_else(|| dir.join(".confcast")),
         dir,
+        listen: cli.listen,
         verify_interval: (cli.verify_interval_secs > 0).then(|| Duration::from_secs(cli.verify_interval_secs)),
         notify: Notify {
             exec: cli.exec,

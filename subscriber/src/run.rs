@@ -47,6 +47,8 @@ pub struct Config {
     pub notify: Notify,
     /// Host id used in status reports.
     pub host_id: String,
+    /// Where to serve the host's configuration as JSON (`--listen`), if anywhere.
+    pub listen: Option<crate::serve::Listen>,
     /// How often the applied trees are re-hashed and compared with what was applied
     /// (besides once at start); `None` disables the periodic check.
     pub verify_interval: Option<Duration>,
@@ -82,6 +84,16 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let reader = Reader::new(js, &config.dc);
     let position_path = config.state_dir.join("position.json");
     let position = Position::load(&position_path, &config.dc)?;
+    let statuses = crate::serve::Statuses::default();
+    if let Some(listen) = config.listen.clone() {
+        let (dir, state_dir, statuses, shutdown) =
+            (config.dir.clone(), config.state_dir.clone(), statuses.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::serve::serve(listen.clone(), dir, state_dir, statuses, shutdown).await {
+                tracing::error!(?listen, error = %e, "cannot serve --listen");
+            }
+        });
+    }
     let mut host = Host {
         config: config.clone(),
         client,
@@ -90,6 +102,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         position_path,
         services: BTreeSet::new(),
         failed: BTreeSet::new(),
+        statuses,
     };
 
     loop {
@@ -166,6 +179,8 @@ struct Host {
     /// Services whose last update could not be applied (full disk, I/O error): retried
     /// from the snapshot every [`RETRY_FAILED`].
     failed: BTreeSet<(Kind, String)>,
+    /// The last outcome per service, for `--listen`.
+    statuses: crate::serve::Statuses,
 }
 
 /// How often services whose update failed are retried.
@@ -645,6 +660,9 @@ impl Host {
         error: Option<String>,
         exec_status: Option<i32>,
     ) {
+        if let Ok(mut statuses) = self.statuses.lock() {
+            statuses.insert(key(kind, name), error.clone());
+        }
         let status = HostStatus {
             v: WIRE_VERSION,
             dc: self.config.dc.clone(),

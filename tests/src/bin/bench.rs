@@ -276,6 +276,7 @@ fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
                 notify: Default::default(),
                 host_id: format!("h{h}"),
                 verify_interval: None,
+                listen: None,
             };
             runtime.spawn(confcast_subscriber::run(config, shutdown.clone()));
             dir.join("etc/service0")
