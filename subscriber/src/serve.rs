@@ -94,11 +94,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 impl Api {
-    fn position(&self) -> Result<Position, Response> {
+    /// The position on disk (empty before the first apply); the error is the response.
+    fn position(&self) -> Result<Position, Box<Response>> {
         match Position::load_any(&self.state_dir.join("position.json")) {
             Ok(p) => Ok(p),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Position::default()),
-            Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            Err(e) => Err(Box::new(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))),
         }
     }
 
@@ -122,14 +123,14 @@ impl Api {
 async fn healthz(State(api): State<Api>) -> Response {
     match api.position() {
         Ok(_) => "ok\n".into_response(),
-        Err(e) => e,
+        Err(e) => *e,
     }
 }
 
 async fn services(State(api): State<Api>) -> Response {
     let position = match api.position() {
         Ok(p) => p,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let list: Vec<Value> = position.services.iter().map(|(k, s)| api.describe(k, s)).collect();
     Json(json!({ "dc": position.dc, "services": list })).into_response()
@@ -138,7 +139,7 @@ async fn services(State(api): State<Api>) -> Response {
 async fn service(State(api): State<Api>, UrlPath(name): UrlPath<String>) -> Response {
     let position = match api.position() {
         Ok(p) => p,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let Some((key, state)) = position.services.iter().find(|(k, _)| parse_key(k).is_some_and(|(_, n)| n == name))
     else {

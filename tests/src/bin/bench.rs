@@ -378,6 +378,9 @@ fn master_load(datacenters: usize, pushes: usize, t: &mut Table) {
     drop(relays);
 }
 
+/// Per host: when it fetched, and what the service's head was then.
+type Observations = Arc<std::sync::Mutex<Vec<Vec<(Instant, String)>>>>;
+
 fn polling_baseline(hosts: usize, period: Duration, observe: Duration, t: &mut Table) {
     let nats = NatsServer::start();
     let (master, _) = master(&nats, 1);
@@ -394,8 +397,7 @@ fn polling_baseline(hosts: usize, period: Duration, observe: Duration, t: &mut T
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     // Per host: when it fetched, and what the service's head was then.
-    let seen: Arc<std::sync::Mutex<Vec<Vec<(Instant, String)>>>> =
-        Arc::new(std::sync::Mutex::new(vec![Vec::new(); hosts]));
+    let seen: Observations = Arc::new(std::sync::Mutex::new(vec![Vec::new(); hosts]));
     let pollers: Vec<_> = clones
         .into_iter()
         .enumerate()
