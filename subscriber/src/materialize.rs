@@ -1,11 +1,12 @@
 //! Building a service's new tree on disk and switching to it atomically.
 //!
-//! A new tree is built beside the old one under `<state>/trees/<service>/`: files the
-//! update does not touch are hard-linked from the current tree (so the cost grows with
-//! the diff), changed files are written and fsynced, then the whole tree is hashed and
-//! must equal the update's git tree id. Only then is `<dir>/<service>` — a symlink —
-//! replaced with one pointing at the new tree, by `rename(2)`: a reader sees the old
-//! tree or the new one, never a mix.
+//! A new tree is built beside the current one, as `<state>/trees/<service>/<commit>`:
+//! files the update does not touch are hard-linked from the current tree, changed files
+//! are written, everything is flushed with one `syncfs(2)`, and the tree's git id —
+//! computed from the base's manifest plus the written files, read back from disk — must
+//! equal the update's. Only then is `<dir>/<service>` — a symlink — replaced with one
+//! pointing at the new tree, by `rename(2)`: a reader sees the old tree or the new one,
+//! never a mix.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
