@@ -7,6 +7,9 @@
 //! once the holder is gone (killed, partitioned, stopped). A relay that fails to renew
 //! stops handling events at once. Since only the holder publishes, its view of what was
 //! published (the heads, reloaded when it takes over) is never stale.
+//!
+//! A relay is identified by its host and state directory, which it locks, so a relay
+//! restarted after a crash takes its own lease back at once.
 
 use std::time::Duration;
 
@@ -61,6 +64,17 @@ impl Lease {
             match self.store.create(&self.key, Bytes::from(self.holder.clone())).await {
                 Ok(revision) => return Some(revision),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    // Our own lease from before a restart (same host, same state dir):
+                    // take it back at once instead of waiting for it to expire.
+                    if let Ok(Some(entry)) = self.store.entry(&self.key).await {
+                        if entry.value == self.holder.as_bytes() {
+                            if let Ok(revision) =
+                                self.store.update(&self.key, Bytes::from(self.holder.clone()), entry.revision).await
+                            {
+                                return Some(revision);
+                            }
+                        }
+                    }
                     if !announced {
                         let holder = self.store.get(&self.key).await.ok().flatten();
                         tracing::info!(

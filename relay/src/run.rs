@@ -44,9 +44,30 @@ pub struct Config {
     pub lease_ttl: Duration,
 }
 
+/// Locks `<state_dir>/relay.lock` for the life of the relay.
+fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, RelayError> {
+    let path = state_dir.join("relay.lock");
+    let fail = |message: String| RelayError::StateDir { path: path.clone(), message };
+    std::fs::create_dir_all(state_dir).map_err(|e| fail(e.to_string()))?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| fail(e.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(fail("another relay is using this state directory".into())),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(e.to_string())),
+    }
+}
+
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    /// The state directory cannot be used.
+    #[error("{path}: {message}")]
+    StateDir {
+        /// The lock file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// The mirror could not be opened.
     #[error(transparent)]
     Mirror(#[from] MirrorError),
@@ -86,6 +107,7 @@ struct Prepared {
 
 /// Runs the relay until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
+    let _lock = lock_state_dir(&config.state_dir)?;
     let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?
         .with_io_timeout(config.fetch_timeout);
     let client = async_nats::ConnectOptions::new()
@@ -127,10 +149,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
         .await
         .map_err(|e| BusError::new("relay consumer", e))?;
 
+    // One relay per state dir (it holds the mirror), and the state dir names the relay.
     let holder = format!(
         "{}:{}",
         std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
-        std::process::id()
+        config.state_dir.canonicalize().unwrap_or_else(|_| config.state_dir.clone()).display()
     );
     let lease = tokio::select! {
         lease = retry("opening the lease", &shutdown, || Lease::open(bus.jetstream(), &config.dc, holder.clone(), config.lease_ttl)) => lease,

@@ -283,3 +283,30 @@ fn two_relays_for_one_datacenter_either_can_die() {
         assert!(seen.insert(line.clone()), "exec ran twice for {line}: {execs:?}");
     }
 }
+
+#[test]
+fn a_relay_restarted_after_a_crash_resumes_at_once() {
+    let nats = NatsServer::start();
+    let (master, first) = setup(&nats);
+    let mut relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    relay.kill();
+    relay.restart();
+    // Its lease (6 s by default) is still there; it is the same relay, so it takes it back.
+    let pushed = master.on("services/service0/master").write("app.conf", "after restart\n").commit_push("after").commit;
+    let started = std::time::Instant::now();
+    sub.wait_exec_within("service0", &pushed, Duration::from_secs(20));
+    assert!(started.elapsed() < Duration::from_secs(4), "resumed after {:?}: it waited for its own lease", started.elapsed());
+
+    // A second relay on the same state directory is refused.
+    let out = std::process::Command::new(confcast_tests::bin("relay"))
+        .args(["--nats", &nats.url(), "--dc", "dc1", "--master"])
+        .arg(&master.bare)
+        .arg("--state-dir")
+        .arg(relay.state_dir.path())
+        .output()
+        .expect("relay runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another relay is using this state directory"), "{}", String::from_utf8_lossy(&out.stderr));
+}
