@@ -317,7 +317,7 @@ fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
                     done[h] = Some(started.elapsed().as_secs_f64() * 1000.0);
                 }
             }
-            thread::sleep(Duration::from_millis(2));
+            thread::sleep(Duration::from_millis(10));
         }
         let times: Vec<f64> = done.into_iter().flatten().collect();
         last_host.push(times.iter().cloned().fold(0.0, f64::max));
