@@ -49,7 +49,12 @@ fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, RelayErr
     let path = state_dir.join("relay.lock");
     let fail = |message: String| RelayError::StateDir { path: path.clone(), message };
     std::fs::create_dir_all(state_dir).map_err(|e| fail(e.to_string()))?;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| fail(e.to_string()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| fail(e.to_string()))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(fail("another relay is using this state directory".into())),

@@ -159,6 +159,18 @@ struct Applied {
 }
 
 impl Applied {
+    /// The host's state once this is in place, its exec still to run.
+    fn into_state(self, seq: u64) -> ServiceState {
+        ServiceState {
+            commit: self.commit,
+            tree: self.tree,
+            ref_name: self.ref_name,
+            version: self.version,
+            seq,
+            exec_pending: true,
+        }
+    }
+
     fn of(update: &ServiceUpdate) -> Applied {
         Applied {
             commit: update.to.clone(),
@@ -471,14 +483,7 @@ impl Host {
             Ok(outcome) => {
                 match outcome {
                     Outcome::Applied(applied) => {
-                        state = ServiceState {
-                            commit: applied.commit,
-                            tree: applied.tree,
-                            ref_name: applied.ref_name,
-                            version: applied.version,
-                            seq,
-                            exec_pending: true,
-                        };
+                        state = applied.into_state(seq);
                         let lag = now_ms().saturating_sub(update.pushed_at_ms);
                         tracing::info!(%kind, %name, commit = state.commit.as_deref().unwrap_or(""), apply_ms = started.elapsed().as_millis() as u64, push_to_apply_ms = lag, "applied");
                     }
@@ -529,12 +534,8 @@ impl Host {
     /// Records a state reached outside the update stream (resync, restore) and marks
     /// its exec as due; the stream position is left where it is.
     fn record(&mut self, kind: Kind, name: &str, applied: Applied) -> Result<(), SubscriberError> {
-        let entry = self.position.services.entry(key(kind, name)).or_default();
-        entry.commit = applied.commit;
-        entry.tree = applied.tree;
-        entry.ref_name = applied.ref_name;
-        entry.version = applied.version;
-        entry.exec_pending = true;
+        let seq = self.state(kind, name).seq;
+        self.position.services.insert(key(kind, name), applied.into_state(seq));
         self.save()
     }
 
@@ -719,13 +720,5 @@ pub fn verify(dir: &std::path::Path, state_dir: &std::path::Path) -> Result<(Vec
 }
 
 fn state_after(update: &ServiceUpdate, seq: u64) -> ServiceState {
-    let applied = Applied::of(update);
-    ServiceState {
-        commit: applied.commit,
-        tree: applied.tree,
-        ref_name: applied.ref_name,
-        version: applied.version,
-        seq,
-        exec_pending: true,
-    }
+    Applied::of(update).into_state(seq)
 }

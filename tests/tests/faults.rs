@@ -297,7 +297,11 @@ fn a_relay_restarted_after_a_crash_resumes_at_once() {
     let pushed = master.on("services/service0/master").write("app.conf", "after restart\n").commit_push("after").commit;
     let started = std::time::Instant::now();
     sub.wait_exec_within("service0", &pushed, Duration::from_secs(20));
-    assert!(started.elapsed() < Duration::from_secs(4), "resumed after {:?}: it waited for its own lease", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "resumed after {:?}: it waited for its own lease",
+        started.elapsed()
+    );
 
     // A second relay on the same state directory is refused.
     let out = std::process::Command::new(confcast_tests::bin("relay"))
@@ -308,5 +312,9 @@ fn a_relay_restarted_after_a_crash_resumes_at_once() {
         .output()
         .expect("relay runs");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another relay is using this state directory"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another relay is using this state directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
