@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use confcast_publisher::{config_keys, default_spool_dir, DEFAULT_HOOK_TIMEOUT};
+use confcast_publisher::{config_keys, default_repo_name, default_spool_dir, DEFAULT_HOOK_TIMEOUT};
 use confcast_schemas::{
     document::{CONFIGURATION_FILE, DATACENTER_FILE},
     message::now_ms,
@@ -70,11 +70,7 @@ impl Settings {
     pub fn from_repo(repo: &Repository) -> Settings {
         let config = repo.config().ok();
         let get = |key: &str| config.as_ref().and_then(|c| c.get_string(key).ok()).filter(|v| !v.is_empty());
-        let repo_name = get(config_keys::REPO).unwrap_or_else(|| {
-            let path = repo.path().canonicalize().unwrap_or_else(|_| repo.path().to_owned());
-            let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "master".into());
-            base.strip_suffix(".git").unwrap_or(&base).to_owned()
-        });
+        let repo_name = get(config_keys::REPO).unwrap_or_else(|| default_repo_name(repo.path()));
         Settings {
             nats_url: get(config_keys::NATS).unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
             repo_name,

@@ -98,17 +98,11 @@ pub fn install_hooks(options: &InstallOptions) -> Result<Vec<PathBuf>, InstallEr
 
     let name = match &options.repo_name {
         Some(name) => name.clone(),
-        None => repo_name_of(repo)?,
+        None => crate::default_repo_name(repo),
     };
     git(repo, &["config", config_keys::NATS, &options.nats_url])?;
     git(repo, &["config", config_keys::REPO, &name])?;
     Ok(written)
-}
-
-fn repo_name_of(repo: &Path) -> Result<String, InstallError> {
-    let abs = repo.canonicalize().map_err(|source| InstallError::Io { path: repo.to_owned(), source })?;
-    let base = abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "master".into());
-    Ok(base.strip_suffix(".git").unwrap_or(&base).to_owned())
 }
 
 /// Reads a `confcast.*` setting of the repository, if set.
@@ -125,6 +119,6 @@ pub fn git_dir(repo: &Path) -> Result<PathBuf, InstallError> {
 pub fn repo_name(repo: &Path) -> Result<String, InstallError> {
     match config_value(repo, config_keys::REPO) {
         Some(name) => Ok(name),
-        None => repo_name_of(repo),
+        None => Ok(crate::default_repo_name(repo)),
     }
 }

@@ -94,6 +94,14 @@ fn spool_all(spool: &Spool, events: &[CommitEvent], why: String) -> Outcome {
     outcome
 }
 
+/// The name a master repository gets in commit events when `confcast.repo` is not set:
+/// its directory name without `.git`.
+pub fn default_repo_name(git_dir: &Path) -> String {
+    let abs = git_dir.canonicalize().unwrap_or_else(|_| git_dir.to_owned());
+    let base = abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "master".into());
+    base.strip_suffix(".git").unwrap_or(&base).to_owned()
+}
+
 /// Where a master repository's spool lives unless `confcast.spoolDir` says otherwise.
 pub fn default_spool_dir(git_dir: &Path) -> std::path::PathBuf {
     git_dir.join("confcast").join("spool")

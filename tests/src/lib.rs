@@ -68,6 +68,14 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
+/// Kills and waits for a child process, if there is one.
+fn reap(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// A `nats-server` with JetStream, killed on drop.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -121,10 +129,7 @@ impl NatsServer {
 
     /// Kills the server (its store stays).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        reap(&mut self.child);
     }
 
     /// Starts it again on the same port with the same store.
@@ -286,12 +291,18 @@ impl Master {
 
     /// Runs `git push origin <refspec>`.
     pub fn push_refspec(&self, refspec: &str) -> Pushed {
+        self.push_refspecs(&[refspec])
+    }
+
+    /// Runs `git push origin <refspec>...`: one push updating several refs.
+    pub fn push_refspecs<S: AsRef<std::ffi::OsStr>>(&self, refspecs: &[S]) -> Pushed {
         let commit = git(&self.work, &["rev-parse", "HEAD"]);
         let started = Instant::now();
         let out: Output = Command::new("git")
             .arg("-C")
             .arg(&self.work)
-            .args(["push", "-q", "origin", refspec])
+            .args(["push", "-q", "origin"])
+            .args(refspecs)
             .output()
             .expect("git push runs");
         Pushed {
@@ -435,10 +446,7 @@ impl Relay {
 
     /// SIGKILLs it, wherever it is.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        reap(&mut self.child);
     }
 
     /// The process id, while running.
@@ -544,10 +552,7 @@ impl Subscriber {
 
     /// SIGKILLs it, wherever it is.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        reap(&mut self.child);
     }
 
     /// The process id, while running.
@@ -627,10 +632,7 @@ impl Drop for Subscriber {
         if std::thread::panicking() {
             eprintln!("--- subscriber log ({})\n{}", self.dir.display(), self.log());
         }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        reap(&mut self.child);
     }
 }
 
@@ -711,10 +713,7 @@ impl GitDaemon {
 
     /// Kills the daemon: the master is unreachable.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        reap(&mut self.child);
     }
 
     /// Serves again on the same port.

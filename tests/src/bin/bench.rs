@@ -223,12 +223,6 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
 
     // Idle footprint of that subscriber.
     let pid = sub.pid()?;
-    let cpu = |pid: u32| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-            + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
-    };
     let rss_kb = || -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_default()
@@ -238,10 +232,10 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
             .unwrap_or(0)
     };
     thread::sleep(Duration::from_secs(2));
-    let before = cpu(pid);
+    let before = cpu_ms(pid);
     let idle = Duration::from_secs(10);
     thread::sleep(idle);
-    let ticks = cpu(pid) - before;
+    let idle_cpu_ms = cpu_ms(pid) - before;
     let rss = rss_kb();
     let mut t = Table::new(
         "3. Footprint: subscriber idle; CPU per update of each process itself (not the `sh -c` it spawns for `--exec`, nor the relay's `git-upload-pack`)",
@@ -249,7 +243,7 @@ fn latency_one_host(pushes: usize, tables: &mut Vec<Table>) -> Option<u32> {
     );
     t.row(vec![
         format!("{:.1} MB", rss as f64 / 1024.0),
-        format!("{} ms", ticks * 10),
+        format!("{idle_cpu_ms} ms"),
         format!("{sub_cpu:.1} ms"),
         format!("{relay_cpu:.1} ms"),
         verdict(rss <= 10 * 1024),
@@ -622,14 +616,7 @@ fn burst(hosts: usize, services: usize, t: &mut Table) {
     }
     let all: Vec<String> =
         (0..services).map(|s| format!("+refs/heads/services/s{s}/master:refs/heads/services/s{s}/master")).collect();
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(&master.work)
-        .args(["push", "-q", "origin"])
-        .args(&all)
-        .output()
-        .expect("push");
-    assert!(out.status.success());
+    assert!(master.push_refspecs(&all).ok);
     let _relay = Relay::start(&nats.url(), "dc0", &master.bare);
     let subs: Vec<Subscriber> = (0..hosts)
         .map(|h| Subscriber::start(&nats.url(), "dc0", &["--host", &format!("h{h}"), "--verify-interval-secs", "0"]))
@@ -662,14 +649,7 @@ fn burst(hosts: usize, services: usize, t: &mut Table) {
         .map(|s| (format!("s{s}"), git(&master.work, &["rev-parse", &format!("services/s{s}/master")])))
         .collect();
     let started = Instant::now();
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(&master.work)
-        .args(["push", "-q", "origin"])
-        .args(&all)
-        .output()
-        .expect("push");
-    assert!(out.status.success());
+    assert!(master.push_refspecs(&all).ok);
     let pushed = started.elapsed();
     while !subs.iter().all(|s| current(s, &want)) {
         assert!(started.elapsed() < Duration::from_secs(120), "burst convergence");
