@@ -55,8 +55,8 @@ pub fn parse_updates(input: &str) -> (Vec<RefUpdate>, Vec<String>) {
 /// Hook settings from the repository's git config.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// NATS URL.
-    pub nats_url: String,
+    /// The master's NATS.
+    pub bus: confcast_publisher::BusTarget,
     /// Repository name in events.
     pub repo_name: String,
     /// Spool directory.
@@ -72,7 +72,11 @@ impl Settings {
         let get = |key: &str| config.as_ref().and_then(|c| c.get_string(key).ok()).filter(|v| !v.is_empty());
         let repo_name = get(config_keys::REPO).unwrap_or_else(|| default_repo_name(repo.path()));
         Settings {
-            nats_url: get(config_keys::NATS).unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            bus: confcast_publisher::BusTarget {
+                nats_url: get(config_keys::NATS).unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+                auth: confcast_publisher::auth_from_config(get),
+                replicas: get(config_keys::REPLICAS).and_then(|r| r.parse().ok()).unwrap_or(1),
+            },
             repo_name,
             spool_dir: get(config_keys::SPOOL_DIR).map(Into::into).unwrap_or_else(|| default_spool_dir(repo.path())),
             timeout: get(config_keys::TIMEOUT_MS)

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
+use confcast_schemas::connect::NatsAuth;
 use confcast_schemas::{encode, subject, CommitEvent};
 
 /// How long JetStream remembers a dedup id. Long enough to cover a hook retried after a
@@ -39,17 +40,24 @@ impl BusError {
 }
 
 /// Connects with a bounded wait and without background reconnect attempts at start.
-pub async fn connect(url: &str, timeout: Duration) -> Result<async_nats::Client, BusError> {
-    async_nats::ConnectOptions::new()
+/// `url` may list several servers of one cluster, separated by commas; any of them will do.
+pub async fn connect(url: &str, auth: &NatsAuth, timeout: Duration) -> Result<async_nats::Client, BusError> {
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let options = auth
+        .apply(async_nats::ConnectOptions::new())
+        .await
+        .map_err(|e| BusError::Connect { url: url.to_owned(), reason: e.to_string() })?;
+    options
         .connection_timeout(timeout)
         .name("confcast-publisher")
-        .connect(url)
+        .connect(servers.as_slice())
         .await
         .map_err(|e| BusError::Connect { url: url.to_owned(), reason: e.to_string() })
 }
 
-/// The commit stream's configuration (see RELIABILITY notes in the README).
-pub fn commit_stream_config() -> stream::Config {
+/// The commit stream's configuration (see RELIABILITY.md), with `replicas` copies
+/// (3 on the master's NATS cluster).
+pub fn commit_stream_config(replicas: usize) -> stream::Config {
     stream::Config {
         name: subject::COMMITS_STREAM.to_owned(),
         subjects: vec![subject::commits_wildcard()],
@@ -58,13 +66,14 @@ pub fn commit_stream_config() -> stream::Config {
         discard: stream::DiscardPolicy::Old,
         duplicate_window: DEDUP_WINDOW,
         max_age: COMMITS_MAX_AGE,
+        num_replicas: replicas.max(1),
         ..Default::default()
     }
 }
 
-/// Creates the commit stream if it does not exist.
-pub async fn ensure_commit_stream(js: &jetstream::Context) -> Result<(), BusError> {
-    js.get_or_create_stream(commit_stream_config()).await.map_err(|e| BusError::Stream(e.to_string()))?;
+/// Creates the commit stream if it does not exist (an existing one is left as it is).
+pub async fn ensure_commit_stream(js: &jetstream::Context, replicas: usize) -> Result<(), BusError> {
+    js.get_or_create_stream(commit_stream_config(replicas)).await.map_err(|e| BusError::Stream(e.to_string()))?;
     Ok(())
 }
 

@@ -24,6 +24,10 @@ pub struct InstallOptions {
     pub bin_dir: PathBuf,
     /// Replace hooks that confcast did not write.
     pub force: bool,
+    /// Replicas of the commit stream, recorded as `confcast.replicas`.
+    pub replicas: usize,
+    /// NATS credentials of the hooks; their paths are recorded (`confcast.nats*`).
+    pub nats_auth: crate::NatsAuth,
 }
 
 /// Why installation failed.
@@ -102,6 +106,16 @@ pub fn install_hooks(options: &InstallOptions) -> Result<Vec<PathBuf>, InstallEr
     };
     git(repo, &["config", config_keys::NATS, &options.nats_url])?;
     git(repo, &["config", config_keys::REPO, &name])?;
+    git(repo, &["config", config_keys::REPLICAS, &options.replicas.max(1).to_string()])?;
+    // Re-installing replaces the credentials: none recorded earlier survives.
+    for key in config_keys::NATS_AUTH {
+        if config_value(repo, key).is_some() {
+            git(repo, &["config", "--unset-all", key])?;
+        }
+    }
+    for (key, value) in crate::auth_config(&options.nats_auth) {
+        git(repo, &["config", key, &value])?;
+    }
     Ok(written)
 }
 

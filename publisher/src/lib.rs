@@ -14,10 +14,24 @@ pub mod spool;
 use std::path::Path;
 use std::time::Duration;
 
+pub use confcast_schemas::connect::NatsAuth;
 use confcast_schemas::CommitEvent;
 
 pub use bus::{connect, ensure_commit_stream, publish_event, BusError};
 pub use spool::{drain, Spool, SpoolError};
+
+/// Where commit events go: the master's NATS (a comma-separated list of a cluster's
+/// URLs), how to authenticate, and how many replicas the commit stream gets when the
+/// publisher creates it.
+#[derive(Debug, Clone)]
+pub struct BusTarget {
+    /// NATS URL(s).
+    pub nats_url: String,
+    /// Credentials and TLS.
+    pub auth: NatsAuth,
+    /// Replicas of the commit stream (3 on a cluster).
+    pub replicas: usize,
+}
 
 /// What became of the events handed to [`announce`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -34,12 +48,13 @@ pub struct Outcome {
 
 /// Publishes `events` after any spooled ones, or spools them; never takes longer than
 /// `deadline` (plus local disk writes) and never fails: the spool is the fallback.
-pub async fn announce(nats_url: &str, spool_dir: &Path, events: Vec<CommitEvent>, deadline: Duration) -> Outcome {
+pub async fn announce(bus: &BusTarget, spool_dir: &Path, events: Vec<CommitEvent>, deadline: Duration) -> Outcome {
+    let nats_url = &bus.nats_url;
     let spool = Spool::new(spool_dir);
     let attempt = tokio::time::timeout(deadline, async {
-        let client = connect(nats_url, deadline).await?;
+        let client = connect(nats_url, &bus.auth, deadline).await?;
         let js = async_nats::jetstream::new(client);
-        ensure_commit_stream(&js).await?;
+        ensure_commit_stream(&js, bus.replicas).await?;
         let mut outcome = Outcome::default();
         let drained = drain(&js, &spool).await.map_err(|e| BusError::Publish(e.to_string()))?;
         outcome.published += drained.published;
@@ -117,6 +132,75 @@ pub mod config_keys {
     pub const SPOOL_DIR: &str = "confcast.spoolDir";
     /// How long the post-receive hook may wait for NATS, in milliseconds (default 1500).
     pub const TIMEOUT_MS: &str = "confcast.timeoutMs";
+    /// Replicas of the commit stream when the hooks create it (default 1; 3 on a cluster).
+    pub const REPLICAS: &str = "confcast.replicas";
+    /// NATS credentials of the hooks: paths of files, never the secrets themselves.
+    pub const NATS_CREDS: &str = "confcast.natsCreds";
+    /// File holding the hooks' nkey seed.
+    pub const NATS_NKEY: &str = "confcast.natsNkey";
+    /// NATS user of the hooks.
+    pub const NATS_USER: &str = "confcast.natsUser";
+    /// File holding the password of `confcast.natsUser`.
+    pub const NATS_PASSWORD_FILE: &str = "confcast.natsPasswordFile";
+    /// File holding the hooks' NATS token.
+    pub const NATS_TOKEN_FILE: &str = "confcast.natsTokenFile";
+    /// CA certificates of the NATS server.
+    pub const NATS_TLS_CA: &str = "confcast.natsTlsCa";
+    /// Client certificate of the hooks.
+    pub const NATS_TLS_CERT: &str = "confcast.natsTlsCert";
+    /// Private key of `confcast.natsTlsCert`.
+    pub const NATS_TLS_KEY: &str = "confcast.natsTlsKey";
+    /// Reply inbox prefix of the hooks.
+    pub const NATS_INBOX_PREFIX: &str = "confcast.natsInboxPrefix";
+    /// Every key of the hooks' NATS credentials.
+    pub const NATS_AUTH: [&str; 9] = [
+        NATS_CREDS,
+        NATS_NKEY,
+        NATS_USER,
+        NATS_PASSWORD_FILE,
+        NATS_TOKEN_FILE,
+        NATS_TLS_CA,
+        NATS_TLS_CERT,
+        NATS_TLS_KEY,
+        NATS_INBOX_PREFIX,
+    ];
+}
+
+/// The hooks' NATS credentials as `(git config key, value)` pairs: only paths and the
+/// user name go into the repository's config.
+pub fn auth_config(auth: &NatsAuth) -> Vec<(&'static str, String)> {
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    [
+        (config_keys::NATS_CREDS, path(&auth.creds)),
+        (config_keys::NATS_NKEY, path(&auth.nkey)),
+        (config_keys::NATS_USER, auth.user.clone()),
+        (config_keys::NATS_PASSWORD_FILE, path(&auth.password_file)),
+        (config_keys::NATS_TOKEN_FILE, path(&auth.token_file)),
+        (config_keys::NATS_TLS_CA, path(&auth.tls_ca)),
+        (config_keys::NATS_TLS_CERT, path(&auth.tls_cert)),
+        (config_keys::NATS_TLS_KEY, path(&auth.tls_key)),
+        (config_keys::NATS_INBOX_PREFIX, auth.inbox_prefix.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| Some((key, value?)))
+    .collect()
+}
+
+/// The hooks' NATS credentials read back from the repository's config (`get` looks a
+/// key up).
+pub fn auth_from_config(get: impl Fn(&str) -> Option<String>) -> NatsAuth {
+    let path = |key: &str| get(key).map(std::path::PathBuf::from);
+    NatsAuth {
+        creds: path(config_keys::NATS_CREDS),
+        nkey: path(config_keys::NATS_NKEY),
+        user: get(config_keys::NATS_USER),
+        password_file: path(config_keys::NATS_PASSWORD_FILE),
+        token_file: path(config_keys::NATS_TOKEN_FILE),
+        tls_ca: path(config_keys::NATS_TLS_CA),
+        tls_cert: path(config_keys::NATS_TLS_CERT),
+        tls_key: path(config_keys::NATS_TLS_KEY),
+        inbox_prefix: get(config_keys::NATS_INBOX_PREFIX),
+    }
 }
 
 /// The default wait of the post-receive hook: well under the 2 s a push may take.

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use confcast_publisher::{
-    backfill, config_keys, connect, default_spool_dir, drain, ensure_commit_stream, install, publish_event, Spool,
+    auth_from_config, backfill, config_keys, connect, default_spool_dir, drain, ensure_commit_stream, install,
+    publish_event, NatsAuth, Spool,
 };
 
 /// Publishes the master repository's ref updates as commit events on NATS JetStream.
@@ -39,6 +40,14 @@ enum Command {
         /// Replace existing hooks that confcast did not install.
         #[arg(long, env = "CONFCAST_FORCE")]
         force: bool,
+        /// Replicas of the commit stream when the hooks create it (3 on the master's
+        /// NATS cluster); recorded as `confcast.replicas`.
+        #[arg(long, env = "CONFCAST_REPLICAS", default_value_t = 1)]
+        replicas: usize,
+        /// The hooks' NATS credentials: the paths are recorded in the repository's git
+        /// config (`confcast.natsCreds`, ...), the secrets stay in their files.
+        #[command(flatten)]
+        nats_auth: NatsAuth,
     },
     /// Publish the events spooled while NATS was unreachable, oldest first.
     Drain {
@@ -50,6 +59,16 @@ enum Command {
         /// How long to wait for NATS, in seconds.
         #[arg(long, env = "CONFCAST_TIMEOUT_SECS", default_value_t = 10)]
         timeout_secs: u64,
+        /// NATS credentials (default: the hooks', from the repository's git config).
+        #[command(flatten)]
+        nats_auth: NatsAuth,
+    },
+    /// Create a relay signing key: writes a new nkey seed to FILE (readable only by its
+    /// owner; never overwrites) and prints the public key hosts are given with
+    /// `subscriber --trusted-key`.
+    Keygen {
+        /// Where to write the seed.
+        file: PathBuf,
     },
     /// Re-announce every current ref head (after the commit stream was lost).
     Backfill {
@@ -61,12 +80,24 @@ enum Command {
         /// How long to wait for NATS, in seconds.
         #[arg(long, env = "CONFCAST_TIMEOUT_SECS", default_value_t = 10)]
         timeout_secs: u64,
+        /// NATS credentials (default: the hooks', from the repository's git config).
+        #[command(flatten)]
+        nats_auth: NatsAuth,
     },
 }
 
 fn nats_url(repo: &std::path::Path, flag: Option<String>) -> String {
     flag.or_else(|| install::config_value(repo, config_keys::NATS))
         .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// The credentials given on the command line, else the hooks' own.
+fn auth_of(repo: &std::path::Path, flags: NatsAuth) -> NatsAuth {
+    if flags.is_empty() {
+        auth_from_config(|key| install::config_value(repo, key))
+    } else {
+        flags
+    }
 }
 
 fn spool_of(repo: &std::path::Path) -> anyhow::Result<Spool> {
@@ -77,9 +108,15 @@ fn spool_of(repo: &std::path::Path) -> anyhow::Result<Spool> {
     Ok(Spool::new(dir))
 }
 
-async fn jetstream(url: &str, timeout: Duration) -> anyhow::Result<async_nats::jetstream::Context> {
-    let js = async_nats::jetstream::new(connect(url, timeout).await?);
-    tokio::time::timeout(timeout, ensure_commit_stream(&js))
+async fn jetstream(
+    repo: &std::path::Path,
+    url: &str,
+    auth: &NatsAuth,
+    timeout: Duration,
+) -> anyhow::Result<async_nats::jetstream::Context> {
+    let js = async_nats::jetstream::new(connect(url, auth, timeout).await?);
+    let replicas = install::config_value(repo, config_keys::REPLICAS).and_then(|r| r.parse().ok()).unwrap_or(1);
+    tokio::time::timeout(timeout, ensure_commit_stream(&js, replicas))
         .await
         .context("creating the commit stream timed out")??;
     Ok(js)
@@ -103,21 +140,33 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::InstallHooks { repo, nats, repo_name, bin_dir, force } => {
+        Command::InstallHooks { repo, nats, repo_name, bin_dir, force, replicas, nats_auth } => {
+            if nats_auth.user.is_some() && nats_auth.password_file.is_none() {
+                bail!("the hooks cannot read CONFCAST_NATS_PASSWORD: give --nats-password-file");
+            }
+            // The hooks run in the master's directory: record absolute paths.
+            let nats_auth = absolute_paths(nats_auth)?;
             let bin_dir = match bin_dir {
                 Some(dir) => dir,
                 None => std::env::current_exe()?.parent().context("binary has no directory")?.to_owned(),
             };
-            let written =
-                install::install_hooks(&install::InstallOptions { repo, nats_url: nats, repo_name, bin_dir, force })?;
+            let written = install::install_hooks(&install::InstallOptions {
+                repo,
+                nats_url: nats,
+                repo_name,
+                bin_dir,
+                force,
+                replicas,
+                nats_auth,
+            })?;
             for hook in written {
                 println!("installed {}", hook.display());
             }
         }
-        Command::Drain { repo, nats, timeout_secs } => {
+        Command::Drain { repo, nats, timeout_secs, nats_auth } => {
             let url = nats_url(&repo, nats);
             let spool = spool_of(&repo)?;
-            let js = jetstream(&url, Duration::from_secs(timeout_secs)).await?;
+            let js = jetstream(&repo, &url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs)).await?;
             let drained = drain(&js, &spool).await?;
             println!(
                 "published {} spooled event(s) ({} already stored), {} left, {} quarantined",
@@ -127,10 +176,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 drained.quarantined
             );
         }
-        Command::Backfill { repo, nats, timeout_secs } => {
+        Command::Keygen { file } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let signer = confcast_schemas::sign::Signer::generate();
+            let seed = signer.seed().context("encoding the seed")?;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .with_context(|| format!("{}", file.display()))?;
+            out.write_all(format!("{seed}\n").as_bytes())
+                .and_then(|()| out.sync_all())
+                .with_context(|| format!("{}", file.display()))?;
+            println!("{}", signer.public_key());
+        }
+        Command::Backfill { repo, nats, timeout_secs, nats_auth } => {
             let url = nats_url(&repo, nats);
             let events = backfill::current_refs(&repo)?;
-            let js = jetstream(&url, Duration::from_secs(timeout_secs)).await?;
+            let js = jetstream(&repo, &url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs)).await?;
             let mut failed = 0;
             for event in &events {
                 if let Err(e) = publish_event(&js, event).await {
@@ -145,4 +210,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `auth` with every file made absolute (and checked to exist).
+fn absolute_paths(mut auth: NatsAuth) -> anyhow::Result<NatsAuth> {
+    for (flag, path) in [
+        ("--nats-creds", &mut auth.creds),
+        ("--nats-nkey", &mut auth.nkey),
+        ("--nats-password-file", &mut auth.password_file),
+        ("--nats-token-file", &mut auth.token_file),
+        ("--nats-tls-ca", &mut auth.tls_ca),
+        ("--nats-tls-cert", &mut auth.tls_cert),
+        ("--nats-tls-key", &mut auth.tls_key),
+    ] {
+        if let Some(p) = path {
+            *p = p.canonicalize().with_context(|| format!("{flag} {}", p.display()))?;
+        }
+    }
+    Ok(auth)
 }

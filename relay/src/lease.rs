@@ -34,7 +34,14 @@ pub struct Lease {
 
 impl Lease {
     /// The lease of `dc`, for a relay identified as `holder`.
-    pub async fn open(js: &jetstream::Context, dc: &str, holder: String, ttl: Duration) -> Result<Lease, BusError> {
+    /// The bucket is created with `replicas` copies if it is missing.
+    pub async fn open(
+        js: &jetstream::Context,
+        dc: &str,
+        holder: String,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<Lease, BusError> {
         let store = match js.get_key_value(LEASES_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
@@ -44,6 +51,7 @@ impl Lease {
                     max_age: ttl,
                     history: 1,
                     storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas.max(1),
                     ..Default::default()
                 })
                 .await

@@ -4,8 +4,10 @@
 //! datacenter depends on, [`resolve`]s what the datacenter runs, and for every service
 //! whose resolved commit changed publishes a `ServiceUpdate` — the [`diff`] from the
 //! commit it last published — on the datacenter's stream ([`publish`]), then writes the
-//! configuration index. The loop itself lives in [`run`].
+//! configuration index (in NATS K/V, and in Consul with [`consul`]). The loop itself
+//! lives in [`run`].
 
+pub mod consul;
 pub mod diff;
 pub mod lease;
 pub mod mirror;
@@ -13,4 +15,5 @@ pub mod publish;
 pub mod resolve;
 pub mod run;
 
+pub use publish::StreamLayout;
 pub use run::{run, Config};

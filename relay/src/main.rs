@@ -30,6 +30,31 @@ struct Cli {
     /// datacenter, a standby takes over this long after the active one dies.
     #[arg(long, env = "CONFCAST_LEASE_TTL_SECS", default_value_t = 6)]
     lease_ttl_secs: u64,
+    /// Consul HTTP API (`http(s)://host:port`) to keep a copy of the configuration index
+    /// in, besides the NATS K/V bucket: `confcast/<DC>/configurations/<kind>s/<name>/<version>`
+    /// = `<branch>/<commit>`, written in check-and-set transactions; caught up in the
+    /// background whenever Consul was unreachable.
+    #[arg(long, env = "CONFCAST_CONSUL", value_name = "URL")]
+    consul: Option<String>,
+    /// File holding the Consul ACL token, sent as `X-Consul-Token` (never logged).
+    #[arg(long, env = "CONFCAST_CONSUL_TOKEN_FILE", value_name = "FILE", requires = "consul")]
+    consul_token_file: Option<PathBuf>,
+    /// JetStream domain of the master's NATS, when this datacenter's NATS is a leaf node
+    /// with a domain of its own: the relay keeps a local mirror of the commit stream
+    /// sourced from that domain and reads the commit events from it.
+    #[arg(long, env = "CONFCAST_COMMITS_DOMAIN", value_name = "DOMAIN")]
+    commits_domain: Option<String>,
+    /// Replicas of the streams and buckets the relay creates (3 when the datacenter's
+    /// NATS is a cluster).
+    #[arg(long, env = "CONFCAST_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// File holding an nkey seed (`publisher keygen`) to sign every message for the
+    /// datacenter's hosts with; hosts given its public key (`subscriber --trusted-key`)
+    /// refuse anything else.
+    #[arg(long, env = "CONFCAST_SIGNING_KEY", value_name = "FILE")]
+    signing_key: Option<PathBuf>,
+    #[command(flatten)]
+    nats_auth: confcast_schemas::connect::NatsAuth,
 }
 
 #[tokio::main]
@@ -47,6 +72,13 @@ async fn main() -> ExitCode {
         Ok(abs) if !cli.master.contains("://") => abs.display().to_string(),
         _ => cli.master.clone(),
     };
+    let consul = match consul_client(cli.consul.as_deref(), cli.consul_token_file.as_deref()) {
+        Ok(consul) => consul,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use Consul");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = confcast_relay::Config {
         nats_url: cli.nats,
         dc: cli.dc,
@@ -54,6 +86,10 @@ async fn main() -> ExitCode {
         state_dir: cli.state_dir,
         fetch_timeout: std::time::Duration::from_secs(cli.fetch_timeout_secs),
         lease_ttl: std::time::Duration::from_secs(cli.lease_ttl_secs.max(1)),
+        consul,
+        streams: confcast_relay::StreamLayout { commits_domain: cli.commits_domain, replicas: cli.replicas },
+        nats_auth: cli.nats_auth,
+        signing_key: cli.signing_key,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
@@ -64,6 +100,16 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The Consul client of `--consul` and `--consul-token-file`.
+fn consul_client(
+    url: Option<&str>,
+    token_file: Option<&std::path::Path>,
+) -> Result<Option<confcast_relay::consul::Client>, confcast_relay::consul::ConsulError> {
+    let Some(url) = url else { return Ok(None) };
+    let token = token_file.map(confcast_relay::consul::Token::from_file).transpose()?;
+    confcast_relay::consul::Client::new(url, token).map(Some)
 }
 
 /// Cancels `token` on SIGTERM or ctrl-c.

@@ -7,9 +7,11 @@
 //! stored once.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, object_store, stream};
+use confcast_schemas::sign::{Signer, SIGNATURE_HEADER};
 use confcast_schemas::{decode, subject, Kind, ServiceHead};
 use futures::StreamExt;
 
@@ -72,6 +74,44 @@ pub fn state_stream_config(dc: &str) -> stream::Config {
     }
 }
 
+/// A datacenter's copy of the commit stream of the master's JetStream domain.
+///
+/// A leaf node keeps its own JetStream domain, and hosts and relays only ever talk to
+/// it. The mirror is kept by the datacenter's server itself: while the leaf link is
+/// down the relay has nothing new to read, and when it returns the mirror catches up
+/// from where it stopped, so the relay's durable consumer sees every event exactly as
+/// it would on the master's stream. Same name as the master's stream: a relay reads
+/// one or the other, never both.
+pub fn commit_mirror_config(domain: &str, replicas: usize) -> stream::Config {
+    let master = confcast_publisher::bus::commit_stream_config(replicas);
+    stream::Config {
+        name: master.name.clone(),
+        description: Some(format!("confcast: mirror of {} in JetStream domain {domain}", master.name)),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_age: master.max_age,
+        num_replicas: replicas,
+        // The domain as the API prefix it stands for: async-nats would also send a
+        // `domain` field, which the server refuses as unknown.
+        mirror: Some(stream::Source {
+            name: master.name,
+            external: Some(stream::External { api_prefix: format!("$JS.{domain}.API"), delivery_prefix: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Where the relay finds the commit stream and how its own streams are replicated.
+#[derive(Debug, Clone, Default)]
+pub struct StreamLayout {
+    /// JetStream domain of the master's commit stream, if not the datacenter's own.
+    pub commits_domain: Option<String>,
+    /// Replicas of every stream and bucket the relay creates (3 on a NATS cluster).
+    pub replicas: usize,
+}
+
 /// The relay's handles on the bus for one datacenter.
 #[derive(Clone)]
 pub struct Bus {
@@ -80,6 +120,11 @@ pub struct Bus {
     index: kv::Store,
     dc: String,
     client: async_nats::Client,
+    signer: Option<Arc<Signer>>,
+    updates: stream::Stream,
+    state: stream::Stream,
+    /// Last stream sequence of each subject this relay published on (when signing).
+    sequences: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -89,21 +134,34 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// Creates (or finds) every stream and bucket the relay writes.
-    pub async fn open(client: async_nats::Client, dc: &str) -> Result<Bus, BusError> {
+    /// Opens (creating what is missing) the datacenter's streams and buckets, and the
+    /// commit stream: the master's own when the datacenter shares its JetStream, else
+    /// (`layout.commits_domain`) a local mirror of the one in the master's domain.
+    /// Existing streams are used as they are: an operator's changes to them stay.
+    pub async fn open(client: async_nats::Client, dc: &str, layout: &StreamLayout) -> Result<Bus, BusError> {
         let js = jetstream::new(client.clone());
-        js.get_or_create_stream(confcast_publisher::bus::commit_stream_config())
+        let replicas = layout.replicas.max(1);
+        let commits = match &layout.commits_domain {
+            None => confcast_publisher::bus::commit_stream_config(replicas),
+            Some(domain) => commit_mirror_config(domain, replicas),
+        };
+        js.get_or_create_stream(commits).await.map_err(|e| BusError::new("commit stream", e))?;
+        let updates = js
+            .get_or_create_stream(stream::Config { num_replicas: replicas, ..updates_stream_config(dc) })
             .await
-            .map_err(|e| BusError::new("commit stream", e))?;
-        js.get_or_create_stream(updates_stream_config(dc)).await.map_err(|e| BusError::new("update stream", e))?;
-        js.get_or_create_stream(state_stream_config(dc)).await.map_err(|e| BusError::new("state stream", e))?;
-        let blobs = match js.get_object_store(subject::BLOBS_BUCKET).await {
+            .map_err(|e| BusError::new("update stream", e))?;
+        let state = js
+            .get_or_create_stream(stream::Config { num_replicas: replicas, ..state_stream_config(dc) })
+            .await
+            .map_err(|e| BusError::new("state stream", e))?;
+        let blobs = match js.get_object_store(subject::blobs_bucket(dc)).await {
             Ok(store) => store,
             Err(_) => js
                 .create_object_store(object_store::Config {
-                    bucket: subject::BLOBS_BUCKET.to_owned(),
+                    bucket: subject::blobs_bucket(dc),
                     description: Some("confcast: file contents by git blob id, oversized messages".to_owned()),
                     storage: stream::StorageType::File,
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await
@@ -117,12 +175,19 @@ impl Bus {
                     description: "confcast: configurations/<kind>s/<name>/<version> = <branch>/<commit>".to_owned(),
                     history: 5,
                     storage: stream::StorageType::File,
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await
                 .map_err(|e| BusError::new("index bucket", e))?,
         };
-        Ok(Bus { js, blobs, index, dc: dc.to_owned(), client })
+        Ok(Bus { js, blobs, index, dc: dc.to_owned(), client, signer: None, updates, state, sequences: Arc::default() })
+    }
+
+    /// Signs every message published from now on (see [`confcast_schemas::sign`]).
+    pub fn with_signer(mut self, signer: Option<Signer>) -> Bus {
+        self.signer = signer.map(Arc::new);
+        self
     }
 
     /// The JetStream context.
@@ -219,28 +284,72 @@ impl Bus {
 
     /// Publishes with a dedup id and awaits the ack; spills oversized payloads.
     /// Returns the stream sequence.
+    ///
+    /// With a signing key, every message is also conditional on the subject's last
+    /// sequence (see [`confcast_schemas::sign`]): the relay is the only writer of its
+    /// subjects, so the condition only fails after a restart or when somebody else
+    /// wrote there; the relay then reads the subject's real last sequence and retries.
     pub async fn publish(&self, subject: String, msg_id: &str, payload: Vec<u8>) -> Result<u64, BusError> {
-        if payload.len() + HEADROOM > self.max_payload() {
+        let spilled = if payload.len() + HEADROOM > self.max_payload() {
             tracing::debug!(%subject, bytes = payload.len(), "message larger than max_payload, spilling to the object store");
-        }
-        let message = if payload.len() + HEADROOM > self.max_payload() {
             let name = format!("msg/{msg_id}");
             self.blobs
                 .put(name.as_str(), &mut &payload[..])
                 .await
                 .map_err(|e| BusError::new("storing oversized message", e))?;
-            PublishMessage::build().header(subject::SPILLED_HEADER, name.as_str()).message_id(msg_id)
+            Some(name)
         } else {
-            PublishMessage::build().payload(payload.into()).message_id(msg_id)
+            None
         };
-        let ack = self
-            .js
-            .send_publish(subject, message)
-            .await
-            .map_err(|e| BusError::new("publish", e))?
-            .await
-            .map_err(|e| BusError::new("publish ack", e))?;
-        Ok(ack.sequence)
+        let mut attempt = 0;
+        loop {
+            let mut message = match &spilled {
+                Some(name) => PublishMessage::build().header(subject::SPILLED_HEADER, name.as_str()),
+                None => PublishMessage::build().payload(payload.clone().into()),
+            }
+            .message_id(msg_id);
+            if let Some(signer) = &self.signer {
+                let expected = self.last_sequence_of(&subject).await?;
+                message = message
+                    .expected_last_subject_sequence(expected)
+                    .header(SIGNATURE_HEADER, signer.sign(&subject, Some(expected), &payload).as_str());
+            }
+            let acked = match self.js.send_publish(subject.clone(), message).await {
+                Ok(ack) => ack.await,
+                Err(e) => return Err(BusError::new("publish", e)),
+            };
+            match acked {
+                Ok(ack) => {
+                    if self.signer.is_some() {
+                        self.sequences.lock().unwrap_or_else(|e| e.into_inner()).insert(subject, ack.sequence);
+                    }
+                    return Ok(ack.sequence);
+                }
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence && attempt < 3 => {
+                    tracing::warn!(%subject, "the subject moved on without this relay; reading its last sequence again");
+                    self.sequences.lock().unwrap_or_else(|e| e.into_inner()).remove(&subject);
+                    attempt += 1;
+                }
+                Err(e) => return Err(BusError::new("publish ack", e)),
+            }
+        }
+    }
+
+    /// The last stream sequence of `subject` (0 if it has none), as this relay last
+    /// published it or, the first time, as the stream says.
+    async fn last_sequence_of(&self, subject: &str) -> Result<u64, BusError> {
+        if let Some(seq) = self.sequences.lock().unwrap_or_else(|e| e.into_inner()).get(subject) {
+            return Ok(*seq);
+        }
+        let state_prefix = subject::state_stream_subjects(&self.dc).concat();
+        let stream = if subject.starts_with(state_prefix.trim_end_matches('>')) { &self.state } else { &self.updates };
+        let seq = match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => message.sequence,
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => 0,
+            Err(e) => return Err(BusError::new("reading a subject's last sequence", e)),
+        };
+        self.sequences.lock().unwrap_or_else(|e| e.into_inner()).insert(subject.to_owned(), seq);
+        Ok(seq)
     }
 
     /// Writes one index key.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{consumer, AckKind};
 use confcast_schemas::message::now_ms;
+use confcast_schemas::sign::Signer;
 use confcast_schemas::{
     decode, encode, path, subject, ChangeKind, CommitEvent, Entry, ErrorEvent, FileMode, Inventory, Kind, ServiceHead,
     ServiceUpdate, WIRE_VERSION,
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::diff::{diff, Listing};
 use crate::lease::Lease;
 use crate::mirror::{Mirror, MirrorError};
-use crate::publish::{Bus, BusError, INLINE_LIMIT};
+use crate::publish::{Bus, BusError, StreamLayout, INLINE_LIMIT};
 use crate::resolve::{datacenter_ref, resolve, RefSource, Resolution, Target};
 
 /// What a relay needs to run.
@@ -42,6 +43,15 @@ pub struct Config {
     pub fetch_timeout: Duration,
     /// How long the datacenter's lease outlives its holder (see [`crate::lease`]).
     pub lease_ttl: Duration,
+    /// Consul to keep a copy of the index in, besides the NATS K/V bucket (see
+    /// [`crate::consul::index`]).
+    pub consul: Option<crate::consul::Client>,
+    /// Where the commit stream is, and how the relay's streams are replicated.
+    pub streams: StreamLayout,
+    /// NATS credentials and TLS.
+    pub nats_auth: confcast_schemas::connect::NatsAuth,
+    /// nkey seed file to sign every published message with (see [`confcast_schemas::sign`]).
+    pub signing_key: Option<PathBuf>,
 }
 
 /// Locks `<state_dir>/relay.lock` for the life of the relay.
@@ -79,6 +89,12 @@ pub enum RelayError {
     /// The bus failed in a way the relay cannot wait out.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// A NATS credential or certificate cannot be used.
+    #[error(transparent)]
+    Auth(confcast_schemas::connect::AuthError),
+    /// The signing key cannot be used.
+    #[error(transparent)]
+    Signing(confcast_schemas::sign::SignatureError),
 }
 
 /// A failure while handling one event: retried with backoff, never acked.
@@ -115,7 +131,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
     let _lock = lock_state_dir(&config.state_dir)?;
     let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?
         .with_io_timeout(config.fetch_timeout);
-    let client = async_nats::ConnectOptions::new()
+    let signer = config.signing_key.as_deref().map(Signer::from_file).transpose().map_err(RelayError::Signing)?;
+    if let Some(signer) = &signer {
+        tracing::info!(public_key = signer.public_key(), "signing every message for the datacenter's hosts");
+    }
+    let options = config.nats_auth.apply(async_nats::ConnectOptions::new()).await.map_err(RelayError::Auth)?;
+    let client = options
         .name(format!("confcast-relay {}", config.dc))
         // A relay must notice a dead connection (black-holed network) quickly: two
         // missed pings and it reconnects.
@@ -125,10 +146,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
         .await
         .map_err(|e| BusError::new("connect", e))?;
     let bus = tokio::select! {
-        bus = retry("opening streams", &shutdown, || Bus::open(client.clone(), &config.dc)) => bus,
+        bus = retry("opening streams", &shutdown, || Bus::open(client.clone(), &config.dc, &config.streams)) => bus,
         () = shutdown.cancelled() => return Ok(()),
     };
     let Some(bus) = bus else { return Ok(()) };
+    let bus = bus.with_signer(signer);
 
     // The durable consumer exists before the first sync, so no push made during the
     // sync is missed; created fresh, it starts at new events since the sync covers the past.
@@ -161,7 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
         config.state_dir.canonicalize().unwrap_or_else(|_| config.state_dir.clone()).display()
     );
     let lease = tokio::select! {
-        lease = retry("opening the lease", &shutdown, || Lease::open(bus.jetstream(), &config.dc, holder.clone(), config.lease_ttl)) => lease,
+        lease = retry("opening the lease", &shutdown, || Lease::open(bus.jetstream(), &config.dc, holder.clone(), config.lease_ttl, config.streams.replicas)) => lease,
         () = shutdown.cancelled() => return Ok(()),
     };
     let Some(lease) = lease else { return Ok(()) };
@@ -243,6 +265,7 @@ async fn lead_until(
         watched: BTreeSet::new(),
         inventory: None,
         fetch_timeout: config.fetch_timeout,
+        consul: config.consul.clone().map(|client| crate::consul::index::Feed::start(client, &config.dc)),
     };
 
     let boot =
@@ -396,6 +419,8 @@ struct Relay {
     heads: BTreeMap<(Kind, String), ServiceHead>,
     watched: BTreeSet<String>,
     inventory: Option<Inventory>,
+    /// The writer of the index's copy in Consul, with `--consul`.
+    consul: Option<crate::consul::index::Feed>,
     fetch_timeout: Duration,
 }
 
@@ -544,6 +569,7 @@ impl Relay {
             self.bus.publish(subject::inventory_subject(&self.dc), &id, encode(&inventory)).await?;
             self.inventory = Some(inventory);
         }
+        self.index_to_consul(cause).await?;
         Ok(published)
     }
 
@@ -668,6 +694,26 @@ impl Relay {
                 .await?;
         }
         self.heads.insert((kind, name.to_owned()), head);
+        Ok(())
+    }
+
+    /// Hands the whole index, as now published, to the Consul writer: once per handled
+    /// batch, so that all its changes reach Consul together.
+    async fn index_to_consul(&mut self, cause: &Cause) -> Result<(), SyncError> {
+        let index = self
+            .heads
+            .values()
+            .filter_map(|h| {
+                let commit = h.commit.as_ref()?;
+                let key = subject::index_key(&self.dc, h.kind, &h.name, &h.version);
+                Some((key, format!("{}/{commit}", h.branch).into_bytes()))
+            })
+            .collect();
+        let Some(consul) = &mut self.consul else { return Ok(()) };
+        for message in consul.update(index) {
+            tracing::error!("{message}");
+            self.publish_error(cause, message).await?;
+        }
         Ok(())
     }
 

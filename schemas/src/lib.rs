@@ -8,11 +8,15 @@
 //!   `ErrorEvent`, `HostStatus`, `Inventory`);
 //! * [`document`]: the control documents `datacenter.json` and
 //!   `datacenter-configuration.json`, their validation and the refs they point at;
+//! * [`connect`]: the NATS credential and TLS flags every binary shares;
+//! * [`sign`]: ed25519 signatures of the relay's messages, checked by hosts;
 //! * [`path`]: the checks that keep a service tree from writing outside its directory.
 
+pub mod connect;
 pub mod document;
 pub mod message;
 pub mod path;
+pub mod sign;
 pub mod subject;
 
 pub use document::{DatacenterConfiguration, DatacenterDoc, DocumentError, Kind, Pin};

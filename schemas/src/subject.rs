@@ -12,9 +12,6 @@ use crate::document::Kind;
 pub const COMMITS_STREAM: &str = "CONFCAST_COMMITS";
 /// Subject prefix of commit events; the full subject is `confcast.commits.<ref token>`.
 pub const COMMITS_PREFIX: &str = "confcast.commits";
-/// Object store bucket holding file contents too large to travel inline, named by git
-/// blob id, and messages too large for one NATS message, named by their SHA-256.
-pub const BLOBS_BUCKET: &str = "confcast-blobs";
 /// Key/value bucket holding the configuration index of every datacenter.
 pub const INDEX_BUCKET: &str = "confcast-index";
 /// Header naming the object that holds a message's real payload (see principle 7).
@@ -104,6 +101,23 @@ pub fn updates_stream(dc: &str) -> String {
     format!("CONFCAST_DC_{}", encode_token(dc))
 }
 
+/// Object store bucket of a datacenter, holding file contents too large to travel
+/// inline, named by git blob id, and messages too large for one NATS message, named by
+/// their SHA-256. One per datacenter, so that NATS permissions can keep a datacenter's
+/// hosts out of every other's files. Bucket names allow only `[A-Za-z0-9_-]`: other
+/// bytes, and `_` itself, are written `_XX`.
+pub fn blobs_bucket(dc: &str) -> String {
+    let mut name = String::from("confcast-blobs-");
+    for b in dc.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            name.push(char::from(b));
+        } else {
+            name.push_str(&format!("_{b:02X}"));
+        }
+    }
+    name
+}
+
 /// Name of a datacenter's state stream: the latest snapshot and head of every service
 /// and the datacenter's inventory, one message per subject.
 pub fn state_stream(dc: &str) -> String {
@@ -137,6 +151,14 @@ pub fn state_stream_subjects(dc: &str) -> Vec<String> {
 /// Subject of the incremental updates of one service of `dc`.
 pub fn update_subject(dc: &str, kind: Kind, name: &str) -> String {
     format!("{}.update.{}.{}", dc_prefix(dc), kind.as_str(), encode_token(name))
+}
+
+/// The service an update subject of datacenter `dc` is about, if it is one.
+pub fn parse_update_subject(dc: &str, subject: &str) -> Option<(Kind, String)> {
+    let rest = subject.strip_prefix(&dc_prefix(dc))?.strip_prefix(".update.")?;
+    let (kind, name) = rest.split_once('.')?;
+    let kind = Kind::ALL.into_iter().find(|k| k.as_str() == kind)?;
+    Some((kind, decode_token(name).ok()?))
 }
 
 /// Subject holding the latest full snapshot of one service of `dc`.
@@ -225,6 +247,21 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn blob_buckets_are_valid_and_distinct(a in "\\PC{1,20}", b in "\\PC{1,20}") {
+            let (x, y) = (blobs_bucket(&a), blobs_bucket(&b));
+            prop_assert!(x.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+            prop_assert_eq!(x == y, a == b);
+        }
+
+        #[test]
+        fn update_subjects_parse_back(dc in "\\PC{1,12}", name in "\\PC{1,20}") {
+            for kind in Kind::ALL {
+                let parsed = parse_update_subject(&dc, &update_subject(&dc, kind, &name));
+                prop_assert_eq!(parsed, Some((kind, name.clone())));
+            }
+        }
+
         #[test]
         fn tokens_round_trip(name in "\\PC{1,40}") {
             let token = encode_token(&name);

@@ -2,8 +2,10 @@
 //! the inventory, contents kept in the object store, and spilled messages.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use async_nats::jetstream::{self, object_store, stream::LastRawMessageErrorKind};
+use confcast_schemas::sign::{Verifier, EXPECTED_SEQUENCE_HEADER, SIGNATURE_HEADER};
 use confcast_schemas::{decode, subject, Inventory, Kind, ServiceUpdate};
 use tokio::io::AsyncReadExt;
 use tokio::sync::OnceCell;
@@ -19,9 +21,16 @@ pub struct ReadError {
     message: String,
 }
 
+const FORGED: &str = "refused";
+
 impl ReadError {
     pub(crate) fn new(what: &'static str, e: impl std::fmt::Display) -> Self {
         ReadError { what, message: e.to_string() }
+    }
+
+    /// The message is not signed by a trusted key: never applied, however often it is read.
+    pub fn is_forged(&self) -> bool {
+        self.what == FORGED
     }
 }
 
@@ -30,6 +39,7 @@ pub struct Reader {
     js: jetstream::Context,
     dc: String,
     blobs: OnceCell<object_store::ObjectStore>,
+    verifier: Arc<Verifier>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -41,7 +51,13 @@ impl std::fmt::Debug for Reader {
 impl Reader {
     /// A reader of datacenter `dc`.
     pub fn new(js: jetstream::Context, dc: &str) -> Reader {
-        Reader { js, dc: dc.to_owned(), blobs: OnceCell::new() }
+        Reader { js, dc: dc.to_owned(), blobs: OnceCell::new(), verifier: Arc::default() }
+    }
+
+    /// Accept only messages signed by one of the verifier's keys (when it has any).
+    pub fn with_verifier(mut self, verifier: Arc<Verifier>) -> Reader {
+        self.verifier = verifier;
+        self
     }
 
     /// The JetStream context.
@@ -52,7 +68,10 @@ impl Reader {
     async fn blobs(&self) -> Result<&object_store::ObjectStore, ReadError> {
         self.blobs
             .get_or_try_init(|| async {
-                self.js.get_object_store(subject::BLOBS_BUCKET).await.map_err(|e| ReadError::new("blob store", e))
+                self.js
+                    .get_object_store(subject::blobs_bucket(&self.dc))
+                    .await
+                    .map_err(|e| ReadError::new("blob store", e))
             })
             .await
     }
@@ -64,19 +83,30 @@ impl Reader {
         Ok(bytes)
     }
 
-    /// The real payload of a message, following a spill header to the object store.
-    pub async fn payload(&self, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Result<Vec<u8>, ReadError> {
-        match headers.and_then(|h| h.get(subject::SPILLED_HEADER)) {
-            Some(name) => self.object(name.as_str()).await,
-            None => Ok(payload.to_vec()),
-        }
+    /// The real payload of a message published on `subject`, following a spill header
+    /// to the object store, and checked against the trusted keys.
+    pub async fn payload(
+        &self,
+        subject: &str,
+        headers: Option<&async_nats::HeaderMap>,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ReadError> {
+        let payload = match headers.and_then(|h| h.get(subject::SPILLED_HEADER)) {
+            Some(name) => self.object(name.as_str()).await?,
+            None => payload.to_vec(),
+        };
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+        self.verifier
+            .verify(subject, header(EXPECTED_SEQUENCE_HEADER), &payload, header(SIGNATURE_HEADER))
+            .map_err(|e| ReadError { what: FORGED, message: format!("{subject}: {e}") })?;
+        Ok(payload)
     }
 
     async fn last_on(&self, subject: &str) -> Result<Option<Vec<u8>>, ReadError> {
         let stream =
             self.js.get_stream(subject::state_stream(&self.dc)).await.map_err(|e| ReadError::new("state stream", e))?;
         match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(message) => Ok(Some(self.payload(Some(&message.headers), &message.payload).await?)),
+            Ok(message) => Ok(Some(self.payload(subject, Some(&message.headers), &message.payload).await?)),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(ReadError::new("state stream", e)),
         }

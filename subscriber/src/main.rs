@@ -66,6 +66,16 @@ struct Cli {
     /// altered on the host (0: only at start).
     #[arg(long, env = "CONFCAST_VERIFY_INTERVAL_SECS", default_value_t = 300)]
     verify_interval_secs: u64,
+    /// Public key (nkey) of a relay whose signed updates this host accepts; repeat it
+    /// (or comma-separate the variable) to trust two keys during a rotation. When set,
+    /// unsigned and wrongly signed updates are refused.
+    #[arg(long, env = "CONFCAST_TRUSTED_KEY", value_delimiter = ',', value_name = "KEY")]
+    trusted_key: Vec<String>,
+    /// File of trusted public keys, one per line (`#` comments), added to --trusted-key.
+    #[arg(long, env = "CONFCAST_TRUSTED_KEYS_FILE", value_name = "FILE")]
+    trusted_keys_file: Option<PathBuf>,
+    #[command(flatten)]
+    nats_auth: confcast_schemas::connect::NatsAuth,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +147,18 @@ async fn main() -> ExitCode {
         .or(cli.host.clone())
         .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "unknown".to_owned());
+    let mut trusted_keys = cli.trusted_key.clone();
+    if let Some(path) = &cli.trusted_keys_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => trusted_keys.extend(
+                text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned),
+            ),
+            Err(e) => {
+                eprintln!("subscriber: --trusted-keys-file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     let config = Config {
         nats_url: cli.nats,
         dc,
@@ -151,6 +173,8 @@ async fn main() -> ExitCode {
             timeout: Duration::from_secs(cli.exec_timeout_secs),
         },
         host_id,
+        nats_auth: cli.nats_auth,
+        trusted_keys,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));

@@ -8,10 +8,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{consumer, stream};
 use confcast_schemas::message::now_ms;
+use confcast_schemas::sign::Verifier;
 use confcast_schemas::{decode, encode, subject, HostStatus, Kind, ServiceUpdate, WIRE_VERSION};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +54,10 @@ pub struct Config {
     /// How often the applied trees are re-hashed and compared with what was applied
     /// (besides once at start); `None` disables the periodic check.
     pub verify_interval: Option<Duration>,
+    /// NATS credentials and TLS.
+    pub nats_auth: confcast_schemas::connect::NatsAuth,
+    /// Public keys whose signatures are accepted; empty: signatures are not checked.
+    pub trusted_keys: Vec<String>,
 }
 
 /// Why the subscriber stopped.
@@ -60,6 +66,12 @@ pub enum SubscriberError {
     /// The NATS connection could not be set up.
     #[error("connecting to NATS: {0}")]
     Connect(String),
+    /// A NATS credential or certificate cannot be used.
+    #[error(transparent)]
+    Auth(#[from] confcast_schemas::connect::AuthError),
+    /// A trusted key is not a public nkey.
+    #[error(transparent)]
+    TrustedKey(#[from] confcast_schemas::sign::SignatureError),
     /// The position file cannot be read or written.
     #[error("position: {0}")]
     Position(#[from] std::io::Error),
@@ -74,14 +86,16 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     // working directory the subscriber was started from.
     config.dir = std::path::absolute(&config.dir)?;
     config.state_dir = std::path::absolute(&config.state_dir)?;
-    let client = async_nats::ConnectOptions::new()
+    let options = config.nats_auth.apply(async_nats::ConnectOptions::new()).await?;
+    let client = options
         .name(format!("confcast-subscriber {}/{}", config.dc, config.host_id))
         .retry_on_initial_connect()
         .connect(&config.nats_url)
         .await
         .map_err(|e| SubscriberError::Connect(e.to_string()))?;
     let js = async_nats::jetstream::new(client.clone());
-    let reader = Reader::new(js, &config.dc);
+    let verifier = Arc::new(Verifier::new(&config.trusted_keys)?);
+    let reader = Reader::new(js, &config.dc).with_verifier(verifier);
     let position_path = config.state_dir.join("position.json");
     let position = Position::load(&position_path, &config.dc)?;
     let statuses = crate::serve::Statuses::default();
@@ -432,8 +446,18 @@ impl Host {
 
     #[tracing::instrument(skip_all, fields(seq = seq))]
     async fn handle(&mut self, message: &async_nats::Message, seq: u64) -> Result<(), SubscriberError> {
-        let payload = match self.reader.payload(message.headers.as_ref(), &message.payload).await {
+        let payload = match self.reader.payload(&message.subject, message.headers.as_ref(), &message.payload).await {
             Ok(p) => p,
+            Err(e) if e.is_forged() => {
+                tracing::error!(subject = %message.subject, error = %e, "refusing update; keeping the current configuration");
+                if let Some((kind, name)) = subject::parse_update_subject(&self.config.dc, &message.subject) {
+                    if self.services.contains(&(kind, name.clone())) {
+                        let commit = self.state(kind, &name).commit;
+                        self.report(kind, &name, commit, Some(e.to_string()), None).await;
+                    }
+                }
+                return Ok(());
+            }
             Err(e) => {
                 tracing::error!(subject = %message.subject, error = %e, "cannot read update; it will be recovered from the snapshot");
                 return Ok(());

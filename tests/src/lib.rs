@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod consul;
+pub mod topology;
+
 /// Path of a workspace binary next to the running test executable.
 pub fn bin(name: &str) -> PathBuf {
     // Tests run from target/<profile>/deps, the bench from target/<profile>.
@@ -82,13 +85,27 @@ pub struct NatsServer {
     child: Option<Child>,
     dir: TempDir,
     port: u16,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl NatsServer {
     /// Starts a server on an ephemeral port.
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[], &[])
+    }
+
+    /// Starts a server with extra arguments (e.g. `-c <config>`) and environment
+    /// variables (which a configuration file can reference as `$NAME`).
+    pub fn start_with(extra: &[&str], env: &[(&str, &str)]) -> NatsServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut server = NatsServer { child: None, dir, port: 0 };
+        let mut server = NatsServer {
+            child: None,
+            dir,
+            port: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
         server.spawn(None);
         server
     }
@@ -100,10 +117,12 @@ impl NatsServer {
         fs::create_dir_all(&ports_dir).expect("ports dir");
         let log = fs::File::create(self.dir.path().join("nats.log")).expect("log file");
         let child = Command::new("nats-server")
+            .args(&self.extra)
             .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
             .arg(self.dir.path().join("store"))
             .arg("--ports_file_dir")
             .arg(&ports_dir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -125,6 +144,11 @@ impl NatsServer {
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
     /// Kills the server (its store stays).

@@ -34,12 +34,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let outcome = runtime.block_on(confcast_publisher::announce(
-        &settings.nats_url,
-        &settings.spool_dir,
-        events,
-        settings.timeout,
-    ));
+    let outcome =
+        runtime.block_on(confcast_publisher::announce(&settings.bus, &settings.spool_dir, events, settings.timeout));
     // Do not wait for the client's background tasks: the push must return now.
     runtime.shutdown_background();
     match &outcome.error {

@@ -284,6 +284,8 @@ fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
                 host_id: format!("h{h}"),
                 verify_interval: None,
                 listen: None,
+                nats_auth: Default::default(),
+                trusted_keys: Vec::new(),
             };
             runtime.spawn(confcast_subscriber::run(config, shutdown.clone()));
             dir.join("etc/service0")

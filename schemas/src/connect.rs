@@ -1,0 +1,244 @@
+//! How every confcast binary authenticates to NATS: one set of flags, one way to read them.
+//!
+//! Secrets are read from files or from the environment, never taken as command-line
+//! values (which any user of the host can read in `ps`), and never printed: the
+//! [`Debug`] of [`NatsAuth`] names only which mechanisms are configured.
+//!
+//! | flag | variable | what |
+//! |---|---|---|
+//! | `--nats-creds FILE` | `CONFCAST_NATS_CREDS` | a `.creds` file (JWT and nkey seed) |
+//! | `--nats-nkey FILE` | `CONFCAST_NATS_NKEY` | a file holding an nkey seed (`SU...`) |
+//! | `--nats-user NAME` | `CONFCAST_NATS_USER` | user name; the password comes from |
+//! | `--nats-password-file FILE` | `CONFCAST_NATS_PASSWORD_FILE` | ... this file, or `CONFCAST_NATS_PASSWORD` |
+//! | `--nats-token-file FILE` | `CONFCAST_NATS_TOKEN_FILE` | a token, or `CONFCAST_NATS_TOKEN` |
+//! | `--nats-tls-ca FILE` | `CONFCAST_NATS_TLS_CA` | CA certificates (PEM) that sign the server's |
+//! | `--nats-tls-cert FILE` | `CONFCAST_NATS_TLS_CERT` | client certificate (PEM), with |
+//! | `--nats-tls-key FILE` | `CONFCAST_NATS_TLS_KEY` | ... its private key (PEM) |
+//! | `--nats-inbox-prefix P` | `CONFCAST_NATS_INBOX_PREFIX` | where replies come back (default `_INBOX`) |
+//!
+//! A per-identity inbox prefix lets NATS permissions give each identity its own
+//! replies only (`subscribe: "_INBOX_relay_dc1.>"`): with the shared `_INBOX.>`, any
+//! client allowed to subscribe there could read every other client's replies,
+//! another datacenter's configuration included.
+//! Any TLS option makes TLS required. A `tls://` URL also requires it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Environment variable holding the password of `--nats-user` when no file is given.
+pub const PASSWORD_ENV: &str = "CONFCAST_NATS_PASSWORD";
+/// Environment variable holding the token when no `--nats-token-file` is given.
+pub const TOKEN_ENV: &str = "CONFCAST_NATS_TOKEN";
+
+/// NATS credentials and TLS settings, as flags (flatten into a binary's `clap` parser).
+#[derive(Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct NatsAuth {
+    /// NATS credentials file (`.creds`: user JWT and nkey seed).
+    #[arg(long = "nats-creds", env = "CONFCAST_NATS_CREDS", value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+    /// File holding an nkey seed to authenticate to NATS with.
+    #[arg(long = "nats-nkey", env = "CONFCAST_NATS_NKEY", value_name = "FILE")]
+    pub nkey: Option<PathBuf>,
+    /// NATS user name; the password is read from --nats-password-file or CONFCAST_NATS_PASSWORD.
+    #[arg(long = "nats-user", env = "CONFCAST_NATS_USER", value_name = "NAME")]
+    pub user: Option<String>,
+    /// File holding the password of --nats-user.
+    #[arg(long = "nats-password-file", env = "CONFCAST_NATS_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// File holding a NATS token (or set CONFCAST_NATS_TOKEN).
+    #[arg(long = "nats-token-file", env = "CONFCAST_NATS_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificates (PEM) to verify the NATS server with; makes TLS required.
+    #[arg(long = "nats-tls-ca", env = "CONFCAST_NATS_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS TLS; needs --nats-tls-key.
+    #[arg(long = "nats-tls-cert", env = "CONFCAST_NATS_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --nats-tls-cert.
+    #[arg(long = "nats-tls-key", env = "CONFCAST_NATS_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Subject prefix of this client's reply inboxes (default `_INBOX`), so that NATS
+    /// permissions can keep every identity's replies to itself.
+    #[arg(long = "nats-inbox-prefix", env = "CONFCAST_NATS_INBOX_PREFIX", value_name = "PREFIX")]
+    pub inbox_prefix: Option<String>,
+}
+
+impl fmt::Debug for NatsAuth {
+    /// Names the mechanisms in use, never a secret nor where it is kept.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsAuth")
+            .field("creds", &self.creds.is_some())
+            .field("nkey", &self.nkey.is_some())
+            .field("user", &self.user)
+            .field("token", &self.token_file.is_some())
+            .field("tls", &self.tls_ca.is_some())
+            .field("client_cert", &self.tls_cert.is_some())
+            .field("inbox_prefix", &self.inbox_prefix)
+            .finish()
+    }
+}
+
+/// A credential or certificate that cannot be used. Names the flag and file, never the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A file named by a flag cannot be read.
+    #[error("{flag} {}: {source}", path.display())]
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file was read but its content is not what the flag takes.
+    #[error("{flag} {}: {problem}", path.display())]
+    Invalid { flag: &'static str, path: PathBuf, problem: String },
+    /// Flags that cannot be used together, or one missing its partner.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl NatsAuth {
+    /// True when nothing is configured (plain connection, no TLS).
+    pub fn is_empty(&self) -> bool {
+        *self == NatsAuth::default()
+    }
+
+    /// Applies these settings to `options`, reading every file now so that a missing or
+    /// unreadable credential fails at start with the flag's name.
+    pub async fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, AuthError> {
+        let secrets = [self.creds.is_some(), self.nkey.is_some(), self.user.is_some(), self.token_file.is_some()];
+        if secrets.iter().filter(|&&s| s).count() > 1 {
+            return Err(AuthError::Conflict(
+                "use one of --nats-creds, --nats-nkey, --nats-user or a NATS token, not several".into(),
+            ));
+        }
+        if let Some(path) = &self.creds {
+            let contents = read_secret("--nats-creds", path)?;
+            options = options.credentials(&contents).map_err(|e| AuthError::Invalid {
+                flag: "--nats-creds",
+                path: path.clone(),
+                problem: e.to_string(),
+            })?;
+        }
+        if let Some(path) = &self.nkey {
+            let seed = read_secret("--nats-nkey", path)?;
+            let seed = seed
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with('S') && !l.is_empty())
+                .ok_or_else(|| AuthError::Invalid {
+                    flag: "--nats-nkey",
+                    path: path.clone(),
+                    problem: "no nkey seed (a line starting with 'S')".into(),
+                })?
+                .to_owned();
+            if let Err(e) = nkeys::KeyPair::from_seed(&seed) {
+                return Err(AuthError::Invalid { flag: "--nats-nkey", path: path.clone(), problem: e.to_string() });
+            }
+            options = options.nkey(seed);
+        }
+        if let Some(user) = &self.user {
+            let password = match &self.password_file {
+                Some(path) => read_secret("--nats-password-file", path)?.trim_end_matches(['\r', '\n']).to_owned(),
+                None => std::env::var(PASSWORD_ENV).map_err(|_| {
+                    AuthError::Conflict(format!("--nats-user needs --nats-password-file or {PASSWORD_ENV}"))
+                })?,
+            };
+            options = options.user_and_password(user.clone(), password);
+        } else if self.password_file.is_some() {
+            return Err(AuthError::Conflict("--nats-password-file needs --nats-user".into()));
+        }
+        if let Some(path) = &self.token_file {
+            let token = read_secret("--nats-token-file", path)?.trim().to_owned();
+            if token.is_empty() {
+                return Err(AuthError::Invalid {
+                    flag: "--nats-token-file",
+                    path: path.clone(),
+                    problem: "empty".into(),
+                });
+            }
+            options = options.token(token);
+        } else if let Ok(token) = std::env::var(TOKEN_ENV) {
+            if !token.is_empty() && self.user.is_none() && self.creds.is_none() && self.nkey.is_none() {
+                options = options.token(token);
+            }
+        }
+        if let Some(path) = &self.tls_ca {
+            check_readable("--nats-tls-ca", path)?;
+            options = options.add_root_certificates(path.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            check_readable("--nats-tls-cert", cert)?;
+            check_readable("--nats-tls-key", key)?;
+            options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+        } else if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(AuthError::Conflict("--nats-tls-cert and --nats-tls-key go together".into()));
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            let valid = !prefix.is_empty()
+                && prefix.split('.').all(|t| !t.is_empty() && !t.contains(['*', '>']))
+                && !prefix.contains(char::is_whitespace);
+            if !valid {
+                return Err(AuthError::Conflict(format!(
+                    "--nats-inbox-prefix {prefix:?}: not a subject prefix (dot-separated tokens without wildcards)"
+                )));
+            }
+            options = options.custom_inbox_prefix(prefix.clone());
+        }
+        Ok(options)
+    }
+}
+
+fn read_secret(flag: &'static str, path: &Path) -> Result<String, AuthError> {
+    std::fs::read_to_string(path).map_err(|source| AuthError::Read { flag, path: path.to_owned(), source })
+}
+
+fn check_readable(flag: &'static str, path: &Path) -> Result<(), AuthError> {
+    std::fs::File::open(path).map(drop).map_err(|source| AuthError::Read { flag, path: path.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_secrets_nor_where_they_are() {
+        let auth = NatsAuth {
+            creds: Some("/secret/dc1.creds".into()),
+            user: Some("relay".into()),
+            password_file: Some("/secret/pw".into()),
+            ..Default::default()
+        };
+        let shown = format!("{auth:?}");
+        assert!(!shown.contains("/secret"), "{shown}");
+        assert!(shown.contains("relay"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_names_the_flag_and_the_path() {
+        let auth = NatsAuth { nkey: Some("/nonexistent/seed.nk".into()), ..Default::default() };
+        let error = auth.apply(async_nats::ConnectOptions::new()).await.err().map(|e| e.to_string());
+        let error = error.unwrap_or_default();
+        assert!(error.starts_with("--nats-nkey /nonexistent/seed.nk:"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_seed_is_refused_without_echoing_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seed");
+        std::fs::write(&path, "SUNOTASEEDATALLBUTSECRET\n").expect("write");
+        let auth = NatsAuth { nkey: Some(path), ..Default::default() };
+        let error = auth.apply(async_nats::ConnectOptions::new()).await.err().map(|e| e.to_string());
+        let error = error.unwrap_or_default();
+        assert!(error.contains("--nats-nkey") && !error.contains("NOTASEED"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn two_mechanisms_at_once_are_refused() {
+        let auth = NatsAuth { creds: Some("a".into()), token_file: Some("b".into()), ..Default::default() };
+        assert!(matches!(auth.apply(async_nats::ConnectOptions::new()).await, Err(AuthError::Conflict(_))));
+    }
+}
