@@ -63,6 +63,9 @@ pub struct Settings {
     pub spool_dir: std::path::PathBuf,
     /// How long the hook may wait for the bus.
     pub timeout: Duration,
+    /// How long to wait for the rollout of what was announced (`confcast.waitRollout`),
+    /// if at all.
+    pub wait_rollout: Option<Duration>,
 }
 
 impl Settings {
@@ -83,8 +86,100 @@ impl Settings {
                 .and_then(|ms| ms.parse().ok())
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+            wait_rollout: get(config_keys::WAIT_ROLLOUT)
+                .and_then(|secs| secs.trim().parse::<f64>().ok())
+                .filter(|secs| secs.is_finite() && *secs > 0.0)
+                .map(Duration::from_secs_f64),
         }
     }
+}
+
+/// `<old>..<new>` of a ref update, shortened as git does (`0000000` for a created or
+/// deleted ref).
+pub fn short_range(update: &RefUpdate) -> String {
+    let short = |o: Option<Oid>| o.map(|o| o.to_string()[..7].to_owned()).unwrap_or_else(|| "0000000".into());
+    format!("{}..{}", short(update.old), short(update.new))
+}
+
+/// What the pusher is told about each ref: `published <ref> <old>..<new>`, or
+/// `spooled ...` for the last `spooled` of them (the hook publishes in order and spools
+/// what is left when the bus fails).
+pub fn announcement_lines(updates: &[RefUpdate], spooled: usize) -> Vec<String> {
+    let published = updates.len().saturating_sub(spooled);
+    updates
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let verb = if i < published { "published" } else { "spooled" };
+            let deleted = if u.new.is_none() { " (deleted)" } else { "" };
+            format!("confcast: {verb} {} {}{deleted}", u.ref_name, short_range(u))
+        })
+        .collect()
+}
+
+/// What the hook waits for after announcing `updates`: every service following a
+/// pushed ref reaching the pushed commit.
+pub fn rollout_targets(updates: &[RefUpdate]) -> Vec<confcast_publisher::status::Target> {
+    updates
+        .iter()
+        .filter_map(|u| {
+            Some(confcast_publisher::status::Target::RefAt {
+                ref_name: u.ref_name.clone(),
+                commit: u.new?.to_string(),
+                old: u.old.map(|o| o.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// Waits up to `wait` for the rollout of `updates` in every datacenter and returns the
+/// lines to show the pusher. Never fails: what went wrong is one of the lines.
+pub async fn wait_rollout(settings: &Settings, updates: &[RefUpdate], wait: Duration) -> Vec<String> {
+    use confcast_publisher::status;
+    let started = tokio::time::Instant::now();
+    let deadline = started + wait;
+    let targets = rollout_targets(updates);
+    if targets.is_empty() {
+        return Vec::new();
+    }
+    let label = match targets.as_slice() {
+        [one] => one.to_string(),
+        _ => format!("{} refs", targets.len()),
+    };
+    let watched = tokio::time::timeout_at(deadline, async {
+        let client = confcast_publisher::connect(&settings.bus.nats_url, &settings.bus.auth, settings.timeout).await?;
+        let js = async_nats::jetstream::new(client);
+        let dcs = status::datacenters(&js).await?;
+        Ok::<_, Box<dyn std::error::Error>>(status::watch(&js, &dcs, &targets, deadline, |_| {}).await?)
+    })
+    .await;
+    let rollout = match watched {
+        Ok(Ok(rollout)) => rollout,
+        Ok(Err(e)) => return vec![format!("confcast: cannot follow the rollout: {e}")],
+        Err(_) => {
+            return vec![format!(
+                "confcast: no rollout seen within {wait:?} (NATS did not answer in time); the push itself succeeded"
+            )]
+        }
+    };
+    let affected: Vec<&status::DcProgress> = rollout.dcs.iter().filter(|d| d.affected()).collect();
+    let mut lines: Vec<String> = affected.iter().map(|d| format!("confcast: {}", d.line(&label))).collect();
+    let elapsed = started.elapsed();
+    lines.push(match rollout.verdict() {
+        status::Verdict::Complete => format!("confcast: rollout complete in {:.1}s", elapsed.as_secs_f64()),
+        status::Verdict::NothingAffected => {
+            format!("confcast: no datacenter follows {label} directly; not waiting for a rollout")
+        }
+        status::Verdict::InProgress => {
+            let (failed, pending) = rollout.counts();
+            format!(
+                "confcast: rollout not complete after {}s ({failed} host(s) failed, {pending} pending); \
+                 the push itself succeeded: follow it with `publisher status <commit>`",
+                wait.as_secs_f64()
+            )
+        }
+    });
+    lines
 }
 
 fn tree_of(repo: &Repository, oid: Option<Oid>) -> Option<git2::Tree<'_>> {
@@ -211,6 +306,28 @@ mod tests {
         assert_eq!(updates[1].ref_name, "refs/tags/t y");
         assert_eq!(updates[1].new, None);
         assert_eq!(bad, vec!["not a line".to_owned()]);
+    }
+
+    #[test]
+    fn tells_the_pusher_each_ref() {
+        let zero = "0".repeat(40);
+        let (a, b) = ("a".repeat(40), "b".repeat(40));
+        let input = format!("{a} {b} refs/heads/x\n{zero} {a} refs/tags/t\n{b} {zero} refs/heads/gone\n");
+        let (updates, _) = parse_updates(&input);
+        assert_eq!(
+            announcement_lines(&updates, 1),
+            vec![
+                "confcast: published refs/heads/x aaaaaaa..bbbbbbb",
+                "confcast: published refs/tags/t 0000000..aaaaaaa",
+                "confcast: spooled refs/heads/gone bbbbbbb..0000000 (deleted)",
+            ]
+        );
+        let targets = rollout_targets(&updates);
+        assert_eq!(targets.len(), 2, "a deleted ref has nothing to roll out");
+        assert_eq!(
+            targets[0],
+            confcast_publisher::status::Target::RefAt { ref_name: "refs/heads/x".into(), commit: b, old: Some(a) }
+        );
     }
 
     #[test]

@@ -42,7 +42,8 @@ impl BusError {
 /// Connects with a bounded wait and without background reconnect attempts at start.
 /// `url` may list several servers of one cluster, separated by commas; any of them will do.
 pub async fn connect(url: &str, auth: &NatsAuth, timeout: Duration) -> Result<async_nats::Client, BusError> {
-    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let servers = confcast_schemas::connect::servers(url)
+        .map_err(|e| BusError::Connect { url: url.to_owned(), reason: e.to_string() })?;
     let options = auth
         .apply(async_nats::ConnectOptions::new())
         .await
@@ -50,7 +51,7 @@ pub async fn connect(url: &str, auth: &NatsAuth, timeout: Duration) -> Result<as
     options
         .connection_timeout(timeout)
         .name("confcast-publisher")
-        .connect(servers.as_slice())
+        .connect(servers)
         .await
         .map_err(|e| BusError::Connect { url: url.to_owned(), reason: e.to_string() })
 }

@@ -28,6 +28,9 @@ pub struct InstallOptions {
     pub replicas: usize,
     /// NATS credentials of the hooks; their paths are recorded (`confcast.nats*`).
     pub nats_auth: crate::NatsAuth,
+    /// Seconds the post-receive hook waits for the rollout (`confcast.waitRollout`):
+    /// `Some(0)` removes the setting, `None` leaves it as it is.
+    pub wait_rollout_secs: Option<u64>,
 }
 
 /// Why installation failed.
@@ -115,6 +118,15 @@ pub fn install_hooks(options: &InstallOptions) -> Result<Vec<PathBuf>, InstallEr
     }
     for (key, value) in crate::auth_config(&options.nats_auth) {
         git(repo, &["config", key, &value])?;
+    }
+    match options.wait_rollout_secs {
+        Some(0) if config_value(repo, config_keys::WAIT_ROLLOUT).is_some() => {
+            git(repo, &["config", "--unset-all", config_keys::WAIT_ROLLOUT])?;
+        }
+        Some(0) | None => {}
+        Some(secs) => {
+            git(repo, &["config", config_keys::WAIT_ROLLOUT, &secs.to_string()])?;
+        }
     }
     Ok(written)
 }

@@ -10,6 +10,7 @@ pub mod backfill;
 pub mod bus;
 pub mod install;
 pub mod spool;
+pub mod status;
 
 use std::path::Path;
 use std::time::Duration;
@@ -134,6 +135,10 @@ pub mod config_keys {
     pub const TIMEOUT_MS: &str = "confcast.timeoutMs";
     /// Replicas of the commit stream when the hooks create it (default 1; 3 on a cluster).
     pub const REPLICAS: &str = "confcast.replicas";
+    /// How long, in seconds, the post-receive hook waits for the rollout of what it
+    /// announced, printing its convergence per datacenter into the `git push` output
+    /// (unset or 0: it does not wait).
+    pub const WAIT_ROLLOUT: &str = "confcast.waitRollout";
     /// NATS credentials of the hooks: paths of files, never the secrets themselves.
     pub const NATS_CREDS: &str = "confcast.natsCreds";
     /// File holding the hooks' nkey seed.

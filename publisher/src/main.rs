@@ -9,8 +9,10 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use confcast_publisher::{
     auth_from_config, backfill, config_keys, connect, default_spool_dir, drain, ensure_commit_stream, install,
-    publish_event, NatsAuth, Spool,
+    publish_event, status, NatsAuth, Spool,
 };
+
+mod progress;
 
 /// Publishes the master repository's ref updates as commit events on NATS JetStream.
 #[derive(Debug, Parser)]
@@ -44,8 +46,37 @@ enum Command {
         /// NATS cluster); recorded as `confcast.replicas`.
         #[arg(long, env = "CONFCAST_REPLICAS", default_value_t = 1)]
         replicas: usize,
+        /// Seconds the post-receive hook waits for the rollout of each push and prints
+        /// its convergence per datacenter into the `git push` output; recorded as
+        /// `confcast.waitRollout` (0 removes it; without the flag it is left as it is).
+        #[arg(long, env = "CONFCAST_WAIT_ROLLOUT", value_name = "SECS")]
+        wait_rollout: Option<u64>,
         /// The hooks' NATS credentials: the paths are recorded in the repository's git
         /// config (`confcast.natsCreds`, ...), the secrets stay in their files.
+        #[command(flatten)]
+        nats_auth: NatsAuth,
+    },
+    /// Show how far a change has reached the hosts: per datacenter, how many hosts of
+    /// the services it concerns are at its commit with a good status, and which failed
+    /// or are pending. Follows the rollout live until it is complete or the timeout
+    /// passes. Exit status: 0 complete, 1 not complete at the timeout, 2 on usage or bus
+    /// errors.
+    Status {
+        /// A commit id (7 to 40 hex digits: every service whose relay published a commit
+        /// starting with it), or a ref (`services/web/master`, `refs/heads/...`,
+        /// `refs/tags/...`: every service following it, at the commit its relay published).
+        target: String,
+        /// NATS URL of the datacenters' servers.
+        #[arg(long, env = "CONFCAST_NATS", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// Datacenter to look at (repeatable, or comma-separated in the environment;
+        /// default: every datacenter a relay published for).
+        #[arg(long = "dc", env = "CONFCAST_DC", value_delimiter = ',')]
+        dcs: Vec<String>,
+        /// How long to follow the rollout, in seconds.
+        #[arg(long, env = "CONFCAST_TIMEOUT", value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+        /// NATS credentials.
         #[command(flatten)]
         nats_auth: NatsAuth,
     },
@@ -129,7 +160,11 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    if let Command::Status { target, nats, dcs, timeout, nats_auth } = cli.command {
+        return status(&target, &nats, dcs, Duration::from_secs(timeout), &nats_auth).await;
+    }
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("publisher: {e:#}");
@@ -138,9 +173,58 @@ async fn main() -> ExitCode {
     }
 }
 
+/// `publisher status`: 0 complete, 1 not complete in time, 2 when the bus cannot be read.
+async fn status(target: &str, url: &str, dcs: Vec<String>, timeout: Duration, auth: &NatsAuth) -> ExitCode {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let target = status::Target::parse(target);
+    let label = target.to_string();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut screen = progress::Screen::new(tty);
+    let rollout = async {
+        let client = connect(url, auth, timeout.min(Duration::from_secs(10))).await?;
+        let js = async_nats::jetstream::new(client);
+        let dcs = if dcs.is_empty() { status::datacenters(&js).await? } else { dcs };
+        if dcs.is_empty() {
+            anyhow::bail!("no datacenter on {url}: no relay has published there");
+        }
+        let rollout =
+            status::watch(&js, &dcs, std::slice::from_ref(&target), deadline, |r| screen.show(r, &label)).await?;
+        Ok(rollout)
+    }
+    .await;
+    let rollout = match rollout {
+        Ok(rollout) => rollout,
+        Err(e) => {
+            screen.finish();
+            eprintln!("publisher: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    screen.finish();
+    let (failed, pending) = rollout.counts();
+    match rollout.verdict() {
+        status::Verdict::Complete => {
+            println!("rollout of {label} complete");
+            ExitCode::SUCCESS
+        }
+        status::Verdict::NothingAffected => {
+            println!("no datacenter follows {label}");
+            ExitCode::from(1)
+        }
+        status::Verdict::InProgress => {
+            println!(
+                "rollout of {label} not complete after {}s: {failed} host(s) failed, {pending} pending",
+                timeout.as_secs()
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::InstallHooks { repo, nats, repo_name, bin_dir, force, replicas, nats_auth } => {
+        Command::Status { .. } => unreachable!("handled in main"),
+        Command::InstallHooks { repo, nats, repo_name, bin_dir, force, replicas, wait_rollout, nats_auth } => {
             if nats_auth.user.is_some() && nats_auth.password_file.is_none() {
                 bail!("the hooks cannot read CONFCAST_NATS_PASSWORD: give --nats-password-file");
             }
@@ -158,6 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 replicas,
                 nats_auth,
+                wait_rollout_secs: wait_rollout,
             })?;
             for hook in written {
                 println!("installed {}", hook.display());

@@ -10,10 +10,12 @@
 pub mod consul;
 pub mod diff;
 pub mod lease;
+pub mod metrics;
 pub mod mirror;
 pub mod publish;
 pub mod resolve;
 pub mod run;
 
+pub use metrics::Metrics;
 pub use publish::StreamLayout;
 pub use run::{run, Config};

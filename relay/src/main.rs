@@ -53,6 +53,11 @@ struct Cli {
     /// refuse anything else.
     #[arg(long, env = "CONFCAST_SIGNING_KEY", value_name = "FILE")]
     signing_key: Option<PathBuf>,
+    /// Address (`127.0.0.1:9101`) to serve `GET /metrics` (Prometheus/OpenMetrics text:
+    /// commit events, fetch time and bytes, updates and error events published, lease,
+    /// last sync) and `GET /healthz` (200 once ready) on.
+    #[arg(long, env = "CONFCAST_LISTEN", value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     nats_auth: confcast_schemas::connect::NatsAuth,
 }
@@ -79,6 +84,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let metrics = std::sync::Arc::new(confcast_relay::Metrics::default());
     let config = confcast_relay::Config {
         nats_url: cli.nats,
         dc: cli.dc,
@@ -90,9 +96,17 @@ async fn main() -> ExitCode {
         streams: confcast_relay::StreamLayout { commits_domain: cli.commits_domain, replicas: cli.replicas },
         nats_auth: cli.nats_auth,
         signing_key: cli.signing_key,
+        listen: cli.listen,
+        metrics: metrics.clone(),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
+    // Under systemd's `Type=notify`, the unit is started once the relay has synced with
+    // the master (or stands by for another relay of its datacenter).
+    tokio::spawn(async move {
+        metrics.wait_ready().await;
+        sd_notify("READY=1\nSTATUS=synced with the master");
+    });
     match confcast_relay::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -110,6 +124,24 @@ fn consul_client(
     let Some(url) = url else { return Ok(None) };
     let token = token_file.map(confcast_relay::consul::Token::from_file).transpose()?;
     confcast_relay::consul::Client::new(url, token).map(Some)
+}
+
+/// Tells systemd about the service's state (`READY=1`, ...) on the datagram socket it
+/// names in `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace); nothing
+/// when not run by systemd with `Type=notify`.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let addr = match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| socket.send_to_addr(state.as_bytes(), &addr?));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// Cancels `token` on SIGTERM or ctrl-c.

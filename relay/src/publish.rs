@@ -112,6 +112,39 @@ pub struct StreamLayout {
     pub replicas: usize,
 }
 
+/// How long a host's last report is kept: hosts report again at start and every
+/// [`confcast_schemas::message::STATUS_REFRESH`], so only hosts gone for good age out.
+pub const STATUS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The status stream of a datacenter: the latest report of each host per service,
+/// captured from the hosts' core NATS publishes.
+pub fn status_stream_config(dc: &str) -> stream::Config {
+    stream::Config {
+        name: subject::status_stream(dc),
+        subjects: subject::status_stream_subjects(dc),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_messages_per_subject: 1,
+        max_age: STATUS_MAX_AGE,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// The hosts' exec slots bucket: one key per host running its exec for a change,
+/// forgotten after 5 minutes if the host died holding it.
+pub fn exec_slots_config(dc: &str) -> kv::Config {
+    kv::Config {
+        bucket: subject::exec_slots_bucket(dc),
+        description: "confcast: hosts running their exec for a change (subscriber --max-parallel)".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(300),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
 /// The relay's handles on the bus for one datacenter.
 #[derive(Clone)]
 pub struct Bus {
@@ -154,6 +187,9 @@ impl Bus {
             .get_or_create_stream(stream::Config { num_replicas: replicas, ..state_stream_config(dc) })
             .await
             .map_err(|e| BusError::new("state stream", e))?;
+        js.get_or_create_stream(stream::Config { num_replicas: replicas, ..status_stream_config(dc) })
+            .await
+            .map_err(|e| BusError::new("status stream", e))?;
         let blobs = match js.get_object_store(subject::blobs_bucket(dc)).await {
             Ok(store) => store,
             Err(_) => js
@@ -167,6 +203,13 @@ impl Bus {
                 .await
                 .map_err(|e| BusError::new("blob store", e))?,
         };
+        // The hosts' exec slots (`subscriber --max-parallel`): hosts may use the bucket
+        // but need not be allowed to create it.
+        if js.get_key_value(subject::exec_slots_bucket(dc)).await.is_err() {
+            js.create_key_value(kv::Config { num_replicas: replicas, ..exec_slots_config(dc) })
+                .await
+                .map_err(|e| BusError::new("exec slots bucket", e))?;
+        }
         let index = match js.get_key_value(subject::INDEX_BUCKET).await {
             Ok(store) => store,
             Err(_) => js

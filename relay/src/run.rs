@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::diff::{diff, Listing};
 use crate::lease::Lease;
+use crate::metrics::Metrics;
 use crate::mirror::{Mirror, MirrorError};
 use crate::publish::{Bus, BusError, StreamLayout, INLINE_LIMIT};
 use crate::resolve::{datacenter_ref, resolve, RefSource, Resolution, Target};
@@ -52,6 +53,10 @@ pub struct Config {
     pub nats_auth: confcast_schemas::connect::NatsAuth,
     /// nkey seed file to sign every published message with (see [`confcast_schemas::sign`]).
     pub signing_key: Option<PathBuf>,
+    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The relay's metrics and readiness (see [`crate::metrics`]).
+    pub metrics: std::sync::Arc<Metrics>,
 }
 
 /// Locks `<state_dir>/relay.lock` for the life of the relay.
@@ -95,6 +100,14 @@ pub enum RelayError {
     /// The signing key cannot be used.
     #[error(transparent)]
     Signing(confcast_schemas::sign::SignatureError),
+    /// The `--listen` address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A failure while handling one event: retried with backoff, never acked.
@@ -129,6 +142,11 @@ struct Prepared {
 /// Runs the relay until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
     let _lock = lock_state_dir(&config.state_dir)?;
+    if let Some(addr) = config.listen {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| RelayError::Listen { addr, source })?;
+        tokio::spawn(crate::metrics::serve(listener, config.metrics.clone(), shutdown.clone()));
+    }
     let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?
         .with_io_timeout(config.fetch_timeout);
     let signer = config.signing_key.as_deref().map(Signer::from_file).transpose().map_err(RelayError::Signing)?;
@@ -142,7 +160,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
         // missed pings and it reconnects.
         .ping_interval(Duration::from_secs(5))
         .retry_on_initial_connect()
-        .connect(&config.nats_url)
+        .connect(confcast_schemas::connect::servers(&config.nats_url).map_err(RelayError::Auth)?)
         .await
         .map_err(|e| BusError::new("connect", e))?;
     let bus = tokio::select! {
@@ -188,12 +206,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
     };
     let Some(lease) = lease else { return Ok(()) };
     loop {
-        let Some(revision) = lease.acquire(&shutdown).await else { return Ok(()) };
+        // A relay that stands by is ready too: it has done all it can until the lease
+        // comes its way (acquiring an uncontested lease takes milliseconds).
+        let acquire = lease.acquire(&shutdown);
+        tokio::pin!(acquire);
+        let revision = tokio::select! {
+            revision = &mut acquire => revision,
+            () = tokio::time::sleep(STANDBY_READY_AFTER) => {
+                config.metrics.set_ready();
+                acquire.await
+            }
+        };
+        let Some(revision) = revision else { return Ok(()) };
+        config.metrics.lease_held.set(1);
         tracing::info!(dc = %config.dc, %holder, "holding the datacenter's lease; handling its events");
         let lost = CancellationToken::new();
         let stop_keeping = CancellationToken::new();
         let keeper = tokio::spawn(lease.clone().keep(revision, lost.clone(), stop_keeping.clone()));
         let led = lead(&config, &bus, &mirror, &consumer, &shutdown, &lost).await;
+        config.metrics.lease_held.set(0);
         stop_keeping.cancel();
         let _ = keeper.await;
         match led {
@@ -265,6 +296,8 @@ async fn lead_until(
         watched: BTreeSet::new(),
         inventory: None,
         fetch_timeout: config.fetch_timeout,
+        metrics: config.metrics.clone(),
+        pack_dir: config.state_dir.join("mirror.git").join("objects").join("pack"),
         consul: config.consul.clone().map(|client| crate::consul::index::Feed::start(client, &config.dc)),
     };
 
@@ -277,6 +310,7 @@ async fn lead_until(
             result = relay.sync(&boot, first) => match result {
                 Ok(()) => break,
                 Err(e) => {
+                    relay.metrics.sync_failures.inc();
                     let delay = backoff.next();
                     tracing::warn!(dc = %relay.dc, error = %e, retry_in = ?delay, "initial sync failed");
                     tokio::select! { () = tokio::time::sleep(delay) => {}, () = shutdown.cancelled() => return Ok(()) }
@@ -286,6 +320,7 @@ async fn lead_until(
         }
     }
     tracing::info!(dc = %relay.dc, services = relay.heads.len(), watched = relay.watched.len(), "relay ready");
+    config.metrics.set_ready();
 
     let mut backoff = Backoff::default();
     'outer: loop {
@@ -319,6 +354,7 @@ async fn lead_until(
                     _ => break,
                 }
             }
+            relay.metrics.commit_events.inc_by(batch.len() as u64);
             let mut relevant = Vec::new();
             let mut refs = BTreeSet::new();
             for message in batch {
@@ -359,6 +395,7 @@ async fn lead_until(
                     }
                 }
                 Err(e) => {
+                    relay.metrics.sync_failures.inc();
                     let delay = backoff.next();
                     tracing::warn!(events, cause = %cause.tag, error = %e, retry_in = ?delay, "events not handled, will retry");
                     for (message, _, _) in relevant {
@@ -370,6 +407,9 @@ async fn lead_until(
     }
     Ok(())
 }
+
+/// How long a relay waits for the lease before it reports itself ready as a standby.
+const STANDBY_READY_AFTER: Duration = Duration::from_secs(2);
 
 /// At most this many waiting events are handled together (the consumer's
 /// `max_ack_pending` bounds it too).
@@ -422,6 +462,9 @@ struct Relay {
     /// The writer of the index's copy in Consul, with `--consul`.
     consul: Option<crate::consul::index::Feed>,
     fetch_timeout: Duration,
+    metrics: std::sync::Arc<Metrics>,
+    /// The mirror's pack directory, whose growth is what a fetch transferred.
+    pack_dir: PathBuf,
 }
 
 impl Relay {
@@ -440,10 +483,17 @@ impl Relay {
     /// themselves).
     async fn fetch(&self, refs: BTreeSet<String>) -> Result<crate::mirror::Fetched, SyncError> {
         let limit = self.fetch_timeout * 2;
-        match tokio::time::timeout(limit, self.blocking(move |m| Ok(m.fetch(&refs)?))).await {
+        let started = Instant::now();
+        let packs_before = packs(&self.pack_dir);
+        let result = match tokio::time::timeout(limit, self.blocking(move |m| Ok(m.fetch(&refs)?))).await {
             Ok(result) => result,
             Err(_) => Err(SyncError::Resolve(format!("fetch from the master did not finish within {limit:?}"))),
+        };
+        self.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.metrics.fetched_bytes.inc_by(fetched_bytes(&packs_before, &packs(&self.pack_dir)));
         }
+        result
     }
 
     /// Fetches `first`, then every newly depended-on ref, resolves, and publishes.
@@ -492,6 +542,7 @@ impl Relay {
                 let resolution =
                     self.blocking(move |m| Ok(last_good(&m, &heads))).await?.map_err(SyncError::Resolve)?;
                 let published = self.apply(cause, resolution, false).await?;
+                self.metrics.synced();
                 tracing::info!(
                     published,
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -503,6 +554,7 @@ impl Relay {
         };
         self.watched = resolved.watched;
         let published = self.apply(cause, resolution, true).await?;
+        self.metrics.synced();
         tracing::info!(published, elapsed_ms = started.elapsed().as_millis() as u64, "synced");
         Ok(())
     }
@@ -614,6 +666,7 @@ impl Relay {
             .publish(subject::update_subject(&self.dc, kind, name), &id, encode(update))
             .await
             .map_err(SyncError::from)?;
+        self.metrics.updates_published.inc();
         tracing::info!(%kind, %name, from = update.from.as_deref().unwrap_or("-"), to = %target.commit, entries = update.entries.len(), "published update");
         self.publish_head(cause, kind, name, Some(target), Some(target.commit.clone()), update.tree.clone()).await?;
         Ok(())
@@ -645,6 +698,7 @@ impl Relay {
             .publish(subject::snapshot_subject(&self.dc, kind, name), &format!("{id}/snapshot"), encode(&snapshot))
             .await?;
         self.bus.publish(subject::update_subject(&self.dc, kind, name), &id, encode(&removal)).await?;
+        self.metrics.updates_published.inc();
         tracing::info!(%kind, %name, "published removal");
         self.publish_head(cause, kind, name, None, None, None).await
     }
@@ -728,6 +782,7 @@ impl Relay {
         };
         let id = format!("{}/error/{}/{}", self.dc, cause.tag, short_hash(&event.message));
         self.bus.publish(subject::error_subject(&self.dc), &id, encode(&event)).await?;
+        self.metrics.error_events.inc();
         Ok(())
     }
 }
@@ -889,6 +944,25 @@ fn last_good(mirror: &Mirror, heads: &[ServiceHead]) -> Result<Resolution, Strin
         }
     }
     Ok(resolution)
+}
+
+/// The pack files of the mirror and their sizes.
+fn packs(dir: &std::path::Path) -> BTreeMap<std::ffi::OsString, u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return BTreeMap::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .filter_map(|e| Some((e.file_name(), e.metadata().ok()?.len())))
+        .collect()
+}
+
+/// Bytes a fetch added to the mirror: the sizes of its new packs. When a pack went away
+/// the mirror was repacked during the fetch, and its own share cannot be told: 0.
+fn fetched_bytes(before: &BTreeMap<std::ffi::OsString, u64>, after: &BTreeMap<std::ffi::OsString, u64>) -> u64 {
+    if before.keys().any(|name| !after.contains_key(name)) {
+        return 0;
+    }
+    after.iter().filter(|(name, _)| !before.contains_key(*name)).map(|(_, size)| size).sum()
 }
 
 fn hex(bytes: &[u8; 20]) -> String {

@@ -97,6 +97,21 @@ pub enum AuthError {
     Conflict(String),
 }
 
+/// The servers of a `--nats` value: one URL, or several of one cluster separated by
+/// commas (any of them will do; the client also learns the others from the server).
+pub fn servers(urls: &str) -> Result<Vec<async_nats::ServerAddr>, AuthError> {
+    let servers: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|url| url.parse().map_err(|e| AuthError::Conflict(format!("--nats {url:?}: {e}"))))
+        .collect::<Result<_, _>>()?;
+    if servers.is_empty() {
+        return Err(AuthError::Conflict("--nats names no server".into()));
+    }
+    Ok(servers)
+}
+
 impl NatsAuth {
     /// True when nothing is configured (plain connection, no TLS).
     pub fn is_empty(&self) -> bool {
@@ -234,6 +249,14 @@ mod tests {
         let error = auth.apply(async_nats::ConnectOptions::new()).await.err().map(|e| e.to_string());
         let error = error.unwrap_or_default();
         assert!(error.contains("--nats-nkey") && !error.contains("NOTASEED"), "{error}");
+    }
+
+    #[test]
+    fn a_cluster_is_a_comma_separated_list() {
+        let cluster = servers("nats://10.0.0.1:4222, nats://10.0.0.2:4222,").expect("parses");
+        assert_eq!(cluster.len(), 2);
+        assert!(servers("").is_err());
+        assert!(servers("nats://host:notaport").is_err());
     }
 
     #[tokio::test]

@@ -272,6 +272,10 @@ pub struct HostStatus {
     pub at_ms: u64,
 }
 
+/// How often a host repeats its status reports even when nothing changed, so that the
+/// status stream's age limit only forgets hosts that are gone.
+pub const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Milliseconds since the Unix epoch, for message timestamps.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

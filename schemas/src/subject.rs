@@ -107,7 +107,17 @@ pub fn updates_stream(dc: &str) -> String {
 /// hosts out of every other's files. Bucket names allow only `[A-Za-z0-9_-]`: other
 /// bytes, and `_` itself, are written `_XX`.
 pub fn blobs_bucket(dc: &str) -> String {
-    let mut name = String::from("confcast-blobs-");
+    bucket_of("confcast-blobs-", dc)
+}
+
+/// K/V bucket of a datacenter's exec slots: how many hosts are running their `--exec`
+/// for the same update (`subscriber --max-parallel`).
+pub fn exec_slots_bucket(dc: &str) -> String {
+    bucket_of("confcast-exec-", dc)
+}
+
+fn bucket_of(prefix: &str, dc: &str) -> String {
+    let mut name = String::from(prefix);
     for b in dc.bytes() {
         if b.is_ascii_alphanumeric() || b == b'-' {
             name.push(char::from(b));
@@ -186,9 +196,25 @@ pub fn error_subject(dc: &str) -> String {
     format!("{}.error", dc_prefix(dc))
 }
 
-/// Subject on which a host reports its status (core NATS, not stored).
-pub fn status_subject(dc: &str, host: &str) -> String {
-    format!("{}.status.{}", dc_prefix(dc), encode_token(host))
+/// Subject on which a host reports its status for one service. Hosts publish with
+/// core NATS; the datacenter's status stream keeps the latest report per subject.
+pub fn status_subject(dc: &str, host: &str, kind: Kind, name: &str) -> String {
+    format!("{}.status.{}.{}.{}", dc_prefix(dc), encode_token(host), kind.as_str(), encode_token(name))
+}
+
+/// Every status subject of one host of `dc` (what its NATS permissions allow it).
+pub fn host_status_wildcard(dc: &str, host: &str) -> String {
+    format!("{}.status.{}.>", dc_prefix(dc), encode_token(host))
+}
+
+/// Name of a datacenter's status stream: the latest report of every host per service.
+pub fn status_stream(dc: &str) -> String {
+    format!("CONFCAST_DC_{}_STATUS", encode_token(dc))
+}
+
+/// Subjects bound to the status stream of `dc`.
+pub fn status_stream_subjects(dc: &str) -> Vec<String> {
+    vec![format!("{}.status.>", dc_prefix(dc))]
 }
 
 /// Durable consumer name of the relay of `dc` on the commit stream.

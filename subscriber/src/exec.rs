@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use confcast_schemas::Kind;
+
+pub use crate::schedule::Failure;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -35,8 +37,9 @@ pub struct Change<'a> {
 }
 
 /// Runs the command and sends the signal; returns the command's exit status (`None`
-/// if there is no command), or a description of what failed.
-pub async fn notify(notify: &Notify, change: &Change<'_>) -> Result<Option<i32>, String> {
+/// if there is no command), or what failed.
+pub async fn notify(notify: &Notify, change: &Change<'_>) -> Result<Option<i32>, Failure> {
+    let fail = |message: String| Failure { message, status: None };
     let mut status = None;
     if let Some(cmd) = &notify.exec {
         let mut child = tokio::process::Command::new("sh")
@@ -50,24 +53,25 @@ pub async fn notify(notify: &Notify, change: &Change<'_>) -> Result<Option<i32>,
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot run --exec: {e}"))?;
+            .map_err(|e| fail(format!("cannot run --exec: {e}")))?;
         let exit = match tokio::time::timeout(notify.timeout, child.wait()).await {
-            Ok(exit) => exit.map_err(|e| format!("--exec: {e}"))?,
+            Ok(exit) => exit.map_err(|e| fail(format!("--exec: {e}")))?,
             Err(_) => {
                 let _ = child.kill().await;
-                return Err(format!("--exec did not finish within {:?} and was killed", notify.timeout));
+                return Err(fail(format!("--exec did not finish within {:?} and was killed", notify.timeout)));
             }
         };
         status = Some(exit.code().unwrap_or(-1));
         if !exit.success() {
-            return Err(format!("--exec exited with {exit}"));
+            return Err(Failure { message: format!("--exec exited with {exit}"), status });
         }
     }
     if let Some((signal, pidfile)) = &notify.signal {
-        let text = std::fs::read_to_string(pidfile).map_err(|e| format!("--pidfile {}: {e}", pidfile.display()))?;
+        let text =
+            std::fs::read_to_string(pidfile).map_err(|e| fail(format!("--pidfile {}: {e}", pidfile.display())))?;
         let pid: i32 =
-            text.trim().parse().map_err(|_| format!("--pidfile {} holds no pid: {text:?}", pidfile.display()))?;
-        kill(Pid::from_raw(pid), *signal).map_err(|e| format!("sending {signal} to {pid}: {e}"))?;
+            text.trim().parse().map_err(|_| fail(format!("--pidfile {} holds no pid: {text:?}", pidfile.display())))?;
+        kill(Pid::from_raw(pid), *signal).map_err(|e| fail(format!("sending {signal} to {pid}: {e}")))?;
     }
     Ok(status)
 }
@@ -116,8 +120,11 @@ mod tests {
         assert_eq!(notify(&notify_ok, &change).await, Ok(Some(0)));
         assert_eq!(std::fs::read_to_string(&out).expect("ran"), "s0 abc refs/heads/x /d/s0\n");
         let failing = Notify { exec: Some("exit 3".into()), ..notify_ok.clone() };
-        assert_eq!(notify(&failing, &change).await, Err("--exec exited with exit status: 3".into()));
+        assert_eq!(
+            notify(&failing, &change).await,
+            Err(Failure { message: "--exec exited with exit status: 3".into(), status: Some(3) })
+        );
         let slow = Notify { exec: Some("sleep 5".into()), timeout: Duration::from_millis(100), ..notify_ok };
-        assert!(notify(&slow, &change).await.expect_err("killed").contains("killed"));
+        assert!(notify(&slow, &change).await.expect_err("killed").message.contains("killed"));
     }
 }

@@ -3,13 +3,16 @@
 //! It follows its services' updates on the datacenter's stream ([`run`]), builds each
 //! new tree beside the current one and switches to it atomically after verifying its
 //! git tree id ([`materialize`], [`tree_hash`]), remembers where it stands on local disk
-//! ([`state`]), tells the host's processes ([`exec`]) and serves what it applied as JSON
-//! on localhost ([`serve`]).
+//! ([`state`]), tells the host's processes ([`exec`], when: [`schedule`]) and serves what it applied as JSON
+//! on localhost ([`serve`]). Applications watch their configuration with [`client`].
 
 pub mod bus;
+pub mod client;
 pub mod exec;
+pub mod live;
 pub mod materialize;
 pub mod run;
+pub mod schedule;
 pub mod serve;
 pub mod state;
 pub mod tree_hash;

@@ -66,6 +66,14 @@ struct Cli {
     /// altered on the host (0: only at start).
     #[arg(long, env = "CONFCAST_VERIFY_INTERVAL_SECS", default_value_t = 300)]
     verify_interval_secs: u64,
+    /// Wait a random time up to this many seconds before `--exec`/`--signal` (fractions
+    /// allowed), so that a datacenter's hosts do not all restart at once.
+    #[arg(long, env = "CONFCAST_SPLAY", value_name = "SECS", default_value_t = 0.0)]
+    splay: f64,
+    /// At most this many hosts of the datacenter run their `--exec`/`--signal` for the
+    /// same change at once, coordinated through NATS (0: no limit).
+    #[arg(long, env = "CONFCAST_MAX_PARALLEL", value_name = "N", default_value_t = 0)]
+    max_parallel: usize,
     /// Public key (nkey) of a relay whose signed updates this host accepts; repeat it
     /// (or comma-separate the variable) to trust two keys during a rotation. When set,
     /// unsigned and wrongly signed updates are refused.
@@ -175,6 +183,14 @@ async fn main() -> ExitCode {
         host_id,
         nats_auth: cli.nats_auth,
         trusted_keys,
+        splay: match Duration::try_from_secs_f64(cli.splay) {
+            Ok(splay) => splay,
+            Err(_) => {
+                eprintln!("subscriber: --splay {}: not a number of seconds", cli.splay);
+                return ExitCode::from(2);
+            }
+        },
+        max_parallel: (cli.max_parallel > 0).then_some(cli.max_parallel),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));

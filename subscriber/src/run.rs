@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{ReadError, Reader};
 use crate::exec::{notify, Change, Notify};
+use crate::live::{Live, ServiceLabel};
 use crate::materialize::{self, ApplyError, Layout};
+use crate::schedule::{Job, Limit, NatsSlots, Policy, Ran, Runner, Scheduler};
 use crate::state::{key, parse_key, Position, ServiceState};
 
 /// Which services this host runs.
@@ -58,6 +60,11 @@ pub struct Config {
     pub nats_auth: confcast_schemas::connect::NatsAuth,
     /// Public keys whose signatures are accepted; empty: signatures are not checked.
     pub trusted_keys: Vec<String>,
+    /// Upper bound of the random delay before `--exec` runs for a change.
+    pub splay: Duration,
+    /// At most this many hosts of the datacenter run their exec for the same change at
+    /// once (coordinated through NATS); `None`: no limit.
+    pub max_parallel: Option<usize>,
 }
 
 /// Why the subscriber stopped.
@@ -90,7 +97,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let client = options
         .name(format!("confcast-subscriber {}/{}", config.dc, config.host_id))
         .retry_on_initial_connect()
-        .connect(&config.nats_url)
+        .connect(confcast_schemas::connect::servers(&config.nats_url)?)
         .await
         .map_err(|e| SubscriberError::Connect(e.to_string()))?;
     let js = async_nats::jetstream::new(client.clone());
@@ -98,16 +105,44 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let reader = Reader::new(js, &config.dc).with_verifier(verifier);
     let position_path = config.state_dir.join("position.json");
     let position = Position::load(&position_path, &config.dc)?;
-    let statuses = crate::serve::Statuses::default();
+    let live = Live::default();
     if let Some(listen) = config.listen.clone() {
-        let (dir, state_dir, statuses, shutdown) =
-            (config.dir.clone(), config.state_dir.clone(), statuses.clone(), shutdown.clone());
+        let (dir, state_dir, live, shutdown) =
+            (config.dir.clone(), config.state_dir.clone(), live.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::serve::serve(listen.clone(), dir, state_dir, statuses, shutdown).await {
+            if let Err(e) = crate::serve::serve(listen.clone(), dir, state_dir, live, shutdown).await {
                 tracing::error!(?listen, error = %e, "cannot serve --listen");
             }
         });
     }
+    let limit = match config.max_parallel {
+        None => Limit::None,
+        Some(slots) => loop {
+            match NatsSlots::open(reader.jetstream(), &config.dc, slots, &config.host_id).await {
+                Ok(slots) => break Limit::Nats(Box::new(slots)),
+                Err(e) => {
+                    tracing::info!(error = %e, "waiting for the datacenter's exec slots");
+                    tokio::select! { () = tokio::time::sleep(Duration::from_secs(1)) => {}, () = shutdown.cancelled() => return Ok(()) }
+                }
+            }
+        },
+    };
+    let notify_config = Arc::new(config.notify.clone());
+    let runner: Runner = Arc::new(move |job: Job| {
+        let notify_config = notify_config.clone();
+        Box::pin(async move {
+            let change = Change {
+                kind: job.kind,
+                name: &job.name,
+                commit: job.commit.as_deref(),
+                ref_name: &job.ref_name,
+                dir: &job.dir,
+            };
+            notify(&notify_config, &change).await
+        })
+    });
+    let policy = Policy { splay: config.splay, ..Policy::default() };
+    let (scheduler, exec_reports) = Scheduler::new(policy, limit, runner, shutdown.clone());
     let mut host = Host {
         config: config.clone(),
         client,
@@ -116,7 +151,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         position_path,
         services: BTreeSet::new(),
         failed: BTreeSet::new(),
-        statuses,
+        live,
+        scheduler,
+        exec_reports,
+        submitted: BTreeSet::new(),
     };
 
     loop {
@@ -129,11 +167,18 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         };
         check_distinct(&services)?;
         host.services = services;
-        match host.follow(&shutdown).await? {
-            Followed::Shutdown => return Ok(()),
-            Followed::InventoryChanged => {
+        match host.follow(&shutdown).await {
+            Ok(Followed::Shutdown) => return Ok(()),
+            Ok(Followed::InventoryChanged) => {
                 tracing::info!(host = %config.host_id, "inventory changed, following the new service set")
             }
+            // The bus went away while setting up or following: the last good
+            // configuration stays in place and the subscriber tries again.
+            Err(SubscriberError::Connect(e)) => {
+                tracing::warn!(error = %e, "lost the update stream; retrying");
+                tokio::select! { () = tokio::time::sleep(Duration::from_secs(1)) => {}, () = shutdown.cancelled() => return Ok(()) }
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -182,6 +227,7 @@ impl Applied {
             version: self.version,
             seq,
             exec_pending: true,
+            applied_at_ms: Some(now_ms()),
         }
     }
 
@@ -205,8 +251,15 @@ struct Host {
     /// Services whose last update could not be applied (full disk, I/O error): retried
     /// from the snapshot every [`RETRY_FAILED`].
     failed: BTreeSet<(Kind, String)>,
-    /// The last outcome per service, for `--listen`.
-    statuses: crate::serve::Statuses,
+    /// The last outcome per service and the metrics, for `--listen`.
+    live: Live,
+    /// Runs `--exec` off the update path.
+    scheduler: Scheduler,
+    /// What the scheduler's runs gave.
+    exec_reports: tokio::sync::mpsc::UnboundedReceiver<Ran>,
+    /// Services whose pending exec is with the scheduler (until it succeeds, or the
+    /// service changes again).
+    submitted: BTreeSet<String>,
 }
 
 /// How often services whose update failed are retried.
@@ -301,6 +354,9 @@ impl Host {
             .verify_interval
             .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
         let mut retry_tick = tokio::time::interval_at(tokio::time::Instant::now() + RETRY_FAILED, RETRY_FAILED);
+        // Reports every service at start and then now and again, so the datacenter's
+        // status stream knows this host even when nothing changes.
+        let mut status_tick = tokio::time::interval(confcast_schemas::message::STATUS_REFRESH);
         let mut messages = if filters.is_empty() {
             None
         } else {
@@ -342,6 +398,8 @@ impl Host {
                     self.check_integrity().await?;
                     self.flush_execs().await?;
                 }
+                _ = status_tick.tick() => self.report_all().await,
+                Some(ran) = self.exec_reports.recv() => self.exec_done(ran).await?,
                 _ = retry_tick.tick(), if !self.failed.is_empty() => {
                     self.retry_failed().await?;
                     self.flush_execs().await?;
@@ -358,6 +416,7 @@ impl Host {
                 message = next => match message {
                     Some(Ok(message)) => {
                         let (seq, pending) = message.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
+                        self.live.metrics.stream_pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
                         self.handle(&message.message, seq).await?;
                         if pending == 0 {
                             self.flush_execs().await?;
@@ -403,7 +462,13 @@ impl Host {
                 tracing::info!(%kind, %name, "service no longer runs on this host; removed");
                 self.position.services.remove(&k);
                 self.save()?;
-                self.run_exec(kind, &name, &ServiceState::default()).await;
+                self.scheduler.submit(Job {
+                    kind,
+                    dir: self.config.dir.join(&name),
+                    name,
+                    commit: None,
+                    ref_name: String::new(),
+                });
             } else {
                 self.position.services.remove(&k);
             }
@@ -450,6 +515,7 @@ impl Host {
             Ok(p) => p,
             Err(e) if e.is_forged() => {
                 tracing::error!(subject = %message.subject, error = %e, "refusing update; keeping the current configuration");
+                self.live.metrics.error("signature");
                 if let Some((kind, name)) = subject::parse_update_subject(&self.config.dc, &message.subject) {
                     if self.services.contains(&(kind, name.clone())) {
                         let commit = self.state(kind, &name).commit;
@@ -505,23 +571,38 @@ impl Host {
         };
         match result {
             Ok(outcome) => {
+                let moved = matches!(outcome, Outcome::Applied(_) | Outcome::Removed);
                 match outcome {
                     Outcome::Applied(applied) => {
                         state = applied.into_state(seq);
                         let lag = now_ms().saturating_sub(update.pushed_at_ms);
+                        self.live.metrics.push_to_apply_seconds.observe(lag as f64 / 1000.0);
                         tracing::info!(%kind, %name, commit = state.commit.as_deref().unwrap_or(""), apply_ms = started.elapsed().as_millis() as u64, push_to_apply_ms = lag, "applied");
                     }
                     Outcome::Removed => {
-                        state = ServiceState { commit: None, tree: None, seq, exec_pending: true, ..state };
+                        state = ServiceState {
+                            commit: None,
+                            tree: None,
+                            seq,
+                            exec_pending: true,
+                            applied_at_ms: Some(now_ms()),
+                            ..state
+                        };
                         tracing::info!(%kind, %name, "removed");
                     }
                     Outcome::Skipped => state.seq = seq,
                 }
                 self.position.services.insert(key(kind, &name), state);
                 self.save()?;
+                // After the position is saved: the API reads it when woken.
+                if moved {
+                    self.submitted.remove(&key(kind, &name));
+                    self.live.applied(&key(kind, &name));
+                }
             }
             Err(e) => {
                 tracing::error!(%kind, %name, error = %e, "update refused; keeping the current configuration");
+                self.live.metrics.error("apply");
                 self.report(kind, &name, state.commit.clone(), Some(e.to_string()), None).await;
                 self.failed.insert((kind, name));
             }
@@ -560,7 +641,10 @@ impl Host {
     fn record(&mut self, kind: Kind, name: &str, applied: Applied) -> Result<(), SubscriberError> {
         let seq = self.state(kind, name).seq;
         self.position.services.insert(key(kind, name), applied.into_state(seq));
-        self.save()
+        self.save()?;
+        self.submitted.remove(&key(kind, name));
+        self.live.applied(&key(kind, name));
+        Ok(())
     }
 
     async fn resync(&mut self, kind: Kind, name: &str, state: &ServiceState) -> Result<Outcome, ApplyError> {
@@ -579,6 +663,15 @@ impl Host {
     }
 
     async fn apply(&self, update: &ServiceUpdate, current: Option<&str>) -> Result<(), ApplyError> {
+        let started = Instant::now();
+        self.build_and_switch(update, current).await?;
+        let metrics = &self.live.metrics;
+        metrics.applied.get_or_create(&ServiceLabel { service: key(update.kind, &update.name) }).inc();
+        metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn build_and_switch(&self, update: &ServiceUpdate, current: Option<&str>) -> Result<(), ApplyError> {
         let objects = self.reader.objects(update).await.map_err(|e| ApplyError::Malformed(e.to_string()))?;
         let layout = self.layout(update.kind, &update.name);
         let base = current.filter(|c| layout.tree_dir(c).is_dir()).map(str::to_owned);
@@ -599,6 +692,7 @@ impl Host {
 
     async fn remove(&self, kind: Kind, name: &str) -> Result<Outcome, ApplyError> {
         materialize::unlink(&self.layout(kind, name))?;
+        self.live.metrics.applied.get_or_create(&ServiceLabel { service: key(kind, name) }).inc();
         Ok(Outcome::Removed)
     }
 
@@ -625,6 +719,7 @@ impl Host {
                 Err(e) => format!("cannot verify: {e}"),
             };
             tracing::error!(%kind, %name, "integrity check failed: {problem}; restoring from the snapshot");
+            self.live.metrics.error("integrity");
             self.report(kind, &name, Some(commit.clone()), Some(format!("integrity: {problem}")), None).await;
             // The altered tree is no base for anything: rebuild it from scratch.
             let _ = std::fs::remove_dir_all(self.layout(kind, &name).tree_dir(&commit));
@@ -644,37 +739,61 @@ impl Host {
         Ok(())
     }
 
-    /// Runs `--exec` for every service whose change has not been announced yet.
+    /// Hands every change whose processes have not been told yet to the scheduler,
+    /// which runs `--exec` off this path (see [`crate::schedule`]).
     async fn flush_execs(&mut self) -> Result<(), SubscriberError> {
-        let pending: Vec<(String, ServiceState)> = self
-            .position
-            .services
-            .iter()
-            .filter(|(_, s)| s.exec_pending)
-            .map(|(k, s)| (k.clone(), s.clone()))
-            .collect();
-        for (k, state) in pending {
-            let Some((kind, name)) = parse_key(&k) else { continue };
-            self.run_exec(kind, &name, &state).await;
-            if let Some(s) = self.position.services.get_mut(&k) {
-                s.exec_pending = false;
+        for (k, state) in &self.position.services {
+            if !state.exec_pending || !self.submitted.insert(k.clone()) {
+                continue;
             }
-            self.save()?;
+            let Some((kind, name)) = parse_key(k) else { continue };
+            self.scheduler.submit(Job {
+                kind,
+                dir: self.config.dir.join(&name),
+                name,
+                commit: state.commit.clone(),
+                ref_name: state.ref_name.clone(),
+            });
         }
         Ok(())
     }
 
-    async fn run_exec(&self, kind: Kind, name: &str, state: &ServiceState) {
-        let dir = self.config.dir.join(name);
-        let change = Change { kind, name, commit: state.commit.as_deref(), ref_name: &state.ref_name, dir: &dir };
-        let (error, status) = match notify(&self.config.notify, &change).await {
-            Ok(status) => (None, status),
-            Err(e) => {
-                tracing::error!(%kind, %name, error = %e, "notifying the host's processes failed");
-                (Some(e), None)
+    /// Records a run of `--exec`: reported either way; done for good when it
+    /// succeeded for the change still in place (a failed one is retried by the
+    /// scheduler, and again after a restart).
+    async fn exec_done(&mut self, ran: Ran) -> Result<(), SubscriberError> {
+        let (kind, name) = (ran.job.kind, ran.job.name.clone());
+        let (error, status) = match &ran.result {
+            Ok(status) => (None, *status),
+            Err(failure) => {
+                self.live.metrics.error("exec");
+                tracing::error!(%kind, %name, attempt = ran.attempt, error = %failure.message, "telling the host's processes failed; retrying with backoff");
+                (Some(failure.message.clone()), failure.status)
             }
         };
-        self.report(kind, name, state.commit.clone(), error, status).await;
+        if self.config.notify.exec.is_some() {
+            let label = ServiceLabel { service: key(kind, &name) };
+            self.live.metrics.exec_last_status.get_or_create(&label).set(i64::from(status.unwrap_or(-1)));
+        }
+        self.report(kind, &name, ran.job.commit.clone(), error, status).await;
+        if ran.result.is_ok() {
+            if let Some(state) = self.position.services.get_mut(&key(kind, &name)) {
+                if state.exec_pending && state.commit == ran.job.commit {
+                    state.exec_pending = false;
+                    self.submitted.remove(&key(kind, &name));
+                    self.save()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports every followed service as it stands.
+    async fn report_all(&self) {
+        for (kind, name) in &self.services {
+            let last = self.live.service(&key(*kind, name)).unwrap_or_default();
+            self.report(*kind, name, self.state(*kind, name).commit, last.error, last.exec_status).await;
+        }
     }
 
     async fn report(
@@ -685,9 +804,12 @@ impl Host {
         error: Option<String>,
         exec_status: Option<i32>,
     ) {
-        if let Ok(mut statuses) = self.statuses.lock() {
-            statuses.insert(key(kind, name), error.clone());
-        }
+        self.live.update(&key(kind, name), |live| {
+            live.error = error.clone();
+            if exec_status.is_some() {
+                live.exec_status = exec_status;
+            }
+        });
         let status = HostStatus {
             v: WIRE_VERSION,
             dc: self.config.dc.clone(),
@@ -700,7 +822,7 @@ impl Host {
             exec_status,
             at_ms: now_ms(),
         };
-        let subject = subject::status_subject(&self.config.dc, &self.config.host_id);
+        let subject = subject::status_subject(&self.config.dc, &self.config.host_id, kind, name);
         if let Err(e) = self.client.publish(subject, encode(&status).into()).await {
             tracing::debug!(error = %e, "status not published");
         }

@@ -2,22 +2,33 @@
 //! (bind it to localhost) or a unix socket.
 //!
 //! * `GET /healthz` — `ok` once the position can be read;
-//! * `GET /v1/services` — every service: kind, commit, tree, ref, version, status;
+//! * `GET /v1/services` — every service: kind, commit, tree, ref, version, when it was
+//!   applied, status, last exec status;
 //! * `GET /v1/services/<name>` — the same for one service, plus every file of its tree
-//!   (UTF-8 files as text, others as base64, symlinks as their target), all read from
-//!   one tree so the answer is one commit, never a mix;
-//! * `GET /v1/services/<name>/files/<path>` — one file, raw.
+//!   (UTF-8 files as `text`, others as `base64`, symlinks as their `symlink` target;
+//!   `.json`, `.yaml`/`.yml` and `.toml` files also as a parsed `document`, or a
+//!   `document_error` saying why not), all read from one tree so the answer is one
+//!   commit, never a mix;
+//! * `GET /v1/services/<name>/files/<path>` — one file, raw;
+//! * `GET /metrics` — Prometheus (OpenMetrics) text: updates applied, apply and
+//!   push-to-apply latency histograms, updates pending on the stream, errors, last
+//!   exec status.
+//!
+//! The two `/v1/services` reads are blocking queries like Consul's: every answer carries
+//! `X-Confcast-Index`; a request with `?index=N` waits until the index moves past `N`
+//! (or `?wait=`, default 5m, at most 10m, passes) and answers with the state then. An
+//! application watches its configuration with a loop of such requests, or with the
+//! [`crate::client`] library.
 //!
 //! Everything is read from disk (the position file and the applied trees), so the API
 //! shows exactly what the host's processes see.
 
-use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -26,6 +37,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::live::{Live, ServiceLive};
 use crate::state::{parse_key, Position};
 
 /// Where `--listen` serves.
@@ -50,14 +62,43 @@ impl FromStr for Listen {
     }
 }
 
-/// Last error per service (`<kind>/<name>`), `None` when the last update went well.
-pub type Statuses = Arc<Mutex<BTreeMap<String, Option<String>>>>;
+/// Header carrying the change index of a `/v1/services` answer.
+pub const INDEX_HEADER: &str = "X-Confcast-Index";
+/// How long a blocking query waits without `?wait=`.
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// The longest a blocking query waits.
+const MAX_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(Clone)]
 struct Api {
     dir: PathBuf,
     state_dir: PathBuf,
-    statuses: Statuses,
+    live: Live,
+}
+
+/// `?index=&wait=` of a blocking query.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Blocking {
+    index: Option<u64>,
+    wait: Option<String>,
+}
+
+/// Parses a wait like Consul's: `10s`, `5m`, `250ms`, or plain seconds.
+fn parse_wait(wait: &str) -> Option<Duration> {
+    let wait = wait.trim();
+    let (number, unit) = match wait.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => wait.split_at(i),
+        None => (wait, "s"),
+    };
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 /// Serves until `shutdown`.
@@ -65,15 +106,16 @@ pub async fn serve(
     listen: Listen,
     dir: PathBuf,
     state_dir: PathBuf,
-    statuses: Statuses,
+    live: Live,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/services", get(services))
         .route("/v1/services/{name}", get(service))
         .route("/v1/services/{name}/files/{*path}", get(file))
-        .with_state(Api { dir, state_dir, statuses });
+        .with_state(Api { dir, state_dir, live });
     match listen {
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -105,7 +147,7 @@ impl Api {
 
     fn describe(&self, key: &str, state: &crate::state::ServiceState) -> Value {
         let (kind, name) = parse_key(key).map(|(k, n)| (k.as_str().to_owned(), n)).unwrap_or_default();
-        let status = self.statuses.lock().map(|s| s.get(key).cloned().flatten()).unwrap_or_default();
+        let live = self.live.service(key).unwrap_or_default();
         json!({
             "kind": kind,
             "name": name,
@@ -114,10 +156,70 @@ impl Api {
             "ref": state.ref_name,
             "version": state.version,
             "dir": self.dir.join(&name),
-            "status": if status.is_some() { "error" } else { "ok" },
-            "error": status,
+            "applied_at_ms": state.applied_at_ms,
+            "status": if live.error.is_some() { "error" } else { "ok" },
+            "error": live.error,
+            "exec_status": live.exec_status,
+            "exec_pending": state.exec_pending,
+            "index": service_index(&live, state),
         })
     }
+
+    /// Answers with `answer(position)` once the index `index_of(position)` moves past
+    /// the query's `?index=` (at once without one), or when `?wait=` passes.
+    async fn blocking(
+        &self,
+        query: Blocking,
+        index_of: impl Fn(&Api, &Position) -> u64,
+        answer: impl AsyncFnOnce(&Api, Position) -> Response,
+    ) -> Response {
+        let wait = match query.wait.as_deref().map(parse_wait) {
+            None => DEFAULT_WAIT,
+            Some(Some(wait)) => wait.min(MAX_WAIT),
+            Some(None) => return error(StatusCode::BAD_REQUEST, "?wait= takes a duration such as 10s, 5m or 250ms"),
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.live.watch();
+        let position = loop {
+            changes.borrow_and_update();
+            let position = match self.position() {
+                Ok(p) => p,
+                Err(e) => return *e,
+            };
+            let current = index_of(self, &position);
+            // An index below the one seen means the host's index was reset: answer too.
+            if query.index.is_none_or(|seen| current != seen) {
+                break position;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => break position,
+            }
+        };
+        let index = index_of(self, &position);
+        let mut response = answer(self, position).await;
+        if let Ok(value) = axum::http::HeaderValue::from_str(&index.to_string()) {
+            response.headers_mut().insert(INDEX_HEADER, value);
+        }
+        response
+    }
+}
+
+/// A service's change index: its last change seen by this process, or when it was
+/// applied (so the index survives restarts of the subscriber).
+fn service_index(live: &ServiceLive, state: &crate::state::ServiceState) -> u64 {
+    live.index.max(state.applied_at_ms.unwrap_or(0)).max(1)
+}
+
+fn host_index(api: &Api, position: &Position) -> u64 {
+    position
+        .services
+        .iter()
+        .map(|(k, s)| service_index(&api.live.service(k).unwrap_or_default(), s))
+        .max()
+        .unwrap_or(0)
+        .max(api.live.index())
+        .max(1)
 }
 
 async fn healthz(State(api): State<Api>) -> Response {
@@ -127,40 +229,64 @@ async fn healthz(State(api): State<Api>) -> Response {
     }
 }
 
-async fn services(State(api): State<Api>) -> Response {
-    let position = match api.position() {
-        Ok(p) => p,
-        Err(e) => return *e,
-    };
-    let list: Vec<Value> = position.services.iter().map(|(k, s)| api.describe(k, s)).collect();
-    Json(json!({ "dc": position.dc, "services": list })).into_response()
+async fn metrics(State(api): State<Api>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], api.live.metrics.encode())
+        .into_response()
 }
 
-async fn service(State(api): State<Api>, UrlPath(name): UrlPath<String>) -> Response {
-    let position = match api.position() {
-        Ok(p) => p,
-        Err(e) => return *e,
+async fn services(State(api): State<Api>, Query(query): Query<Blocking>) -> Response {
+    api.blocking(query, host_index, async |api, position| {
+        let list: Vec<Value> = position.services.iter().map(|(k, s)| api.describe(k, s)).collect();
+        Json(json!({ "dc": position.dc, "services": list })).into_response()
+    })
+    .await
+}
+
+fn find<'a>(position: &'a Position, name: &str) -> Option<(&'a String, &'a crate::state::ServiceState)> {
+    position.services.iter().find(|(k, _)| parse_key(k).is_some_and(|(_, n)| n == name))
+}
+
+async fn service(State(api): State<Api>, UrlPath(name): UrlPath<String>, Query(query): Query<Blocking>) -> Response {
+    let index_of = |api: &Api, position: &Position| match find(position, &name) {
+        Some((k, s)) => service_index(&api.live.service(k).unwrap_or_default(), s),
+        None => api.live.index().max(1),
     };
-    let Some((key, state)) = position.services.iter().find(|(k, _)| parse_key(k).is_some_and(|(_, n)| n == name))
-    else {
-        return error(StatusCode::NOT_FOUND, format!("no service {name:?} on this host"));
-    };
-    let mut body = api.describe(key, state);
-    // Read from the tree the link points at now, so every file is of one commit.
-    let tree = match std::fs::read_link(api.dir.join(&name)) {
-        Ok(tree) => tree,
-        Err(_) => return error(StatusCode::NOT_FOUND, format!("{name:?} is not present on this host")),
-    };
-    let dir = api.dir.clone();
-    let files = tokio::task::spawn_blocking(move || read_tree(&dir.join(tree))).await;
-    match files {
-        Ok(Ok(files)) => {
-            body["files"] = Value::Object(files);
-            Json(body).into_response()
+    let name2 = name.clone();
+    api.blocking(query, index_of, async move |api, position| {
+        let Some((key, state)) = find(&position, &name2) else {
+            return error(StatusCode::NOT_FOUND, format!("no service {name2:?} on this host"));
+        };
+        let mut body = api.describe(key, state);
+        // Read from the tree the link points at now, so every file is of one commit.
+        let tree = match std::fs::read_link(api.dir.join(&name2)) {
+            Ok(tree) => tree,
+            Err(_) => return error(StatusCode::NOT_FOUND, format!("{name2:?} is not present on this host")),
+        };
+        let dir = api.dir.clone();
+        let files = tokio::task::spawn_blocking(move || read_tree(&dir.join(tree))).await;
+        match files {
+            Ok(Ok(files)) => {
+                body["files"] = Value::Object(files);
+                Json(body).into_response()
+            }
+            Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("reading the tree: {e}; retry")),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("reading the tree: {e}; retry")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    })
+    .await
+}
+
+/// The document in a configuration file, as JSON, for the formats the API parses.
+fn parse_document(name: &str, text: &str) -> Option<Result<Value, String>> {
+    let extension = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())?;
+    Some(match extension.as_str() {
+        "json" => serde_json::from_str(text).map_err(|e| e.to_string()),
+        "yaml" | "yml" => serde_norway::from_str::<Value>(text).map_err(|e| e.to_string()),
+        "toml" => toml::from_str::<toml::Table>(text)
+            .map_err(|e| e.to_string())
+            .and_then(|table| serde_json::to_value(table).map_err(|e| e.to_string())),
+        _ => return None,
+    })
 }
 
 fn read_tree(root: &Path) -> std::io::Result<serde_json::Map<String, Value>> {
@@ -181,7 +307,11 @@ fn read_tree(root: &Path) -> std::io::Result<serde_json::Map<String, Value>> {
             } else {
                 let bytes = std::fs::read(&path)?;
                 let value = match String::from_utf8(bytes) {
-                    Ok(text) => json!({ "text": text }),
+                    Ok(text) => match parse_document(&name, &text) {
+                        Some(Ok(document)) => json!({ "text": text, "document": document }),
+                        Some(Err(problem)) => json!({ "text": text, "document_error": problem }),
+                        None => json!({ "text": text }),
+                    },
                     Err(e) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes()) }),
                 };
                 files.insert(name, value);
@@ -208,6 +338,28 @@ async fn file(State(api): State<Api>, UrlPath((name, path)): UrlPath<(String, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waits_parse_like_consuls() {
+        assert_eq!(parse_wait("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_wait("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_wait("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_wait("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_wait("soon"), None);
+        assert_eq!(parse_wait("5d"), None);
+    }
+
+    #[test]
+    fn documents_are_parsed_by_extension() {
+        let json = parse_document("a/app.json", r#"{"a":[1,2]}"#).and_then(Result::ok);
+        assert_eq!(json, Some(json!({"a": [1, 2]})));
+        let yaml = parse_document("app.YAML", "a:\n  - 1\n  - x\n").and_then(Result::ok);
+        assert_eq!(yaml, Some(json!({"a": [1, "x"]})));
+        let toml = parse_document("app.toml", "[server]\nport = 8080\n").and_then(Result::ok);
+        assert_eq!(toml, Some(json!({"server": {"port": 8080}})));
+        assert!(matches!(parse_document("bad.json", "{"), Some(Err(_))));
+        assert!(parse_document("README", "text").is_none());
+    }
 
     #[test]
     fn listen_addresses() {

@@ -29,6 +29,9 @@ pub struct ServiceState {
     pub seq: u64,
     /// The change has been applied but `--exec` has not completed for it.
     pub exec_pending: bool,
+    /// When the commit in place was applied, ms since the Unix epoch.
+    #[serde(default)]
+    pub applied_at_ms: Option<u64>,
 }
 
 /// The whole position file.

@@ -905,3 +905,31 @@ impl GitDaemon {
         self.port
     }
 }
+
+impl Subscriber {
+    /// Like [`Subscriber::start`], but its `--exec` logs as usual and then runs `then`
+    /// (e.g. `exit 1` for a failing command, `sleep 3` for a slow one), whose exit status
+    /// is the command's. [`Subscriber::restart`] goes back to the logging command alone.
+    pub fn start_with_exec(nats_url: &str, dc: &str, selection: &[&str], then: &str) -> Subscriber {
+        let mut sub = Subscriber::prepare(nats_url, dc, selection);
+        let log =
+            fs::OpenOptions::new().create(true).append(true).open(sub.root.path().join("subscriber.log")).expect("log");
+        let exec = format!(
+            "printf '%s %s %s %s\\n' \"$CONFCAST_SERVICE\" \"$CONFCAST_COMMIT\" \"$CONFCAST_REF\" \"$CONFCAST_DIR\" >> '{}'; {then}",
+            sub.exec_log.display()
+        );
+        let child = Command::new(bin("subscriber"))
+            .args(["--nats", &sub.nats_url])
+            .args(&sub.args)
+            .current_dir(sub.root.path())
+            .args(["--dir", "etc", "--state-dir", "state"])
+            .args(["--exec", &exec])
+            .env("RUST_LOG", "info,confcast_subscriber=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("subscriber runs");
+        sub.child = Some(child);
+        sub
+    }
+}

@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::{block_on, reap, wait_for, Fault, FaultProxy, TempDir};
 
 /// How long a server may take to be ready (cluster formed, JetStream up).
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `deploy/nats/<name>` of this repository.
 pub fn deploy_file(name: &str) -> PathBuf {
@@ -305,7 +305,5 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200")
-        .then(|| body.to_owned())
-        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
+    (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
 }

@@ -210,15 +210,24 @@ fn permission_a_host_cannot_publish_an_update_nor_read_another_datacenter() {
         violation(&mut errors, "host subscribing to dc2's relay replies").await;
         // Traffic on both while the subscriptions would be live: none arrives.
         let admin_client = secured.admin().await;
-        admin_client.publish(subject::status_subject("dc2", "host9"), "secret".into()).await.expect("publish");
+        admin_client
+            .publish(subject::status_subject("dc2", "host9", Kind::Service, "service0"), "secret".into())
+            .await
+            .expect("publish");
         admin_client.publish("_INBOX_relay_dc2.reply", "secret".into()).await.expect("publish");
         admin_client.flush().await.expect("flush");
         assert!(tokio::time::timeout(Duration::from_millis(500), sub.next()).await.is_err(), "host read dc2");
         assert!(tokio::time::timeout(Duration::from_millis(100), others.next()).await.is_err(), "host read replies");
 
         // Its own status is allowed, another host's is not.
-        client.publish(subject::status_subject("dc1", "host1"), "ok".into()).await.expect("publish");
-        client.publish(subject::status_subject("dc1", "host2"), "x".into()).await.expect("publish");
+        client
+            .publish(subject::status_subject("dc1", "host1", Kind::Service, "service0"), "ok".into())
+            .await
+            .expect("publish");
+        client
+            .publish(subject::status_subject("dc1", "host2", Kind::Service, "service0"), "x".into())
+            .await
+            .expect("publish");
         client.flush().await.expect("flush");
         let error = violation(&mut errors, "host publishing another host's status").await;
         assert!(error.contains("host2"), "{error}");

@@ -1,11 +1,13 @@
 //! git `post-receive` hook of a confcast master: announces every ref update on NATS,
-//! or spools it when NATS is unreachable. Never fails the push and never waits longer
-//! than `confcast.timeoutMs` (1.5 s by default) for the bus.
+//! or spools it when NATS is unreachable, and tells the pusher what it published. Never
+//! fails the push and never waits longer than `confcast.timeoutMs` (1.5 s by default)
+//! for the bus; with `confcast.waitRollout` set it then waits, that long at most, for
+//! the hosts to converge and prints where each datacenter stands.
 
 use std::io::Read;
 use std::process::ExitCode;
 
-use confcast_hooks::{commit_events, parse_updates, Settings};
+use confcast_hooks::{announcement_lines, commit_events, parse_updates, wait_rollout, Settings};
 
 fn main() -> ExitCode {
     let mut input = String::new();
@@ -36,8 +38,6 @@ fn main() -> ExitCode {
     };
     let outcome =
         runtime.block_on(confcast_publisher::announce(&settings.bus, &settings.spool_dir, events, settings.timeout));
-    // Do not wait for the client's background tasks: the push must return now.
-    runtime.shutdown_background();
     match &outcome.error {
         None => eprintln!("confcast: announced {count} ref update(s)"),
         Some(why) => eprintln!(
@@ -46,5 +46,17 @@ fn main() -> ExitCode {
             settings.spool_dir.display()
         ),
     }
+    for line in announcement_lines(&updates, outcome.spooled) {
+        eprintln!("{line}");
+    }
+    // Waiting for hosts is opt-in: the push returns only when this hook does. Nothing
+    // to wait for when the events did not reach the bus.
+    if let (Some(wait), None) = (settings.wait_rollout, &outcome.error) {
+        for line in runtime.block_on(wait_rollout(&settings, &updates, wait)) {
+            eprintln!("{line}");
+        }
+    }
+    // Do not wait for the client's background tasks: the push must return now.
+    runtime.shutdown_background();
     ExitCode::SUCCESS
 }

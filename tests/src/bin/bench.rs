@@ -286,6 +286,8 @@ fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
                 listen: None,
                 nats_auth: Default::default(),
                 trusted_keys: Vec::new(),
+                splay: Duration::ZERO,
+                max_parallel: None,
             };
             runtime.spawn(confcast_subscriber::run(config, shutdown.clone()));
             dir.join("etc/service0")

@@ -1,0 +1,165 @@
+//! Safe restarts with real subscribers: `--max-parallel` bounds how many hosts of a
+//! datacenter run their exec for one change at once; a failing exec is retried with
+//! backoff, reported, and never holds later updates back.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use confcast_schemas::{decode, subject, HostStatus, Kind};
+use confcast_tests::{bin, disk_listing, wait_for, Master, NatsServer, Relay};
+
+/// A subscriber process with an exec of the test's choosing.
+struct Host {
+    child: Child,
+    root: tempfile::TempDir,
+}
+
+impl Host {
+    fn start(nats: &str, id: &str, exec: &str, extra: &[&str]) -> Host {
+        let root = tempfile::tempdir().expect("tempdir");
+        let log = fs::File::create(root.path().join("subscriber.log")).expect("log");
+        let child = Command::new(bin("subscriber"))
+            .args(["--nats", nats, "--dc", "dc1", "--service", "service0", "--host-id", id])
+            .arg("--dir")
+            .arg(root.path().join("etc"))
+            .args(["--exec", exec])
+            .args(extra)
+            .env("RUST_LOG", "info,confcast_subscriber=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("subscriber runs");
+        Host { child, root }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.root.path().join("etc/service0")
+    }
+
+    fn at(&self, commit: &str) -> bool {
+        fs::read_link(self.dir()).is_ok_and(|target| target.ends_with(commit))
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.root.path().join("subscriber.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- subscriber log\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path).unwrap_or_default().lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn max_parallel_lets_only_n_hosts_run_their_exec_for_a_change_at_once() {
+    let nats = NatsServer::start();
+    let (master, first) = Master::with_service0(&nats.url());
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let shared = tempfile::tempdir().expect("tempdir");
+    let log = shared.path().join("execs.log");
+    // Each run logs its start and end (nanoseconds) around a pause.
+    let exec = format!(
+        "echo \"start $(date +%s%N) $CONFCAST_COMMIT\" >> '{0}'; sleep 0.3; echo \"end $(date +%s%N) $CONFCAST_COMMIT\" >> '{0}'",
+        log.display()
+    );
+    let hosts: Vec<Host> =
+        (0..4).map(|i| Host::start(&nats.url(), &format!("h{i}"), &exec, &["--max-parallel", "1"])).collect();
+    wait_for(Duration::from_secs(30), "every host at the first commit", || {
+        hosts.iter().all(|h| h.at(&first)).then_some(())
+    });
+    wait_for(Duration::from_secs(30), "four runs for the first commit", || {
+        (lines(&log).iter().filter(|l| l.starts_with("end") && l.ends_with(&first)).count() == 4).then_some(())
+    });
+    let second = master.on("services/service0/master").write("app.conf", "1\n").commit_push("second").commit;
+    wait_for(Duration::from_secs(30), "four runs for the second commit", || {
+        (lines(&log).iter().filter(|l| l.starts_with("end") && l.ends_with(&second)).count() == 4).then_some(())
+    });
+    // Never two runs for the same change at once.
+    for commit in [&first, &second] {
+        let mut running = 0;
+        let mut events: Vec<(u128, i32)> = lines(&log)
+            .iter()
+            .filter(|l| l.ends_with(commit.as_str()))
+            .map(|l| {
+                let mut parts = l.split(' ');
+                let delta = if parts.next() == Some("start") { 1 } else { -1 };
+                (parts.next().and_then(|t| t.parse().ok()).expect("timestamp"), delta)
+            })
+            .collect();
+        events.sort_by_key(|(at, delta)| (*at, *delta));
+        for (_, delta) in events {
+            running += delta;
+            assert!(running <= 1, "two hosts ran their exec for {commit} at once:\n{}", lines(&log).join("\n"));
+        }
+    }
+    for host in &hosts {
+        assert_eq!(disk_listing(&host.dir()), master.listing(&second));
+    }
+}
+
+#[test]
+fn a_failing_exec_is_retried_reported_and_never_holds_later_updates_back() {
+    let nats = NatsServer::start();
+    let (master, first) = Master::with_service0(&nats.url());
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let shared = tempfile::tempdir().expect("tempdir");
+    let (log, broken) = (shared.path().join("execs.log"), shared.path().join("broken"));
+    // Logs each attempt, and fails while `broken` exists.
+    let exec = format!("echo \"$CONFCAST_COMMIT\" >> '{}'; test ! -e '{}'", log.display(), broken.display());
+    let host = Host::start(&nats.url(), "h0", &exec, &[]);
+    wait_for(Duration::from_secs(30), "the first exec", || lines(&log).contains(&first).then_some(()));
+
+    fs::write(&broken, "").expect("break the exec");
+    let svc = master.on("services/service0/master");
+    let second = svc.write("app.conf", "1\n").commit_push("second").commit;
+    wait_for(Duration::from_secs(30), "the exec for the second commit, retried", || {
+        (lines(&log).iter().filter(|l| **l == second).count() >= 2).then_some(())
+    });
+    assert!(host.at(&second), "the change is in place even though its exec fails");
+    // The failure is reported on the status stream, with the exit status.
+    let status = wait_for(Duration::from_secs(10), "a failed status report", || {
+        let status = last_status(&nats.url(), "h0")?;
+        (!status.ok && status.commit.as_deref() == Some(second.as_str())).then_some(status)
+    });
+    assert_eq!(status.exec_status, Some(1));
+    assert!(status.error.unwrap_or_default().contains("exited"), "the report says why");
+
+    // A later update is applied at once, while the exec still fails.
+    let third = svc.write("app.conf", "2\n").commit_push("third").commit;
+    wait_for(Duration::from_secs(10), "the third commit in place", || host.at(&third).then_some(()));
+    fs::remove_file(&broken).expect("mend the exec");
+    wait_for(Duration::from_secs(30), "the exec for the third commit to succeed", || {
+        let status = last_status(&nats.url(), "h0")?;
+        (status.ok && status.commit.as_deref() == Some(third.as_str()) && status.exec_status == Some(0)).then_some(())
+    });
+    // The second commit is no longer in place: its exec is not run again.
+    let runs = lines(&log);
+    let after_third = runs.iter().position(|l| *l == third).expect("ran for the third");
+    assert!(!runs[after_third..].contains(&second), "ran for a commit no longer in place: {runs:?}");
+    assert_eq!(disk_listing(&host.dir()), master.listing(&third));
+}
+
+/// The latest status report of `host` for service0, from the status stream.
+fn last_status(nats: &str, host: &str) -> Option<HostStatus> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats).await.ok()?);
+        let stream = js.get_stream(subject::status_stream("dc1")).await.ok()?;
+        let message = stream
+            .get_last_raw_message_by_subject(&subject::status_subject("dc1", host, Kind::Service, "service0"))
+            .await
+            .ok()?;
+        decode(&message.payload).ok()
+    })
+}

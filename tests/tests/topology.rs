@@ -1,0 +1,203 @@
+//! confcast on the production topology (deploy/README.md), on loopback: a three-server
+//! NATS cluster next to the master (JetStream domain `hub`, commit stream with 3
+//! replicas) and one leaf-node server per datacenter with its own JetStream domain.
+//! Each datacenter's relay and hosts connect only to their own leaf server; the relay
+//! reads commit events from a mirror of the hub's commit stream in its domain
+//! (`relay --commits-domain hub`).
+//!
+//! The servers run the example configurations of `deploy/nats/` (see
+//! `confcast_tests::topology`).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use confcast_schemas::subject;
+use confcast_tests::topology::{last_message, publish_core, Topology};
+use confcast_tests::{bin, git, index_value, wait_for, Master, Relay, Subscriber};
+
+const DCS: [&str; 2] = ["dc1", "dc2"];
+/// Catching up after an outage includes the mirror noticing its source is back.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// The topology, a master publishing to the hub, and a relay and a host per datacenter,
+/// every host at service0's first commit.
+struct World {
+    topology: Topology,
+    master: Master,
+    relays: Vec<Relay>,
+    hosts: Vec<Subscriber>,
+    pushed: Vec<String>,
+}
+
+impl World {
+    fn start() -> World {
+        let started = Instant::now();
+        let topology = Topology::start(&DCS);
+        eprintln!("topology up in {:?}", started.elapsed());
+
+        // The hooks know every hub server, and create the commit stream with 3 replicas.
+        let master = Master::new(&topology.hub_urls());
+        let out = Command::new(bin("publisher"))
+            .arg("install-hooks")
+            .arg(&master.bare)
+            .args(["--nats", &topology.hub_urls(), "--replicas", "3"])
+            .output()
+            .expect("publisher runs");
+        assert!(out.status.success(), "install-hooks: {}", String::from_utf8_lossy(&out.stderr));
+        // Pushes must be announced, not spooled, even on a machine busy compiling: give
+        // the hook more than its default 1.5 s to hear the cluster's ack.
+        git(&master.bare, &["config", "confcast.timeoutMs", "10000"]);
+
+        let configured = master.configuration("big", r#"{"services":[{"name":"service0","branch":"master"}]}"#);
+        assert!(configured.stderr.contains("announced 1 ref update"), "hook output: {}", configured.stderr);
+        for dc in DCS {
+            master.datacenter(dc, r#"{"conf":"datacenter-configuration/big"}"#);
+        }
+        let first = master.on("services/service0/master").write("app.conf", "0\n").commit_push("first").commit;
+        let (replicas, leader) = topology.commit_stream_cluster().expect("the hub has the commit stream");
+        assert_eq!(replicas, 3, "the hooks created the commit stream with confcast.replicas");
+        assert!(leader.is_some(), "the commit stream has a leader");
+
+        let master_path = master.bare.display().to_string();
+        let relays: Vec<Relay> = DCS
+            .iter()
+            .map(|dc| Relay::start_with(&topology.leaf(dc).url(), dc, &master_path, &["--commits-domain", "hub"]))
+            .collect();
+        let hosts: Vec<Subscriber> =
+            DCS.iter().map(|dc| Subscriber::start(&topology.leaf(dc).url(), dc, &["--service", "service0"])).collect();
+        for host in &hosts {
+            host.wait_exec_within("service0", &first, CATCH_UP);
+        }
+        eprintln!("every host at the first commit after {:?}", started.elapsed());
+        World { topology, master, relays, hosts, pushed: vec![first] }
+    }
+
+    /// Pushes a change of service0 and checks the hook announced it (not spooled).
+    fn push(&mut self, content: &str) -> String {
+        let pushed = self.master.on("services/service0/master").write("app.conf", content).commit_push(content);
+        assert!(pushed.stderr.contains("announced 1 ref update"), "hook output: {}", pushed.stderr);
+        self.pushed.push(pushed.commit.clone());
+        pushed.commit
+    }
+
+    fn host(&self, dc: &str) -> &Subscriber {
+        &self.hosts[DCS.iter().position(|d| *d == dc).expect("datacenter")]
+    }
+
+    /// `dc`'s host ends exactly at `commit`, its last exec was for it, and every exec
+    /// was for a pushed commit.
+    fn assert_converged(&self, dc: &str, commit: &str) {
+        let host = self.host(dc);
+        host.wait_exec_within("service0", commit, CATCH_UP);
+        host.assert_converged(&self.master, "service0", commit, &self.pushed);
+    }
+}
+
+#[test]
+fn topology_a_push_reaches_hosts_in_both_datacenters() {
+    let mut world = World::start();
+    // A client of dc1's server publishes on the hub's and dc2's subjects: the leaf links
+    // carry none of it (deploy/nats/dc-leaf.conf), so nothing is stored.
+    publish_core(&world.topology.leaf("dc1").url(), "confcast.commits.forged", b"forged");
+    publish_core(&world.topology.leaf("dc1").url(), &subject::error_subject("dc2"), b"forged");
+
+    let started = Instant::now();
+    let commit = world.push("1\n");
+    for dc in DCS {
+        world.assert_converged(dc, &commit);
+    }
+    eprintln!("push to both datacenters' hosts in {:?}", started.elapsed());
+
+    // Each datacenter's relay read the events from the mirror in its own domain.
+    for dc in DCS {
+        let events = world.topology.mirrored_commit_events(dc).expect("a mirror in the datacenter's domain");
+        assert!(events >= 5, "{dc}'s mirror holds every commit event, has {events}");
+    }
+    // Each datacenter's index is its own: the K/V buckets of one domain do not receive
+    // the other's writes across the leaf links.
+    for dc in DCS {
+        let key = format!("confcast/{dc}/configurations/services/service0/latest");
+        let url = world.topology.leaf(dc).url();
+        wait_for(Duration::from_secs(10), &format!("{key} in {dc}'s index"), || {
+            index_value(&url, &key).filter(|v| v.ends_with(&commit))
+        });
+        for other in DCS.iter().filter(|o| **o != dc) {
+            let other_url = world.topology.leaf(other).url();
+            assert_eq!(index_value(&other_url, &key), None, "{dc}'s index key leaked into {other}'s bucket");
+        }
+    }
+    // The real push went all the way after the forged messages, so they had their chance.
+    let hub = world.topology.hub[0].url();
+    assert_eq!(last_message(&hub, subject::COMMITS_STREAM, "confcast.commits.forged"), None, "dc1 wrote into the hub");
+    let dc2 = world.topology.leaf("dc2").url();
+    assert_eq!(
+        last_message(&dc2, &subject::updates_stream("dc2"), &subject::error_subject("dc2")),
+        None,
+        "dc1 wrote into dc2's stream"
+    );
+    assert!(world.relays.iter().all(|r| !r.log().contains("opening streams failed")), "relays opened their streams");
+}
+
+#[test]
+fn topology_a_push_reaches_both_datacenters_with_a_hub_server_killed() {
+    let mut world = World::start();
+    // The hardest one to lose: the server leading the commit stream.
+    let (_, leader) = world.topology.commit_stream_cluster().expect("commit stream");
+    let leader = leader.expect("a leader");
+    world.topology.hub_node(&leader).kill();
+    let killed_at = Instant::now();
+    let new_leader = wait_for(Duration::from_secs(60), "the commit stream to elect a new leader", || {
+        world.topology.commit_stream_cluster().and_then(|(_, l)| l).filter(|l| *l != leader)
+    });
+    eprintln!("{leader} killed; {new_leader} leads the commit stream after {:?}", killed_at.elapsed());
+
+    let started = Instant::now();
+    let commit = world.push("with a hub server down\n");
+    for dc in DCS {
+        world.assert_converged(dc, &commit);
+    }
+    eprintln!("push to both datacenters with {leader} down in {:?}", started.elapsed());
+
+    // The server comes back with its store and catches up; pushes keep flowing.
+    world.topology.hub_node(&leader).restart();
+    let commit = world.push("hub whole again\n");
+    for dc in DCS {
+        world.assert_converged(dc, &commit);
+    }
+}
+
+#[test]
+fn topology_a_datacenter_cut_off_from_the_hub_catches_up_and_the_other_is_unaffected() {
+    let mut world = World::start();
+    let before = world.pushed[0].clone();
+    world.topology.leaf("dc1").cut();
+
+    // While dc1 is cut off, dc2 gets every push.
+    let mut last = String::new();
+    for i in 0..3 {
+        last = world.push(&format!("while dc1 is cut off {i}\n"));
+    }
+    world.assert_converged("dc2", &last);
+    // dc1 has heard of none of them (its relay and host only talk to its own server).
+    let dc1 = world.host("dc1");
+    assert!(
+        dc1.execs().iter().all(|line| line.split(' ').nth(1) == Some(before.as_str())),
+        "dc1 applied something while cut off: {:?}",
+        dc1.execs()
+    );
+    dc1.assert_tree(&world.master, "service0", &before);
+
+    // The link returns: dc1's mirror catches up by itself, and its host ends at the
+    // latest push.
+    let healed = Instant::now();
+    world.topology.leaf("dc1").heal();
+    world.topology.leaf("dc1").wait_linked();
+    world.assert_converged("dc1", &last);
+    eprintln!("dc1 caught up {:?} after the link returned", healed.elapsed());
+
+    // And both keep receiving pushes.
+    let next = world.push("after the outage\n");
+    for dc in DCS {
+        world.assert_converged(dc, &next);
+    }
+}
