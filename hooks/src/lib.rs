@@ -150,11 +150,20 @@ pub async fn wait_rollout(settings: &Settings, updates: &[RefUpdate], wait: Dura
         let client = confcast_publisher::connect(&settings.bus.nats_url, &settings.bus.auth, settings.timeout).await?;
         let js = async_nats::jetstream::new(client);
         let dcs = status::datacenters(&js).await?;
-        Ok::<_, Box<dyn std::error::Error>>(status::watch(&js, &dcs, &targets, deadline, |_| {}).await?)
+        if dcs.is_empty() {
+            return Ok(None);
+        }
+        Ok::<_, Box<dyn std::error::Error>>(Some(status::watch(&js, &dcs, &targets, deadline, |_| {}).await?))
     })
     .await;
     let rollout = match watched {
-        Ok(Ok(rollout)) => rollout,
+        Ok(Ok(Some(rollout))) => rollout,
+        Ok(Ok(None)) => {
+            return vec![format!(
+                "confcast: no datacenter's state is visible on {}; not waiting for a rollout",
+                settings.bus.nats_url
+            )]
+        }
         Ok(Err(e)) => return vec![format!("confcast: cannot follow the rollout: {e}")],
         Err(_) => {
             return vec![format!(

@@ -100,12 +100,12 @@ async fn main() -> ExitCode {
         metrics: metrics.clone(),
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
+    tokio::spawn(confcast_schemas::process::shutdown_on_signals(shutdown.clone()));
     // Under systemd's `Type=notify`, the unit is started once the relay has synced with
     // the master (or stands by for another relay of its datacenter).
     tokio::spawn(async move {
         metrics.wait_ready().await;
-        sd_notify("READY=1\nSTATUS=synced with the master");
+        confcast_schemas::process::sd_notify("READY=1\nSTATUS=synced with the master");
     });
     match confcast_relay::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,40 +124,4 @@ fn consul_client(
     let Some(url) = url else { return Ok(None) };
     let token = token_file.map(confcast_relay::consul::Token::from_file).transpose()?;
     confcast_relay::consul::Client::new(url, token).map(Some)
-}
-
-/// Tells systemd about the service's state (`READY=1`, ...) on the datagram socket it
-/// names in `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace); nothing
-/// when not run by systemd with `Type=notify`.
-fn sd_notify(state: &str) {
-    use std::os::linux::net::SocketAddrExt as _;
-    use std::os::unix::ffi::OsStrExt as _;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let addr = match path.as_bytes().strip_prefix(b"@") {
-        Some(name) => SocketAddr::from_abstract_name(name),
-        None => SocketAddr::from_pathname(&path),
-    };
-    let sent = UnixDatagram::unbound().and_then(|socket| socket.send_to_addr(state.as_bytes(), &addr?));
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// Cancels `token` on SIGTERM or ctrl-c.
-async fn signal_shutdown(token: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            token.cancel();
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    token.cancel();
 }

@@ -10,12 +10,14 @@
 //!   `datacenter-configuration.json`, their validation and the refs they point at;
 //! * [`connect`]: the NATS credential and TLS flags every binary shares;
 //! * [`sign`]: ed25519 signatures of the relay's messages, checked by hosts;
+//! * [`process`]: readiness for systemd and shutdown on signals;
 //! * [`path`]: the checks that keep a service tree from writing outside its directory.
 
 pub mod connect;
 pub mod document;
 pub mod message;
 pub mod path;
+pub mod process;
 pub mod sign;
 pub mod subject;
 

@@ -193,7 +193,7 @@ async fn main() -> ExitCode {
         max_parallel: (cli.max_parallel > 0).then_some(cli.max_parallel),
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
+    tokio::spawn(confcast_schemas::process::shutdown_on_signals(shutdown.clone()));
     match confcast_subscriber::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -201,20 +201,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Cancels `token` on SIGTERM or ctrl-c.
-async fn signal_shutdown(token: CancellationToken) {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    token.cancel();
 }

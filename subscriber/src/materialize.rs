@@ -1,12 +1,24 @@
 //! Building a service's new tree on disk and switching to it atomically.
 //!
-//! A new tree is built beside the current one, as `<state>/trees/<service>/<commit>`:
-//! files the update does not touch are hard-linked from the current tree, changed files
-//! are written, everything is flushed with one `syncfs(2)`, and the tree's git id —
-//! computed from the base's manifest plus the written files, read back from disk — must
-//! equal the update's. Only then is `<dir>/<service>` — a symlink — replaced with one
-//! pointing at the new tree, by `rename(2)`: a reader sees the old tree or the new one,
-//! never a mix.
+//! A new tree is built beside the current one, as `<state>/trees/<service>/<commit>`,
+//! everything is flushed with one `syncfs(2)`, and the tree's git id — computed from
+//! the base's manifest plus the written files, read back from disk — must equal the
+//! update's. Only then is `<dir>/<service>` — a symlink — replaced with one pointing at
+//! the new tree, by `rename(2)`: a reader sees the old tree or the new one, never a mix.
+//!
+//! Two ways to build, both leaving the current tree and the one before it untouched:
+//!
+//! * **recycling** (the usual case once a service has had a few updates): the oldest
+//!   kept tree that is neither current nor the previous one is renamed aside and brought
+//!   to the new commit by changing only the paths where it differs — found by comparing
+//!   its manifest with the new one, in memory. Files are never changed in place (trees
+//!   share inodes by hard link): a differing path is unlinked and created anew, its
+//!   content written from the update or hard-linked from the current tree. The cost
+//!   grows with what changed since that tree's commit (the last two or three updates),
+//!   not with the tree;
+//! * **a hard-link farm**: a fresh directory where every file the update does not touch
+//!   is hard-linked from the current tree — one `link(2)` per file. Used for the first
+//!   updates of a service and whenever no tree can be recycled.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -15,6 +27,7 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use confcast_schemas::{path, ChangeKind, Entry, FileMode, ServiceUpdate};
 
@@ -122,19 +135,25 @@ pub fn build(
     if final_dir.is_dir() {
         let manifest = tree_hash::scan(&final_dir).map_err(io_at(&final_dir))?;
         if tree_hash::tree_id_of(&manifest) == expected {
-            let _ = tree_hash::write_manifest(&layout.manifest(commit), &manifest);
+            store_manifest(&layout.manifest(commit), Arc::new(manifest));
             return Ok(final_dir);
         }
         fs::remove_dir_all(&final_dir).map_err(io_at(&final_dir))?;
     }
     let base = if update.snapshot { None } else { base };
+    // Pruning runs in the background: it must not take a tree being recycled.
+    let _lock = lock_trees(layout)?;
+    clear_leftovers(layout);
+    if let Some(b) = base {
+        if let Some(recycled) = recycle(layout, b, update, objects, expected, &final_dir)? {
+            return Ok(recycled);
+        }
+    }
     let base_manifest = match base {
-        Some(b) => Some(
-            tree_hash::read_manifest(&layout.manifest(b))
-                .map(Ok)
-                .unwrap_or_else(|| tree_hash::scan(&layout.tree_dir(b)))
-                .map_err(io_at(&layout.tree_dir(b)))?,
-        ),
+        Some(b) => Some(match manifest_at(&layout.manifest(b)) {
+            Some(manifest) => manifest,
+            None => Arc::new(tree_hash::scan(&layout.tree_dir(b)).map_err(io_at(&layout.tree_dir(b)))?),
+        }),
         None => None,
     };
     // Built in place: nothing reads `<trees>/<commit>` before the link is swapped to it,
@@ -156,14 +175,256 @@ pub fn build(
         if built != expected {
             return Err(ApplyError::Verify { expected: expected.to_owned(), built });
         }
-        // A cache: if it is lost, the next diff scans the tree instead.
-        let _ = tree_hash::write_manifest(&layout.manifest(commit), &manifest);
+        store_manifest(&layout.manifest(commit), Arc::new(manifest));
+        stamp(dir);
         Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(dir);
     }
     result.map(|()| final_dir)
+}
+
+/// The manifests of the last trees built or read, kept in memory: reading a large
+/// tree's manifest from disk costs more than the rest of a one-file update.
+static MANIFESTS: std::sync::Mutex<Vec<(PathBuf, Arc<tree_hash::Manifest>)>> = std::sync::Mutex::new(Vec::new());
+/// How many manifests [`MANIFESTS`] holds (a few per service: current, previous,
+/// recyclable).
+const MANIFESTS_KEPT: usize = 16;
+
+/// The manifest at `path`, from memory or disk.
+fn manifest_at(path: &Path) -> Option<Arc<tree_hash::Manifest>> {
+    {
+        let cache = MANIFESTS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, manifest)) = cache.iter().find(|(p, _)| p == path) {
+            return Some(manifest.clone());
+        }
+    }
+    let manifest = Arc::new(tree_hash::read_manifest(path)?);
+    remember(path, manifest.clone());
+    Some(manifest)
+}
+
+/// Writes the manifest beside its tree and keeps it in memory.
+fn store_manifest(path: &Path, manifest: Arc<tree_hash::Manifest>) {
+    // A cache: if it is lost, the next diff scans the tree instead.
+    let _ = tree_hash::write_manifest(path, &manifest);
+    remember(path, manifest);
+}
+
+fn remember(path: &Path, manifest: Arc<tree_hash::Manifest>) {
+    let mut cache = MANIFESTS.lock().unwrap_or_else(|e| e.into_inner());
+    cache.retain(|(p, _)| p != path);
+    cache.push((path.to_owned(), manifest));
+    if cache.len() > MANIFESTS_KEPT {
+        cache.remove(0);
+    }
+}
+
+/// Removes a manifest from disk and memory.
+fn forget_manifest(path: &Path) {
+    MANIFESTS.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| p != path);
+    let _ = fs::remove_file(path);
+}
+
+/// Marks a tree as built now: trees are pruned and recycled oldest first.
+fn stamp(tree: &Path) {
+    let _ = File::open(tree).and_then(|d| d.set_modified(std::time::SystemTime::now()));
+}
+
+/// Prefix of a tree being recycled: hidden from pruning and never a link target.
+const RECYCLING: &str = ".recycling-";
+
+/// Removes what a crash during recycling left behind.
+fn clear_leftovers(layout: &Layout) {
+    let Ok(entries) = fs::read_dir(&layout.trees) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        if entry.file_name().as_bytes().starts_with(RECYCLING.as_bytes()) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The manifest the update leads to from `base`, from the update alone (modes and
+/// blob ids it announces): what the recycled tree must become.
+fn target_manifest(base: &tree_hash::Manifest, update: &ServiceUpdate) -> Result<tree_hash::Manifest, ApplyError> {
+    let mut manifest = base.clone();
+    for entry in &update.entries {
+        match entry.change {
+            ChangeKind::Delete => {
+                manifest.remove(&entry.path[..]);
+            }
+            ChangeKind::Rename => {
+                let from = entry.from_path.as_deref().map(|p| &p[..]).unwrap_or_default();
+                let item = manifest
+                    .remove(from)
+                    .ok_or_else(|| ApplyError::Malformed("rename of a path not in the base".into()))?;
+                manifest.insert(entry.path.to_vec(), item);
+            }
+            ChangeKind::Add | ChangeKind::Modify => {
+                let mode = entry.mode.ok_or_else(|| ApplyError::Malformed("added entry without mode".into()))?;
+                let blob = entry.blob.as_deref().and_then(|b| hex::decode(b).ok()).and_then(|b| b.try_into().ok());
+                let blob: tree_hash::ObjectId =
+                    blob.ok_or_else(|| ApplyError::Malformed("added entry without a valid blob id".into()))?;
+                manifest.insert(entry.path.to_vec(), (mode.git_mode(), blob));
+            }
+        }
+    }
+    Ok(manifest)
+}
+
+/// Paths of `old` that are not in `new` as they are, and paths of `new` not in `old`
+/// as they are: one merge of the two sorted manifests.
+fn differences<'a>(old: &'a tree_hash::Manifest, new: &'a tree_hash::Manifest) -> (Vec<&'a Vec<u8>>, Vec<&'a Vec<u8>>) {
+    let (mut gone, mut come) = (Vec::new(), Vec::new());
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((p, _)), None) => {
+                gone.push(*p);
+                a.next();
+            }
+            (None, Some((p, _))) => {
+                come.push(*p);
+                b.next();
+            }
+            (Some((pa, ia)), Some((pb, ib))) => match pa.cmp(pb) {
+                std::cmp::Ordering::Less => {
+                    gone.push(*pa);
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    come.push(*pb);
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if ia != ib {
+                        gone.push(*pa);
+                        come.push(*pb);
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    (gone, come)
+}
+
+/// The oldest kept tree that is neither current, nor `base`, nor the newest of the
+/// others (the one current before: applications may still be reading it), with its
+/// manifest. Trees are ordered by the time they were built (their root's mtime, set
+/// by [`stamp`]).
+fn recyclable(layout: &Layout, base: &str) -> Option<(PathBuf, String, Arc<tree_hash::Manifest>)> {
+    let current = layout.current().and_then(|p| p.canonicalize().ok());
+    let base_dir = layout.tree_dir(base).canonicalize().ok();
+    let mut trees: Vec<(std::time::SystemTime, PathBuf, String)> = fs::read_dir(&layout.trees)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().as_bytes().starts_with(b".") && e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path(), e.file_name().to_str()?.to_owned())))
+        .filter(|(_, p, _)| {
+            let canonical = p.canonicalize().ok();
+            canonical != current && canonical != base_dir
+        })
+        .collect();
+    trees.sort();
+    trees.pop();
+    trees.into_iter().find_map(|(_, dir, commit)| {
+        let manifest = manifest_at(&layout.manifest(&commit))?;
+        Some((dir, commit, manifest))
+    })
+}
+
+/// Builds the update's tree by recycling an old tree of the service (see the module
+/// docs); `None` when there is none to recycle.
+fn recycle(
+    layout: &Layout,
+    base: &str,
+    update: &ServiceUpdate,
+    objects: &Objects,
+    expected: &str,
+    final_dir: &Path,
+) -> Result<Option<PathBuf>, ApplyError> {
+    let Some(base_manifest) = manifest_at(&layout.manifest(base)) else { return Ok(None) };
+    let Some((old_dir, old_commit, old)) = recyclable(layout, base) else { return Ok(None) };
+    let target = target_manifest(&base_manifest, update)?;
+    let built = tree_hash::tree_id_of(&target);
+    if built != expected {
+        return Err(ApplyError::Verify { expected: expected.to_owned(), built });
+    }
+    let commit = update.to.as_deref().unwrap_or_default();
+    let work = layout.trees.join(format!("{RECYCLING}{commit}"));
+    fs::rename(&old_dir, &work).map_err(io_at(&old_dir))?;
+    forget_manifest(&layout.manifest(&old_commit));
+    let result = (|| {
+        let base_dir = layout.tree_dir(base);
+        let written: HashMap<&[u8], &Entry> = update
+            .entries
+            .iter()
+            .filter(|e| matches!(e.change, ChangeKind::Add | ChangeKind::Modify))
+            .map(|e| (&e.path[..], e))
+            .collect();
+        // Paths to go (or to be replaced), then paths to come: deletions first, so a
+        // file may become a directory and back.
+        let (gone, come) = differences(&old, &target);
+        for path in &gone {
+            let at = work.join(OsStr::from_bytes(path));
+            fs::remove_file(&at).map_err(io_at(&at))?;
+        }
+        // Directories left empty go too (git trees hold none), deepest first.
+        let mut emptied: Vec<PathBuf> = gone
+            .iter()
+            .flat_map(|p| {
+                Path::new(OsStr::from_bytes(p)).ancestors().skip(1).map(Path::to_path_buf).collect::<Vec<_>>()
+            })
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        emptied.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for dir in emptied {
+            let _ = fs::remove_dir(work.join(dir));
+        }
+        for path in &come {
+            let at = work.join(OsStr::from_bytes(path));
+            ensure_parent(&at)?;
+            match written.get(&path[..]) {
+                Some(entry) => write_entry(entry, &at, objects)?,
+                // Unchanged by this update but different in the recycled tree: the
+                // current tree has it as it must be.
+                None => {
+                    let source = base_dir.join(OsStr::from_bytes(path));
+                    fs::hard_link(&source, &at).map_err(io_at(&source))?;
+                }
+            }
+            // What is on disk now must be what the manifest says.
+            let found = tree_hash::entry_id(&at).map_err(io_at(&at))?;
+            if Some(&found) != target.get(&path[..]) {
+                return Err(ApplyError::Verify {
+                    expected: expected.to_owned(),
+                    built: format!("a tree where {} differs", String::from_utf8_lossy(path)),
+                });
+            }
+        }
+        let root = File::open(&work).map_err(io_at(&work))?;
+        nix::unistd::syncfs(&root).map_err(|e| ApplyError::Io { path: work.clone(), source: e.into() })?;
+        stamp(&work);
+        fs::rename(&work, final_dir).map_err(io_at(final_dir))?;
+        store_manifest(&layout.manifest(commit), Arc::new(target));
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            tracing::debug!(commit, recycled = old_commit, "built by recycling an old tree");
+            Ok(Some(final_dir.to_owned()))
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
 }
 
 /// The manifest of `base` with the update's changes, the written entries hashed from
@@ -346,10 +607,53 @@ pub fn unlink(layout: &Layout) -> Result<(), ApplyError> {
     }
 }
 
+/// Holds the service's trees against concurrent building and pruning.
+fn lock_trees(layout: &Layout) -> Result<File, ApplyError> {
+    fs::create_dir_all(&layout.trees).map_err(io_at(&layout.trees))?;
+    let path = layout.trees.join(".lock");
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_at(&path))?;
+    file.lock().map_err(io_at(&path))?;
+    Ok(file)
+}
+
+/// Prefix of a tree being deleted.
+const PRUNING: &str = ".pruning-";
+
 /// Deletes all but the current tree and the [`KEEP_PREVIOUS`] most recent others.
+/// The trees to delete are renamed aside under the lock (quick), then deleted without it.
 pub fn prune(layout: &Layout) {
+    let victims = {
+        let Ok(_lock) = lock_trees(layout) else { return };
+        let victims = prune_candidates(layout);
+        victims
+            .into_iter()
+            .filter_map(|old| {
+                let name = old.file_name()?.to_owned();
+                let aside = layout.trees.join(format!("{PRUNING}{}", name.to_string_lossy()));
+                fs::rename(&old, &aside).ok()?;
+                forget_manifest(&old.with_extension("manifest"));
+                Some(aside)
+            })
+            .collect::<Vec<_>>()
+    };
+    for aside in victims {
+        if let Err(e) = fs::remove_dir_all(&aside) {
+            tracing::warn!(path = %aside.display(), error = %e, "cannot prune old tree");
+        }
+    }
+    // Left by a crash while pruning.
+    if let Ok(entries) = fs::read_dir(&layout.trees) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_name().as_bytes().starts_with(PRUNING.as_bytes()) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+fn prune_candidates(layout: &Layout) -> Vec<PathBuf> {
     let current = layout.current().and_then(|p| p.canonicalize().ok());
-    let Ok(entries) = fs::read_dir(&layout.trees) else { return };
+    let Ok(entries) = fs::read_dir(&layout.trees) else { return Vec::new() };
     let mut trees: Vec<(std::time::SystemTime, PathBuf)> = entries
         .filter_map(Result::ok)
         .filter(|e| !e.file_name().as_bytes().starts_with(b".") && e.file_type().is_ok_and(|t| t.is_dir()))
@@ -358,12 +662,7 @@ pub fn prune(layout: &Layout) {
         .collect();
     trees.sort();
     let excess = trees.len().saturating_sub(KEEP_PREVIOUS);
-    for (_, old) in trees.into_iter().take(excess) {
-        if let Err(e) = fs::remove_dir_all(&old) {
-            tracing::warn!(path = %old.display(), error = %e, "cannot prune old tree");
-        }
-        let _ = fs::remove_file(old.with_extension("manifest"));
-    }
+    trees.into_iter().take(excess).map(|(_, old)| old).collect()
 }
 
 /// What [`verify`] found for one service.

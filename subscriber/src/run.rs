@@ -373,6 +373,9 @@ impl Host {
             }
         };
         tracing::info!(dc = %self.config.dc, services = services.len(), start, "following updates");
+        // Under systemd's `Type=notify`, the unit is started once every service has its
+        // configuration in place (or is known to have none yet).
+        confcast_schemas::process::sd_notify("READY=1\nSTATUS=following updates");
         loop {
             let next = async {
                 match messages.as_mut() {

@@ -163,3 +163,35 @@ fn last_status(nats: &str, host: &str) -> Option<HostStatus> {
         decode(&message.payload).ok()
     })
 }
+
+#[test]
+fn the_subscriber_tells_systemd_it_is_ready_once_its_configuration_is_in_place() {
+    let nats = NatsServer::start();
+    let (master, first) = Master::with_service0(&nats.url());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let child = Command::new(bin("subscriber"))
+        .args(["--nats", &nats.url(), "--dc", "dc1", "--service", "service0", "--dir"])
+        .arg(dir.path().join("etc"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("subscriber runs");
+    let host = Host { child, root: tempfile::tempdir().expect("tempdir") };
+    // The relay starts later: the subscriber must not be ready before it has the files.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut buf = [0u8; 512];
+    socket.set_nonblocking(true).expect("nonblocking");
+    assert!(socket.recv(&mut buf).is_err(), "ready before the configuration was in place");
+    socket.set_nonblocking(false).expect("blocking");
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let n = socket.recv(&mut buf).expect("a notification within 60 s");
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
+    let link = dir.path().join("etc/service0");
+    assert!(std::fs::read_link(&link).is_ok_and(|t| t.ends_with(&first)), "READY=1 came before the files");
+    drop(host);
+}

@@ -760,7 +760,7 @@ fn main() {
     );
     if run("apply") {
         apply_cost(100, 10, &mut apply);
-        apply_cost(if quick { 10_000 } else { 100_000 }, if quick { 3 } else { 5 }, &mut apply);
+        apply_cost(if quick { 10_000 } else { 100_000 }, if quick { 4 } else { 12 }, &mut apply);
         tables.push(apply);
     }
 
