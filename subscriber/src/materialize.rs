@@ -248,6 +248,22 @@ fn clear_leftovers(layout: &Layout) {
 /// The manifest the update leads to from `base`, from the update alone (modes and
 /// blob ids it announces): what the recycled tree must become.
 fn target_manifest(base: &tree_hash::Manifest, update: &ServiceUpdate) -> Result<tree_hash::Manifest, ApplyError> {
+    with_entries(base, update, |entry| {
+        let mode = entry.mode.ok_or_else(|| ApplyError::Malformed("added entry without mode".into()))?;
+        let blob = entry.blob.as_deref().and_then(|b| hex::decode(b).ok()).and_then(|b| b.try_into().ok());
+        let blob: tree_hash::ObjectId =
+            blob.ok_or_else(|| ApplyError::Malformed("added entry without a valid blob id".into()))?;
+        Ok((mode.git_mode(), blob))
+    })
+}
+
+/// `base` with the update's deletions and renames, and `item(entry)` for what it adds
+/// or modifies.
+fn with_entries(
+    base: &tree_hash::Manifest,
+    update: &ServiceUpdate,
+    item: impl Fn(&Entry) -> Result<(&'static str, tree_hash::ObjectId), ApplyError>,
+) -> Result<tree_hash::Manifest, ApplyError> {
     let mut manifest = base.clone();
     for entry in &update.entries {
         match entry.change {
@@ -256,17 +272,13 @@ fn target_manifest(base: &tree_hash::Manifest, update: &ServiceUpdate) -> Result
             }
             ChangeKind::Rename => {
                 let from = entry.from_path.as_deref().map(|p| &p[..]).unwrap_or_default();
-                let item = manifest
+                let moved = manifest
                     .remove(from)
                     .ok_or_else(|| ApplyError::Malformed("rename of a path not in the base".into()))?;
-                manifest.insert(entry.path.to_vec(), item);
+                manifest.insert(entry.path.to_vec(), moved);
             }
             ChangeKind::Add | ChangeKind::Modify => {
-                let mode = entry.mode.ok_or_else(|| ApplyError::Malformed("added entry without mode".into()))?;
-                let blob = entry.blob.as_deref().and_then(|b| hex::decode(b).ok()).and_then(|b| b.try_into().ok());
-                let blob: tree_hash::ObjectId =
-                    blob.ok_or_else(|| ApplyError::Malformed("added entry without a valid blob id".into()))?;
-                manifest.insert(entry.path.to_vec(), (mode.git_mode(), blob));
+                manifest.insert(entry.path.to_vec(), item(entry)?);
             }
         }
     }
@@ -430,26 +442,10 @@ fn recycle(
 /// The manifest of `base` with the update's changes, the written entries hashed from
 /// what is on disk now.
 fn derive(base: &tree_hash::Manifest, update: &ServiceUpdate, tmp: &Path) -> Result<tree_hash::Manifest, ApplyError> {
-    let mut manifest = base.clone();
-    for entry in &update.entries {
-        match entry.change {
-            ChangeKind::Delete => {
-                manifest.remove(&entry.path[..]);
-            }
-            ChangeKind::Rename => {
-                let from = entry.from_path.as_deref().map(|p| &p[..]).unwrap_or_default();
-                let item = manifest
-                    .remove(from)
-                    .ok_or_else(|| ApplyError::Malformed("rename of a path not in the base".into()))?;
-                manifest.insert(entry.path.to_vec(), item);
-            }
-            ChangeKind::Add | ChangeKind::Modify => {
-                let target = tmp.join(OsStr::from_bytes(&entry.path));
-                manifest.insert(entry.path.to_vec(), tree_hash::entry_id(&target).map_err(io_at(&target))?);
-            }
-        }
-    }
-    Ok(manifest)
+    with_entries(base, update, |entry| {
+        let target = tmp.join(OsStr::from_bytes(&entry.path));
+        tree_hash::entry_id(&target).map_err(io_at(&target))
+    })
 }
 
 fn populate(

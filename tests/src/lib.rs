@@ -504,6 +504,8 @@ pub struct Subscriber {
     pub dir: PathBuf,
     /// The exec log.
     pub exec_log: PathBuf,
+    /// Run after the logging `--exec` (see [`Subscriber::start_with_exec`]).
+    exec_then: Option<String>,
     root: TempDir,
 }
 
@@ -523,7 +525,7 @@ impl Subscriber {
         fs::create_dir_all(root.path().join("state")).expect("state dir");
         let mut args: Vec<String> = vec!["--dc".into(), dc.into()];
         args.extend(selection.iter().map(|s| s.to_string()));
-        Subscriber { child: None, args, nats_url: nats_url.to_owned(), dir, exec_log, root }
+        Subscriber { child: None, args, nats_url: nats_url.to_owned(), dir, exec_log, exec_then: None, root }
     }
 
     /// The subscriber's `--state-dir` (trees and position).
@@ -538,10 +540,14 @@ impl Subscriber {
             .append(true)
             .open(self.root.path().join("subscriber.log"))
             .expect("log");
-        let exec = format!(
+        let mut exec = format!(
             "printf '%s %s %s %s\\n' \"$CONFCAST_SERVICE\" \"$CONFCAST_COMMIT\" \"$CONFCAST_REF\" \"$CONFCAST_DIR\" >> '{}'",
             self.exec_log.display()
         );
+        if let Some(then) = &self.exec_then {
+            exec.push_str("; ");
+            exec.push_str(then);
+        }
         let child = Command::new(bin("subscriber"))
             .args(["--nats", &self.nats_url])
             .args(&self.args)
@@ -909,27 +915,11 @@ impl GitDaemon {
 impl Subscriber {
     /// Like [`Subscriber::start`], but its `--exec` logs as usual and then runs `then`
     /// (e.g. `exit 1` for a failing command, `sleep 3` for a slow one), whose exit status
-    /// is the command's. [`Subscriber::restart`] goes back to the logging command alone.
+    /// is the command's; restarts keep it.
     pub fn start_with_exec(nats_url: &str, dc: &str, selection: &[&str], then: &str) -> Subscriber {
         let mut sub = Subscriber::prepare(nats_url, dc, selection);
-        let log =
-            fs::OpenOptions::new().create(true).append(true).open(sub.root.path().join("subscriber.log")).expect("log");
-        let exec = format!(
-            "printf '%s %s %s %s\\n' \"$CONFCAST_SERVICE\" \"$CONFCAST_COMMIT\" \"$CONFCAST_REF\" \"$CONFCAST_DIR\" >> '{}'; {then}",
-            sub.exec_log.display()
-        );
-        let child = Command::new(bin("subscriber"))
-            .args(["--nats", &sub.nats_url])
-            .args(&sub.args)
-            .current_dir(sub.root.path())
-            .args(["--dir", "etc", "--state-dir", "state"])
-            .args(["--exec", &exec])
-            .env("RUST_LOG", "info,confcast_subscriber=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("subscriber runs");
-        sub.child = Some(child);
+        sub.exec_then = Some(then.to_owned());
+        sub.restart();
         sub
     }
 }
