@@ -58,6 +58,16 @@ struct Cli {
     /// last sync) and `GET /healthz` (200 once ready) on.
     #[arg(long, env = "CONFCAST_LISTEN", value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
+    /// Private key for an `ssh://` master.
+    #[arg(long, env = "CONFCAST_GIT_SSH_KEY", value_name = "FILE")]
+    git_ssh_key: Option<PathBuf>,
+    /// File holding a token for an `http(s)://` master, sent as a bearer token (or, with
+    /// --git-http-user, as the password of basic authentication).
+    #[arg(long, env = "CONFCAST_GIT_TOKEN_FILE", value_name = "FILE")]
+    git_token_file: Option<PathBuf>,
+    /// User name for basic authentication to an `http(s)://` master (needs --git-token-file).
+    #[arg(long, env = "CONFCAST_GIT_HTTP_USER", value_name = "NAME", requires = "git_token_file")]
+    git_http_user: Option<String>,
     #[command(flatten)]
     nats_auth: confcast_schemas::connect::NatsAuth,
 }
@@ -84,8 +94,18 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let token = match cli.git_token_file.as_deref().map(confcast_relay::mirror::GitCredentials::read_token) {
+        None => None,
+        Some(Ok(token)) => Some(token),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "cannot read the master's token");
+            return ExitCode::FAILURE;
+        }
+    };
+    let git = confcast_relay::mirror::GitCredentials { ssh_key: cli.git_ssh_key, token, http_user: cli.git_http_user };
     let metrics = std::sync::Arc::new(confcast_relay::Metrics::default());
     let config = confcast_relay::Config {
+        git,
         nats_url: cli.nats,
         dc: cli.dc,
         master_url: master,

@@ -60,6 +60,64 @@ pub struct Fetched {
     pub missing: BTreeSet<String>,
 }
 
+/// How the relay authenticates to the master, when its transport needs it. Secrets
+/// are read from files and live only in memory (as configuration overrides of the
+/// mirror's repository handle): never written to the mirror's config, never printed.
+#[derive(Clone, Default)]
+pub struct GitCredentials {
+    /// Private key for `ssh://` masters (`ssh -i KEY -o IdentitiesOnly=yes`).
+    pub ssh_key: Option<PathBuf>,
+    /// Token for `http(s)://` masters: sent as `Authorization: Bearer TOKEN`, or as
+    /// basic authentication with [`GitCredentials::http_user`].
+    pub token: Option<String>,
+    /// User name for basic authentication with the token as password.
+    pub http_user: Option<String>,
+}
+
+impl std::fmt::Debug for GitCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitCredentials")
+            .field("ssh_key", &self.ssh_key.is_some())
+            .field("token", &self.token.is_some())
+            .field("http_user", &self.http_user)
+            .finish()
+    }
+}
+
+impl GitCredentials {
+    /// Reads the token from `path` (its first line, trimmed).
+    pub fn read_token(path: &Path) -> Result<String, MirrorError> {
+        let local = |message: String| MirrorError::Local { path: path.to_owned(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| local(format!("--git-token-file: {e}")))?;
+        let token = text.lines().next().unwrap_or_default().trim().to_owned();
+        if token.is_empty() {
+            return Err(local("--git-token-file: empty".into()));
+        }
+        Ok(token)
+    }
+
+    /// The configuration that makes gix use these credentials.
+    fn overrides(&self) -> Vec<String> {
+        use base64::Engine as _;
+        // A relay runs unattended: never ask a terminal for a user name or password.
+        let mut overrides = vec!["gitoxide.credentials.terminalPrompt=false".to_owned()];
+        if let Some(key) = &self.ssh_key {
+            let quoted = key.display().to_string().replace('\'', r"'\''");
+            overrides.push(format!("core.sshCommand=ssh -i '{quoted}' -o IdentitiesOnly=yes -o BatchMode=yes"));
+        }
+        if let Some(token) = &self.token {
+            let header = match &self.http_user {
+                Some(user) => {
+                    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}")))
+                }
+                None => format!("Bearer {token}"),
+            };
+            overrides.push(format!("http.extraHeader=Authorization: {header}"));
+        }
+        overrides
+    }
+}
+
 /// A bare mirror of the master at `path`, fetching from `url`.
 #[derive(Debug, Clone)]
 pub struct Mirror {
@@ -74,7 +132,7 @@ pub const DEFAULT_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 
 impl Mirror {
     /// Opens the mirror, creating an empty bare repository on first use.
-    pub fn open_or_init(path: &Path, url: &str) -> Result<Mirror, MirrorError> {
+    pub fn open_or_init(path: &Path, url: &str, credentials: &GitCredentials) -> Result<Mirror, MirrorError> {
         let local = |e: &dyn std::fmt::Display| MirrorError::Local { path: path.to_owned(), message: e.to_string() };
         if !path.join("HEAD").exists() {
             std::fs::create_dir_all(path).map_err(|e| local(&e))?;
@@ -83,8 +141,9 @@ impl Mirror {
         // Every fetch adds a pack. A handle computes its index slots when it opens, so a
         // long-running relay would run out of them: give it room, and repack (see
         // `consolidate`) long before it is used up.
-        let options =
-            gix::open::Options::default().object_store_slots(gix::odb::store::init::Slots::Given(OBJECT_STORE_SLOTS));
+        let options = gix::open::Options::default()
+            .object_store_slots(gix::odb::store::init::Slots::Given(OBJECT_STORE_SLOTS))
+            .config_overrides(credentials.overrides());
         let repo = gix::open_opts(path, options).map_err(|e| local(&e))?;
         Ok(Mirror {
             repo: repo.into_sync(),
@@ -308,6 +367,26 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    #[test]
+    fn credentials_become_configuration_and_are_never_shown() {
+        let credentials = GitCredentials {
+            ssh_key: Some("/keys/it's.key".into()),
+            token: Some("t0ken".into()),
+            http_user: Some("relay".into()),
+        };
+        let overrides = credentials.overrides();
+        assert!(overrides.contains(&"gitoxide.credentials.terminalPrompt=false".to_owned()));
+        assert!(
+            overrides.iter().any(|o| o.starts_with("core.sshCommand=ssh -i '/keys/it'\\''s.key'")),
+            "{overrides:?}"
+        );
+        // base64("relay:t0ken")
+        assert!(overrides.contains(&"http.extraHeader=Authorization: Basic cmVsYXk6dDBrZW4=".to_owned()));
+        let bearer = GitCredentials { token: Some("t0ken".into()), ..Default::default() }.overrides();
+        assert!(bearer.contains(&"http.extraHeader=Authorization: Bearer t0ken".to_owned()));
+        assert!(!format!("{credentials:?}").contains("t0ken"));
+    }
+
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git").arg("-C").arg(dir).args(args).output().expect("git runs");
         assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -322,7 +401,8 @@ mod tests {
         git(dir.path(), &["init", "-q", "--bare", master.to_str().expect("utf-8")]);
         git(dir.path(), &["init", "-q", work.to_str().expect("utf-8")]);
         let mirror =
-            Mirror::open_or_init(&dir.path().join("mirror.git"), master.to_str().expect("utf-8")).expect("mirror");
+            Mirror::open_or_init(&dir.path().join("mirror.git"), master.to_str().expect("utf-8"), &Default::default())
+                .expect("mirror");
         let name = "refs/heads/services/s/main".to_owned();
         let refs = BTreeSet::from([name.clone()]);
         assert_eq!(mirror.fetch(&refs).expect("fetch").missing, refs, "absent on the master");

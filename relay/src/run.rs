@@ -51,6 +51,8 @@ pub struct Config {
     pub streams: StreamLayout,
     /// NATS credentials and TLS.
     pub nats_auth: confcast_schemas::connect::NatsAuth,
+    /// How to authenticate to the master.
+    pub git: crate::mirror::GitCredentials,
     /// nkey seed file to sign every published message with (see [`confcast_schemas::sign`]).
     pub signing_key: Option<PathBuf>,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
@@ -147,7 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
             tokio::net::TcpListener::bind(addr).await.map_err(|source| RelayError::Listen { addr, source })?;
         tokio::spawn(crate::metrics::serve(listener, config.metrics.clone(), shutdown.clone()));
     }
-    let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url)?
+    let mirror = Mirror::open_or_init(&config.state_dir.join("mirror.git"), &config.master_url, &config.git)?
         .with_io_timeout(config.fetch_timeout);
     let signer = config.signing_key.as_deref().map(Signer::from_file).transpose().map_err(RelayError::Signing)?;
     if let Some(signer) = &signer {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 pub mod consul;
+pub mod git_http;
 pub mod topology;
 
 /// Path of a workspace binary next to the running test executable.
