@@ -141,6 +141,9 @@ struct Prepared {
     large: Vec<(String, Vec<u8>)>,
 }
 
+/// How many services the relay publishes at once.
+const CONCURRENT_PUBLISHES: usize = 16;
+
 /// Runs the relay until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
     let _lock = lock_state_dir(&config.state_dir)?;
@@ -578,6 +581,7 @@ impl Relay {
             tracing::error!(%kind, %name, %ref_name, "{message}");
             self.publish_error(cause, message).await?;
         }
+        let mut changed = Vec::new();
         for ((kind, name), target) in &resolution.targets {
             let head = self.heads.get(&(*kind, name.clone()));
             if head.is_some_and(|h| h.commit.as_deref() == Some(target.commit.as_str())) {
@@ -588,14 +592,33 @@ impl Relay {
                 }
                 continue;
             }
-            match self.publish_service(cause, *kind, name, target).await {
-                Ok(()) => published += 1,
-                Err(PublishError::Sync(e)) => return Err(e),
+            changed.push((*kind, name.as_str(), target));
+        }
+        // Services are independent of each other: several are published at once (each
+        // in its own order), which is what a burst of pushes needs.
+        let this = &*self;
+        let outcomes: Vec<_> = futures::stream::iter(changed.iter().map(|(kind, name, target)| async move {
+            (*kind, *name, *target, this.publish_service(cause, *kind, name, target).await)
+        }))
+        .buffered(CONCURRENT_PUBLISHES)
+        .collect()
+        .await;
+        let mut failure = None;
+        for (kind, name, target, outcome) in outcomes {
+            match outcome {
+                Ok(head) => {
+                    self.heads.insert((kind, name.to_owned()), head);
+                    published += 1;
+                }
+                Err(PublishError::Sync(e)) => failure = failure.or(Some(e)),
                 Err(PublishError::BadTree(message)) => {
                     tracing::error!(%kind, %name, commit = %target.commit, "{message}");
                     self.publish_error(cause, message).await?;
                 }
             }
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         let dropped: Vec<(Kind, String)> = self
             .heads
@@ -627,13 +650,16 @@ impl Relay {
         Ok(published)
     }
 
+    /// Publishes a service's new state: snapshot, update, then head and index, in that
+    /// order. Returns its head, for [`Relay::heads`]. Takes `&self` so that several
+    /// services are published at once.
     async fn publish_service(
-        &mut self,
+        &self,
         cause: &Cause,
         kind: Kind,
         name: &str,
         target: &Target,
-    ) -> Result<(), PublishError> {
+    ) -> Result<ServiceHead, PublishError> {
         let head = self.heads.get(&(kind, name.to_owned())).cloned();
         let (dc, cause2, name2, target2) = (self.dc.clone(), cause.clone(), name.to_owned(), target.clone());
         let prepared = self
@@ -670,8 +696,9 @@ impl Relay {
             .map_err(SyncError::from)?;
         self.metrics.updates_published.inc();
         tracing::info!(%kind, %name, from = update.from.as_deref().unwrap_or("-"), to = %target.commit, entries = update.entries.len(), "published update");
-        self.publish_head(cause, kind, name, Some(target), Some(target.commit.clone()), update.tree.clone()).await?;
-        Ok(())
+        let (old, head) = self.next_head(kind, name, Some(target), Some(target.commit.clone()), update.tree.clone());
+        self.write_head(cause, kind, name, old.as_ref(), &head).await?;
+        Ok(head)
     }
 
     async fn publish_removal(&mut self, cause: &Cause, kind: Kind, name: &str) -> Result<(), SyncError> {
@@ -714,6 +741,21 @@ impl Relay {
         commit: Option<String>,
         tree: Option<String>,
     ) -> Result<(), SyncError> {
+        let (old, head) = self.next_head(kind, name, target, commit, tree);
+        self.write_head(cause, kind, name, old.as_ref(), &head).await?;
+        self.heads.insert((kind, name.to_owned()), head);
+        Ok(())
+    }
+
+    /// The head a service gets, and the one it had.
+    fn next_head(
+        &self,
+        kind: Kind,
+        name: &str,
+        target: Option<&Target>,
+        commit: Option<String>,
+        tree: Option<String>,
+    ) -> (Option<ServiceHead>, ServiceHead) {
         let old = self.heads.get(&(kind, name.to_owned())).cloned();
         let head = ServiceHead {
             v: WIRE_VERSION,
@@ -731,12 +773,24 @@ impl Relay {
             commit,
             tree,
         };
+        (old, head)
+    }
+
+    /// Publishes a service's head and moves its index key.
+    async fn write_head(
+        &self,
+        cause: &Cause,
+        kind: Kind,
+        name: &str,
+        old: Option<&ServiceHead>,
+        head: &ServiceHead,
+    ) -> Result<(), SyncError> {
         let id =
             format!("{}/{kind}/{name}/head/{}@{}", self.dc, head.commit.as_deref().unwrap_or("removed"), cause.tag);
-        self.bus.publish(subject::head_subject(&self.dc, kind, name), &id, encode(&head)).await?;
+        self.bus.publish(subject::head_subject(&self.dc, kind, name), &id, encode(head)).await?;
         // The index: one key per (service, version); a version that is no longer the
         // datacenter's goes away.
-        if let Some(old) = &old {
+        if let Some(old) = old {
             if old.commit.is_some() && (old.version != head.version || head.commit.is_none()) {
                 self.bus.delete_index(&subject::index_key(&self.dc, kind, name, &old.version)).await?;
             }
@@ -749,7 +803,6 @@ impl Relay {
                 )
                 .await?;
         }
-        self.heads.insert((kind, name.to_owned()), head);
         Ok(())
     }
 

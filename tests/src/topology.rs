@@ -85,6 +85,12 @@ impl NatsNode {
         self.child = Some(child);
     }
 
+    /// Whether the process has exited (a port taken between choosing it and binding it,
+    /// say): the log says why.
+    fn exited(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// Waits until the server reports itself healthy (`/healthz`: JetStream enabled and,
     /// on the hub, a meta leader known).
     pub fn wait_healthy(&self) {
@@ -181,6 +187,38 @@ impl Topology {
     /// Starts the hub cluster and a leaf server for each of `dcs`, and waits until every
     /// server is healthy and every leaf is linked.
     pub fn start(dcs: &[&str]) -> Topology {
+        // Ports are chosen free, then bound by the servers a moment later; another
+        // process may take one in between. A server that exits at start is retried on
+        // fresh ports.
+        for attempt in 1.. {
+            let mut topology = Topology::start_once(dcs);
+            std::thread::sleep(Duration::from_millis(300));
+            let exited: Vec<String> = topology
+                .hub
+                .iter_mut()
+                .chain(topology.leaves.iter_mut().map(|l| &mut l.node))
+                .filter_map(|n| n.exited().then(|| format!("{}: {}", n.name, n.log())))
+                .collect();
+            if exited.is_empty() {
+                topology.wait_ready();
+                return topology;
+            }
+            assert!(attempt < 3, "servers exited at start:\n{}", exited.join("\n"));
+            eprintln!("retrying the topology on other ports; exited at start:\n{}", exited.join("\n"));
+        }
+        unreachable!()
+    }
+
+    fn wait_ready(&self) {
+        for node in self.hub.iter().chain(self.leaves.iter().map(|l| &l.node)) {
+            node.wait_healthy();
+        }
+        for leaf in &self.leaves {
+            leaf.wait_linked();
+        }
+    }
+
+    fn start_once(dcs: &[&str]) -> Topology {
         let dir = tempfile::tempdir().expect("tempdir");
         // client, route, leafnode, monitoring port of each hub server
         let hub_ports: Vec<Vec<u16>> = (0..3).map(|_| free_ports(4)).collect();
@@ -224,12 +262,6 @@ impl Topology {
             let mut node = NatsNode::new(dc, server_dir, text, env, (ports[0], ports[1]));
             node.spawn();
             leaves.push(Leaf { dc: (*dc).to_owned(), node, links });
-        }
-        for node in hub.iter().chain(leaves.iter().map(|l| &l.node)) {
-            node.wait_healthy();
-        }
-        for leaf in &leaves {
-            leaf.wait_linked();
         }
         Topology { hub, leaves, _dir: dir }
     }

@@ -93,8 +93,17 @@ impl World {
     }
 }
 
+/// Each test runs five servers (a three-node cluster electing leaders, two leaves):
+/// one at a time, so that elections are not starved of CPU on a small machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn topology_a_push_reaches_hosts_in_both_datacenters() {
+    let _serial = one_at_a_time();
     let mut world = World::start();
     // A client of dc1's server publishes on the hub's and dc2's subjects: the leaf links
     // carry none of it (deploy/nats/dc-leaf.conf), so nothing is stored.
@@ -140,6 +149,7 @@ fn topology_a_push_reaches_hosts_in_both_datacenters() {
 
 #[test]
 fn topology_a_push_reaches_both_datacenters_with_a_hub_server_killed() {
+    let _serial = one_at_a_time();
     let mut world = World::start();
     // The hardest one to lose: the server leading the commit stream.
     let (_, leader) = world.topology.commit_stream_cluster().expect("commit stream");
@@ -168,6 +178,7 @@ fn topology_a_push_reaches_both_datacenters_with_a_hub_server_killed() {
 
 #[test]
 fn topology_a_datacenter_cut_off_from_the_hub_catches_up_and_the_other_is_unaffected() {
+    let _serial = one_at_a_time();
     let mut world = World::start();
     let before = world.pushed[0].clone();
     world.topology.leaf("dc1").cut();
