@@ -66,6 +66,8 @@ pub struct Settings {
     /// How long to wait for the rollout of what was announced (`confcast.waitRollout`),
     /// if at all.
     pub wait_rollout: Option<Duration>,
+    /// Datacenters read in their own JetStream domains (`confcast.rolloutDomains`).
+    pub rollout_domains: Vec<String>,
 }
 
 impl Settings {
@@ -90,6 +92,9 @@ impl Settings {
                 .and_then(|secs| secs.trim().parse::<f64>().ok())
                 .filter(|secs| secs.is_finite() && *secs > 0.0)
                 .map(Duration::from_secs_f64),
+            rollout_domains: get(config_keys::ROLLOUT_DOMAINS)
+                .map(|dcs| dcs.split(',').map(str::trim).filter(|d| !d.is_empty()).map(str::to_owned).collect())
+                .unwrap_or_default(),
         }
     }
 }
@@ -148,12 +153,17 @@ pub async fn wait_rollout(settings: &Settings, updates: &[RefUpdate], wait: Dura
     };
     let watched = tokio::time::timeout_at(deadline, async {
         let client = confcast_publisher::connect(&settings.bus.nats_url, &settings.bus.auth, settings.timeout).await?;
-        let js = async_nats::jetstream::new(client);
-        let dcs = status::datacenters(&js).await?;
-        if dcs.is_empty() {
+        let contexts: Vec<(String, async_nats::jetstream::Context)> = if settings.rollout_domains.is_empty() {
+            let js = async_nats::jetstream::new(client);
+            status::datacenters(&js).await?.into_iter().map(|dc| (dc, js.clone())).collect()
+        } else {
+            let domain = |dc: &String| async_nats::jetstream::with_domain(client.clone(), dc);
+            settings.rollout_domains.iter().map(|dc| (dc.clone(), domain(dc))).collect()
+        };
+        if contexts.is_empty() {
             return Ok(None);
         }
-        Ok::<_, Box<dyn std::error::Error>>(Some(status::watch(&js, &dcs, &targets, deadline, |_| {}).await?))
+        Ok::<_, Box<dyn std::error::Error>>(Some(status::watch_in(&contexts, &targets, deadline, |_| {}).await?))
     })
     .await;
     let rollout = match watched {

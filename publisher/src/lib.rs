@@ -139,6 +139,10 @@ pub mod config_keys {
     /// announced, printing its convergence per datacenter into the `git push` output
     /// (unset or 0: it does not wait).
     pub const WAIT_ROLLOUT: &str = "confcast.waitRollout";
+    /// Datacenters (comma-separated) whose streams are in a JetStream domain named after
+    /// them (the leaf-node topology): where the hook looks for the rollout. Unset: the
+    /// datacenters whose streams are on the master's own NATS.
+    pub const ROLLOUT_DOMAINS: &str = "confcast.rolloutDomains";
     /// NATS credentials of the hooks: paths of files, never the secrets themselves.
     pub const NATS_CREDS: &str = "confcast.natsCreds";
     /// File holding the hooks' nkey seed.

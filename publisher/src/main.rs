@@ -76,6 +76,11 @@ enum Command {
         /// How long to follow the rollout, in seconds.
         #[arg(long, env = "CONFCAST_TIMEOUT", value_name = "SECS", default_value_t = 60)]
         timeout: u64,
+        /// Each datacenter's streams are in a JetStream domain named after it (the
+        /// leaf-node topology, deploy/README.md): read them there, through --nats (the
+        /// master's NATS). Needs --dc.
+        #[arg(long, env = "CONFCAST_DOMAINS", requires = "dcs")]
+        domains: bool,
         /// NATS credentials.
         #[command(flatten)]
         nats_auth: NatsAuth,
@@ -161,8 +166,8 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    if let Command::Status { target, nats, dcs, timeout, nats_auth } = cli.command {
-        return status(&target, &nats, dcs, Duration::from_secs(timeout), &nats_auth).await;
+    if let Command::Status { target, nats, dcs, timeout, domains, nats_auth } = cli.command {
+        return status(&target, &nats, dcs, domains, Duration::from_secs(timeout), &nats_auth).await;
     }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,7 +179,14 @@ async fn main() -> ExitCode {
 }
 
 /// `publisher status`: 0 complete, 1 not complete in time, 2 when the bus cannot be read.
-async fn status(target: &str, url: &str, dcs: Vec<String>, timeout: Duration, auth: &NatsAuth) -> ExitCode {
+async fn status(
+    target: &str,
+    url: &str,
+    dcs: Vec<String>,
+    domains: bool,
+    timeout: Duration,
+    auth: &NatsAuth,
+) -> ExitCode {
     let deadline = tokio::time::Instant::now() + timeout;
     let target = status::Target::parse(target);
     let label = target.to_string();
@@ -182,13 +194,20 @@ async fn status(target: &str, url: &str, dcs: Vec<String>, timeout: Duration, au
     let mut screen = progress::Screen::new(tty);
     let rollout = async {
         let client = connect(url, auth, timeout.min(Duration::from_secs(10))).await?;
-        let js = async_nats::jetstream::new(client);
+        let js = async_nats::jetstream::new(client.clone());
         let dcs = if dcs.is_empty() { status::datacenters(&js).await? } else { dcs };
         if dcs.is_empty() {
             anyhow::bail!("no datacenter on {url}: no relay has published there");
         }
+        let contexts: Vec<(String, async_nats::jetstream::Context)> = dcs
+            .into_iter()
+            .map(|dc| {
+                let js = if domains { async_nats::jetstream::with_domain(client.clone(), &dc) } else { js.clone() };
+                (dc, js)
+            })
+            .collect();
         let rollout =
-            status::watch(&js, &dcs, std::slice::from_ref(&target), deadline, |r| screen.show(r, &label)).await?;
+            status::watch_in(&contexts, std::slice::from_ref(&target), deadline, |r| screen.show(r, &label)).await?;
         Ok(rollout)
     }
     .await;

@@ -492,12 +492,25 @@ pub async fn watch(
     dcs: &[String],
     targets: &[Target],
     deadline: tokio::time::Instant,
+    on_change: impl FnMut(&Rollout),
+) -> Result<Rollout, StatusError> {
+    let contexts: Vec<(String, jetstream::Context)> = dcs.iter().map(|dc| (dc.clone(), js.clone())).collect();
+    watch_in(&contexts, targets, deadline, on_change).await
+}
+
+/// [`watch`] with each datacenter's streams read through a JetStream context of its
+/// own: in the leaf-node topology, `jetstream::with_domain(client, dc)` from the
+/// master's NATS reaches each datacenter's domain.
+pub async fn watch_in(
+    dcs: &[(String, jetstream::Context)],
+    targets: &[Target],
+    deadline: tokio::time::Instant,
     mut on_change: impl FnMut(&Rollout),
 ) -> Result<Rollout, StatusError> {
     let mut feeds = Vec::new();
     let mut streams = Vec::new();
     let mut observed: BTreeMap<String, Observed> = BTreeMap::new();
-    for (i, dc) in dcs.iter().enumerate() {
+    for (i, (dc, js)) in dcs.iter().enumerate() {
         observed.insert(dc.clone(), Observed::default());
         let Some((pending, heads)) = open_feed(js, &subject::state_stream(dc), subject::heads_wildcard(dc)).await?
         else {
@@ -537,16 +550,16 @@ pub async fn watch(
             Some((_, Err(e))) => return Err(bus("following the datacenter's streams")(e.to_string())),
             None => return Err(bus("following the datacenter's streams")("the server closed them".into())),
         };
-        let seen = observed.get_mut(&dcs[dc]).expect("every datacenter is observed");
+        let seen = observed.get_mut(&dcs[dc].0).expect("every datacenter is observed");
         if heads {
             match decode::<ServiceHead>(&message.payload) {
                 Ok(head) => seen.head(head),
-                Err(e) => tracing::debug!(dc = %dcs[dc], error = %e, "ignoring an unreadable head"),
+                Err(e) => tracing::debug!(dc = %dcs[dc].0, error = %e, "ignoring an unreadable head"),
             }
         } else {
             match decode::<HostStatus>(&message.payload) {
                 Ok(status) => seen.status(status),
-                Err(e) => tracing::debug!(dc = %dcs[dc], error = %e, "ignoring an unreadable host status"),
+                Err(e) => tracing::debug!(dc = %dcs[dc].0, error = %e, "ignoring an unreadable host status"),
             }
         }
         if let Some(feed) = feeds.iter_mut().find(|f| f.dc == dc && f.heads == heads) {

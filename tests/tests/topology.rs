@@ -117,6 +117,19 @@ fn topology_a_push_reaches_hosts_in_both_datacenters() {
     }
     eprintln!("push to both datacenters' hosts in {:?}", started.elapsed());
 
+    // From the master's NATS, `publisher status --domains` reads each datacenter's
+    // streams in its own domain and sees the rollout complete.
+    let out = Command::new(bin("publisher"))
+        .args(["status", &commit, "--nats", &world.topology.hub_urls(), "--dc", "dc1", "--dc", "dc2"])
+        .args(["--domains", "--timeout", "30"])
+        .output()
+        .expect("publisher runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "publisher status: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for dc in DCS {
+        assert!(stdout.contains(&format!("{dc}: 1/1")), "{stdout}");
+    }
+
     // Each datacenter's relay read the events from the mirror in its own domain.
     for dc in DCS {
         let events = world.topology.mirrored_commit_events(dc).expect("a mirror in the datacenter's domain");
@@ -144,6 +157,16 @@ fn topology_a_push_reaches_hosts_in_both_datacenters() {
         None,
         "dc1 wrote into dc2's stream"
     );
+    // The hook, told where the datacenters' domains are, prints the rollout into the push.
+    git(&world.master.bare, &["config", "confcast.waitRollout", "30"]);
+    git(&world.master.bare, &["config", "confcast.rolloutDomains", "dc1,dc2"]);
+    let pushed = world.master.on("services/service0/master").write("app.conf", "waited\n").commit_push("waited");
+    world.pushed.push(pushed.commit.clone());
+    for dc in DCS {
+        assert!(pushed.stderr.contains(&format!("{dc}: 1/1")), "push output: {}", pushed.stderr);
+    }
+    assert!(pushed.stderr.contains("rollout complete"), "push output: {}", pushed.stderr);
+    git(&world.master.bare, &["config", "--unset", "confcast.waitRollout"]);
     assert!(world.relays.iter().all(|r| !r.log().contains("opening streams failed")), "relays opened their streams");
 }
 
