@@ -118,6 +118,31 @@ impl GitCredentials {
     }
 }
 
+/// Removes the lock files a relay killed in the middle of a fetch leaves in its mirror
+/// (`refs/**/*.lock`, `packed-refs.lock`, ...): left in place, every later fetch fails
+/// to update those refs. Only called by the relay holding the state directory's lock,
+/// so no other process can be using them.
+fn remove_stale_locks(mirror: &Path) {
+    let mut dirs = vec![mirror.to_owned(), mirror.join("refs")];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && dir != *mirror {
+                dirs.push(path);
+            } else if !is_dir && path.extension().is_some_and(|e| e == "lock") {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::warn!(path = %path.display(), "removed a lock left by a relay that stopped mid-fetch")
+                    }
+                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale lock"),
+                }
+            }
+        }
+    }
+}
+
 /// A bare mirror of the master at `path`, fetching from `url`.
 #[derive(Debug, Clone)]
 pub struct Mirror {
@@ -138,6 +163,7 @@ impl Mirror {
             std::fs::create_dir_all(path).map_err(|e| local(&e))?;
             gix::init_bare(path).map_err(|e| local(&e))?;
         }
+        remove_stale_locks(path);
         // Every fetch adds a pack. A handle computes its index slots when it opens, so a
         // long-running relay would run out of them: give it room, and repack (see
         // `consolidate`) long before it is used up.
@@ -366,6 +392,23 @@ impl RefSource for Mirror {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    #[test]
+    fn locks_left_by_a_killed_fetch_are_removed_when_the_mirror_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mirror.git");
+        Mirror::open_or_init(&path, "/nonexistent", &GitCredentials::default()).expect("mirror");
+        std::fs::create_dir_all(path.join("refs/heads/services/s0")).expect("dirs");
+        let stale = [path.join("refs/heads/services/s0/master.lock"), path.join("packed-refs.lock")];
+        for lock in &stale {
+            std::fs::write(lock, "").expect("lock");
+        }
+        Mirror::open_or_init(&path, "/nonexistent", &GitCredentials::default()).expect("mirror");
+        for lock in &stale {
+            assert!(!lock.exists(), "{} is still there", lock.display());
+        }
+        assert!(path.join("HEAD").exists() && path.join("refs/heads").is_dir());
+    }
 
     #[test]
     fn credentials_become_configuration_and_are_never_shown() {
