@@ -143,7 +143,7 @@ pub fn build(
     let base = if update.snapshot { None } else { base };
     // Pruning runs in the background: it must not take a tree being recycled.
     let _lock = lock_trees(layout)?;
-    clear_leftovers(layout);
+    clear_leftovers(layout, RECYCLING);
     if let Some(b) = base {
         if let Some(recycled) = recycle(layout, b, update, objects, expected, &final_dir)? {
             return Ok(recycled);
@@ -235,14 +235,30 @@ fn stamp(tree: &Path) {
 /// Prefix of a tree being recycled: hidden from pruning and never a link target.
 const RECYCLING: &str = ".recycling-";
 
-/// Removes what a crash during recycling left behind.
-fn clear_leftovers(layout: &Layout) {
+/// Removes the trees a crash left set aside under `prefix` (recycling or pruning).
+fn clear_leftovers(layout: &Layout, prefix: &str) {
     let Ok(entries) = fs::read_dir(&layout.trees) else { return };
     for entry in entries.filter_map(Result::ok) {
-        if entry.file_name().as_bytes().starts_with(RECYCLING.as_bytes()) {
+        if entry.file_name().as_bytes().starts_with(prefix.as_bytes()) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// The service's kept trees other than the current one, oldest built first (by their
+/// root's mtime, set by [`stamp`]), with their commits. Hidden entries (the lock,
+/// trees set aside) are not trees.
+fn kept_trees(layout: &Layout) -> Vec<(PathBuf, String)> {
+    let current = layout.current().and_then(|p| p.canonicalize().ok());
+    let Ok(entries) = fs::read_dir(&layout.trees) else { return Vec::new() };
+    let mut trees: Vec<(std::time::SystemTime, PathBuf, String)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().as_bytes().starts_with(b".") && e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path(), e.file_name().to_str()?.to_owned())))
+        .filter(|(_, p, _)| p.canonicalize().ok() != current)
+        .collect();
+    trees.sort();
+    trees.into_iter().map(|(_, dir, commit)| (dir, commit)).collect()
 }
 
 /// The manifest the update leads to from `base`, from the update alone (modes and
@@ -326,24 +342,13 @@ fn differences<'a>(old: &'a tree_hash::Manifest, new: &'a tree_hash::Manifest) -
 
 /// The oldest kept tree that is neither current, nor `base`, nor the newest of the
 /// others (the one current before: applications may still be reading it), with its
-/// manifest. Trees are ordered by the time they were built (their root's mtime, set
-/// by [`stamp`]).
+/// manifest.
 fn recyclable(layout: &Layout, base: &str) -> Option<(PathBuf, String, Arc<tree_hash::Manifest>)> {
-    let current = layout.current().and_then(|p| p.canonicalize().ok());
     let base_dir = layout.tree_dir(base).canonicalize().ok();
-    let mut trees: Vec<(std::time::SystemTime, PathBuf, String)> = fs::read_dir(&layout.trees)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter(|e| !e.file_name().as_bytes().starts_with(b".") && e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path(), e.file_name().to_str()?.to_owned())))
-        .filter(|(_, p, _)| {
-            let canonical = p.canonicalize().ok();
-            canonical != current && canonical != base_dir
-        })
-        .collect();
-    trees.sort();
+    let mut trees = kept_trees(layout);
+    trees.retain(|(dir, _)| dir.canonicalize().ok() != base_dir);
     trees.pop();
-    trees.into_iter().find_map(|(_, dir, commit)| {
+    trees.into_iter().find_map(|(dir, commit)| {
         let manifest = manifest_at(&layout.manifest(&commit))?;
         Some((dir, commit, manifest))
     })
@@ -620,9 +625,12 @@ const PRUNING: &str = ".pruning-";
 pub fn prune(layout: &Layout) {
     let victims = {
         let Ok(_lock) = lock_trees(layout) else { return };
-        let victims = prune_candidates(layout);
-        victims
+        let trees = kept_trees(layout);
+        let excess = trees.len().saturating_sub(KEEP_PREVIOUS);
+        trees
             .into_iter()
+            .take(excess)
+            .map(|(old, _)| old)
             .filter_map(|old| {
                 let name = old.file_name()?.to_owned();
                 let aside = layout.trees.join(format!("{PRUNING}{}", name.to_string_lossy()));
@@ -638,27 +646,7 @@ pub fn prune(layout: &Layout) {
         }
     }
     // Left by a crash while pruning.
-    if let Ok(entries) = fs::read_dir(&layout.trees) {
-        for entry in entries.filter_map(Result::ok) {
-            if entry.file_name().as_bytes().starts_with(PRUNING.as_bytes()) {
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-}
-
-fn prune_candidates(layout: &Layout) -> Vec<PathBuf> {
-    let current = layout.current().and_then(|p| p.canonicalize().ok());
-    let Ok(entries) = fs::read_dir(&layout.trees) else { return Vec::new() };
-    let mut trees: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .filter_map(Result::ok)
-        .filter(|e| !e.file_name().as_bytes().starts_with(b".") && e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .filter(|(_, p)| p.canonicalize().ok() != current)
-        .collect();
-    trees.sort();
-    let excess = trees.len().saturating_sub(KEEP_PREVIOUS);
-    trees.into_iter().take(excess).map(|(_, old)| old).collect()
+    clear_leftovers(layout, PRUNING);
 }
 
 /// What [`verify`] found for one service.
