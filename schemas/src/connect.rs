@@ -139,20 +139,12 @@ impl NatsAuth {
             })?;
         }
         if let Some(path) = &self.nkey {
-            let seed = read_secret("--nats-nkey", path)?;
-            let seed = seed
-                .lines()
-                .map(str::trim)
-                .find(|l| l.starts_with('S') && !l.is_empty())
-                .ok_or_else(|| AuthError::Invalid {
-                    flag: "--nats-nkey",
-                    path: path.clone(),
-                    problem: "no nkey seed (a line starting with 'S')".into(),
-                })?
-                .to_owned();
-            if let Err(e) = nkeys::KeyPair::from_seed(&seed) {
-                return Err(AuthError::Invalid { flag: "--nats-nkey", path: path.clone(), problem: e.to_string() });
-            }
+            let text = read_secret("--nats-nkey", path)?;
+            let (seed, _) = crate::sign::seed_in(&text).map_err(|problem| AuthError::Invalid {
+                flag: "--nats-nkey",
+                path: path.clone(),
+                problem,
+            })?;
             options = options.nkey(seed);
         }
         if let Some(user) = &self.user {

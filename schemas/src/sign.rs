@@ -62,6 +62,19 @@ pub enum SignatureError {
     Mismatch(String),
 }
 
+/// The nkey seed in a seed file's `text` (its first line starting with `S`: files made
+/// by `nk` or `publisher keygen`, or a `.nk` with comments) and its key pair. The error
+/// says what is wrong, never the seed.
+pub(crate) fn seed_in(text: &str) -> Result<(String, KeyPair), String> {
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with('S'))
+        .ok_or_else(|| "no nkey seed (a line starting with 'S')".to_owned())?;
+    let key = KeyPair::from_seed(seed).map_err(|e| e.to_string())?;
+    Ok((seed.to_owned(), key))
+}
+
 /// Signs messages with one key.
 pub struct Signer {
     key: KeyPair,
@@ -94,17 +107,7 @@ impl Signer {
     pub fn from_file(path: &Path) -> Result<Signer, SignatureError> {
         let fail = |problem: String| SignatureError::Key { path: path.display().to_string(), problem };
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-        let seed = text
-            .lines()
-            .map(str::trim)
-            .find(|l| l.starts_with('S'))
-            .ok_or_else(|| fail("no nkey seed (a line starting with 'S')".into()))?;
-        Signer::from_seed(seed).map_err(|e| fail(e.to_string()))
-    }
-
-    /// A signer from an nkey seed.
-    pub fn from_seed(seed: &str) -> Result<Signer, nkeys::error::Error> {
-        let key = KeyPair::from_seed(seed)?;
+        let (_, key) = seed_in(&text).map_err(fail)?;
         Ok(Signer { public: key.public_key(), key })
     }
 
