@@ -42,21 +42,16 @@ impl Lease {
         ttl: Duration,
         replicas: usize,
     ) -> Result<Lease, BusError> {
-        let store = match js.get_key_value(LEASES_BUCKET).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: LEASES_BUCKET.to_owned(),
-                    description: "confcast: which relay handles each datacenter".to_owned(),
-                    max_age: ttl,
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas.max(1),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| BusError::new("lease bucket", e))?,
+        let config = kv::Config {
+            bucket: LEASES_BUCKET.to_owned(),
+            description: "confcast: which relay handles each datacenter".to_owned(),
+            max_age: ttl,
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
         };
+        let store = crate::publish::key_value(js, "lease bucket", config).await?;
         Ok(Lease { store, key: format!("relay.{}", subject::encode_token(dc)), holder, ttl })
     }
 

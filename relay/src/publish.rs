@@ -132,6 +132,19 @@ pub fn status_stream_config(dc: &str) -> stream::Config {
     }
 }
 
+/// The K/V bucket `config` names, created with `config` if it does not exist (an
+/// existing one is used as it is).
+pub(crate) async fn key_value(
+    js: &jetstream::Context,
+    what: &'static str,
+    config: kv::Config,
+) -> Result<kv::Store, BusError> {
+    match js.get_key_value(&config.bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => js.create_key_value(config).await.map_err(|e| BusError::new(what, e)),
+    }
+}
+
 /// The hosts' exec slots bucket: one key per host running its exec for a change,
 /// forgotten after 5 minutes if the host died holding it.
 pub fn exec_slots_config(dc: &str) -> kv::Config {
@@ -205,25 +218,20 @@ impl Bus {
         };
         // The hosts' exec slots (`subscriber --max-parallel`): hosts may use the bucket
         // but need not be allowed to create it.
-        if js.get_key_value(subject::exec_slots_bucket(dc)).await.is_err() {
-            js.create_key_value(kv::Config { num_replicas: replicas, ..exec_slots_config(dc) })
-                .await
-                .map_err(|e| BusError::new("exec slots bucket", e))?;
-        }
-        let index = match js.get_key_value(subject::INDEX_BUCKET).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: subject::INDEX_BUCKET.to_owned(),
-                    description: "confcast: configurations/<kind>s/<name>/<version> = <branch>/<commit>".to_owned(),
-                    history: 5,
-                    storage: stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| BusError::new("index bucket", e))?,
-        };
+        key_value(&js, "exec slots bucket", kv::Config { num_replicas: replicas, ..exec_slots_config(dc) }).await?;
+        let index = key_value(
+            &js,
+            "index bucket",
+            kv::Config {
+                bucket: subject::INDEX_BUCKET.to_owned(),
+                description: "confcast: configurations/<kind>s/<name>/<version> = <branch>/<commit>".to_owned(),
+                history: 5,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(Bus { js, blobs, index, dc: dc.to_owned(), client, signer: None, updates, state, sequences: Arc::default() })
     }
 
