@@ -507,6 +507,8 @@ pub struct Subscriber {
     pub exec_log: PathBuf,
     /// Run after the logging `--exec` (see [`Subscriber::start_with_exec`]).
     exec_then: Option<String>,
+    /// Extra environment of the process (see [`Subscriber::with_env`]).
+    env: Vec<(String, String)>,
     root: TempDir,
 }
 
@@ -526,7 +528,22 @@ impl Subscriber {
         fs::create_dir_all(root.path().join("state")).expect("state dir");
         let mut args: Vec<String> = vec!["--dc".into(), dc.into()];
         args.extend(selection.iter().map(|s| s.to_string()));
-        Subscriber { child: None, args, nats_url: nats_url.to_owned(), dir, exec_log, exec_then: None, root }
+        Subscriber {
+            child: None,
+            args,
+            nats_url: nats_url.to_owned(),
+            dir,
+            exec_log,
+            exec_then: None,
+            env: Vec::new(),
+            root,
+        }
+    }
+
+    /// Sets an environment variable for the process (from its next start on).
+    pub fn with_env(mut self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Subscriber {
+        self.env.push((name.to_owned(), value.as_ref().to_string_lossy().into_owned()));
+        self
     }
 
     /// The subscriber's `--state-dir` (trees and position).
@@ -558,6 +575,7 @@ impl Subscriber {
             .args(["--dir", "etc", "--state-dir", "state"])
             .args(["--exec", &exec])
             .env("RUST_LOG", "info,confcast_subscriber=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

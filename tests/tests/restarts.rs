@@ -3,58 +3,22 @@
 //! backoff, reported, and never holds later updates back.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use confcast_schemas::{decode, subject, HostStatus, Kind};
-use confcast_tests::{bin, disk_listing, wait_for, Master, NatsServer, Relay};
+use confcast_tests::{disk_listing, wait_for, Master, NatsServer, Relay, Subscriber};
 
-/// A subscriber process with an exec of the test's choosing.
-struct Host {
-    child: Child,
-    root: tempfile::TempDir,
+/// A subscriber of service0 whose `--exec` also runs `exec`, with `extra` flags.
+fn host(nats: &str, id: &str, exec: &str, extra: &[&str]) -> Subscriber {
+    let mut selection = vec!["--service", "service0", "--host-id", id];
+    selection.extend(extra);
+    Subscriber::start_with_exec(nats, "dc1", &selection, exec)
 }
 
-impl Host {
-    fn start(nats: &str, id: &str, exec: &str, extra: &[&str]) -> Host {
-        let root = tempfile::tempdir().expect("tempdir");
-        let log = fs::File::create(root.path().join("subscriber.log")).expect("log");
-        let child = Command::new(bin("subscriber"))
-            .args(["--nats", nats, "--dc", "dc1", "--service", "service0", "--host-id", id])
-            .arg("--dir")
-            .arg(root.path().join("etc"))
-            .args(["--exec", exec])
-            .args(extra)
-            .env("RUST_LOG", "info,confcast_subscriber=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("subscriber runs");
-        Host { child, root }
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.root.path().join("etc/service0")
-    }
-
-    fn at(&self, commit: &str) -> bool {
-        fs::read_link(self.dir()).is_ok_and(|target| target.ends_with(commit))
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.root.path().join("subscriber.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- subscriber log\n{}", self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Whether `host` has `commit` in place.
+fn at(host: &Subscriber, commit: &str) -> bool {
+    fs::read_link(host.service_dir("service0")).is_ok_and(|target| target.ends_with(commit))
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -73,10 +37,10 @@ fn max_parallel_lets_only_n_hosts_run_their_exec_for_a_change_at_once() {
         "echo \"start $(date +%s%N) $CONFCAST_COMMIT\" >> '{0}'; sleep 0.3; echo \"end $(date +%s%N) $CONFCAST_COMMIT\" >> '{0}'",
         log.display()
     );
-    let hosts: Vec<Host> =
-        (0..4).map(|i| Host::start(&nats.url(), &format!("h{i}"), &exec, &["--max-parallel", "1"])).collect();
+    let hosts: Vec<Subscriber> =
+        (0..4).map(|i| host(&nats.url(), &format!("h{i}"), &exec, &["--max-parallel", "1"])).collect();
     wait_for(Duration::from_secs(30), "every host at the first commit", || {
-        hosts.iter().all(|h| h.at(&first)).then_some(())
+        hosts.iter().all(|h| at(h, &first)).then_some(())
     });
     wait_for(Duration::from_secs(30), "four runs for the first commit", || {
         (lines(&log).iter().filter(|l| l.starts_with("end") && l.ends_with(&first)).count() == 4).then_some(())
@@ -104,7 +68,7 @@ fn max_parallel_lets_only_n_hosts_run_their_exec_for_a_change_at_once() {
         }
     }
     for host in &hosts {
-        assert_eq!(disk_listing(&host.dir()), master.listing(&second));
+        assert_eq!(disk_listing(&host.service_dir("service0")), master.listing(&second));
     }
 }
 
@@ -117,7 +81,7 @@ fn a_failing_exec_is_retried_reported_and_never_holds_later_updates_back() {
     let (log, broken) = (shared.path().join("execs.log"), shared.path().join("broken"));
     // Logs each attempt, and fails while `broken` exists.
     let exec = format!("echo \"$CONFCAST_COMMIT\" >> '{}'; test ! -e '{}'", log.display(), broken.display());
-    let host = Host::start(&nats.url(), "h0", &exec, &[]);
+    let host = host(&nats.url(), "h0", &exec, &[]);
     wait_for(Duration::from_secs(30), "the first exec", || lines(&log).contains(&first).then_some(()));
 
     fs::write(&broken, "").expect("break the exec");
@@ -126,7 +90,7 @@ fn a_failing_exec_is_retried_reported_and_never_holds_later_updates_back() {
     wait_for(Duration::from_secs(30), "the exec for the second commit, retried", || {
         (lines(&log).iter().filter(|l| **l == second).count() >= 2).then_some(())
     });
-    assert!(host.at(&second), "the change is in place even though its exec fails");
+    assert!(at(&host, &second), "the change is in place even though its exec fails");
     // The failure is reported on the status stream, with the exit status.
     let status = wait_for(Duration::from_secs(10), "a failed status report", || {
         let status = last_status(&nats.url(), "h0")?;
@@ -137,7 +101,7 @@ fn a_failing_exec_is_retried_reported_and_never_holds_later_updates_back() {
 
     // A later update is applied at once, while the exec still fails.
     let third = svc.write("app.conf", "2\n").commit_push("third").commit;
-    wait_for(Duration::from_secs(10), "the third commit in place", || host.at(&third).then_some(()));
+    wait_for(Duration::from_secs(10), "the third commit in place", || at(&host, &third).then_some(()));
     fs::remove_file(&broken).expect("mend the exec");
     wait_for(Duration::from_secs(30), "the exec for the third commit to succeed", || {
         let status = last_status(&nats.url(), "h0")?;
@@ -147,7 +111,7 @@ fn a_failing_exec_is_retried_reported_and_never_holds_later_updates_back() {
     let runs = lines(&log);
     let after_third = runs.iter().position(|l| *l == third).expect("ran for the third");
     assert!(!runs[after_third..].contains(&second), "ran for a commit no longer in place: {runs:?}");
-    assert_eq!(disk_listing(&host.dir()), master.listing(&third));
+    assert_eq!(disk_listing(&host.service_dir("service0")), master.listing(&third));
 }
 
 /// The latest status report of `host` for service0, from the status stream.
@@ -172,15 +136,9 @@ fn the_subscriber_tells_systemd_it_is_ready_once_its_configuration_is_in_place()
     let socket_path = dir.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
     socket.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    let child = Command::new(bin("subscriber"))
-        .args(["--nats", &nats.url(), "--dc", "dc1", "--service", "service0", "--dir"])
-        .arg(dir.path().join("etc"))
-        .env("NOTIFY_SOCKET", &socket_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("subscriber runs");
-    let host = Host { child, root: tempfile::tempdir().expect("tempdir") };
+    let mut host =
+        Subscriber::prepare(&nats.url(), "dc1", &["--service", "service0"]).with_env("NOTIFY_SOCKET", &socket_path);
+    host.restart();
     // The relay starts later: the subscriber must not be ready before it has the files.
     std::thread::sleep(Duration::from_millis(500));
     let mut buf = [0u8; 512];
@@ -191,7 +149,5 @@ fn the_subscriber_tells_systemd_it_is_ready_once_its_configuration_is_in_place()
     let n = socket.recv(&mut buf).expect("a notification within 60 s");
     let message = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
-    let link = dir.path().join("etc/service0");
-    assert!(std::fs::read_link(&link).is_ok_and(|t| t.ends_with(&first)), "READY=1 came before the files");
-    drop(host);
+    assert!(at(&host, &first), "READY=1 came before the files");
 }
