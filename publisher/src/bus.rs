@@ -79,13 +79,27 @@ pub async fn ensure_commit_stream(js: &jetstream::Context, replicas: usize) -> R
 }
 
 /// Publishes one event and awaits its ack; returns whether JetStream already had it.
-pub async fn publish_event(js: &jetstream::Context, event: &CommitEvent) -> Result<bool, BusError> {
-    let message = PublishMessage::build().payload(encode(event).into()).message_id(event.dedup_id());
-    let ack = js
-        .send_publish(subject::commit_subject(&event.ref_name), message)
-        .await
-        .map_err(|e| BusError::Publish(e.to_string()))?
-        .await
-        .map_err(|e| BusError::Publish(e.to_string()))?;
+/// When nothing stores the commit subjects yet, creates the commit stream with
+/// `replicas` copies and publishes again: the stream is looked up only when it is
+/// missing, not before every push.
+pub async fn publish_event(js: &jetstream::Context, event: &CommitEvent, replicas: usize) -> Result<bool, BusError> {
+    let publish = || async {
+        let message = PublishMessage::build().payload(encode(event).into()).message_id(event.dedup_id());
+        js.send_publish(subject::commit_subject(&event.ref_name), message)
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?
+            .await
+            .map_err(|e| match e.kind() {
+                jetstream::context::PublishErrorKind::StreamNotFound => BusError::Stream(e.to_string()),
+                _ => BusError::Publish(e.to_string()),
+            })
+    };
+    let ack = match publish().await {
+        Err(BusError::Stream(_)) => {
+            ensure_commit_stream(js, replicas).await?;
+            publish().await?
+        }
+        other => other?,
+    };
     Ok(ack.duplicate)
 }

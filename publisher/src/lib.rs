@@ -55,9 +55,8 @@ pub async fn announce(bus: &BusTarget, spool_dir: &Path, events: Vec<CommitEvent
     let attempt = tokio::time::timeout(deadline, async {
         let client = connect(nats_url, &bus.auth, deadline).await?;
         let js = async_nats::jetstream::new(client);
-        ensure_commit_stream(&js, bus.replicas).await?;
         let mut outcome = Outcome::default();
-        let drained = drain(&js, &spool).await.map_err(|e| BusError::Publish(e.to_string()))?;
+        let drained = drain(&js, &spool, bus.replicas).await.map_err(|e| BusError::Publish(e.to_string()))?;
         outcome.published += drained.published;
         outcome.duplicates += drained.duplicates;
         Ok::<_, BusError>((js, outcome))
@@ -73,7 +72,7 @@ pub async fn announce(bus: &BusTarget, spool_dir: &Path, events: Vec<CommitEvent
     // Publish the new events in order; whatever is left when one fails is spooled, so
     // the spool keeps them in order behind nothing that was published after them.
     for (i, event) in events.iter().enumerate() {
-        match tokio::time::timeout(deadline, publish_event(&js, event)).await {
+        match tokio::time::timeout(deadline, publish_event(&js, event, bus.replicas)).await {
             Ok(Ok(duplicate)) => {
                 outcome.published += 1;
                 outcome.duplicates += usize::from(duplicate);
@@ -161,6 +160,9 @@ pub mod config_keys {
     pub const NATS_TLS_KEY: &str = "confcast.natsTlsKey";
     /// Reply inbox prefix of the hooks.
     pub const NATS_INBOX_PREFIX: &str = "confcast.natsInboxPrefix";
+    /// Directory of the hook binaries the repository's hooks link to (written by
+    /// `install-hooks`, so that a later install recognises its own links).
+    pub const HOOKS_DIR: &str = "confcast.hooksDir";
     /// Every key of the hooks' NATS credentials.
     pub const NATS_AUTH: [&str; 9] = [
         NATS_CREDS,

@@ -144,6 +144,11 @@ fn spool_of(repo: &std::path::Path) -> anyhow::Result<Spool> {
     Ok(Spool::new(dir))
 }
 
+/// Copies of the commit stream when it is created (`confcast.replicas`, default 1).
+fn replicas_of(repo: &std::path::Path) -> usize {
+    install::config_value(repo, config_keys::REPLICAS).and_then(|r| r.parse().ok()).unwrap_or(1)
+}
+
 async fn jetstream(
     repo: &std::path::Path,
     url: &str,
@@ -151,8 +156,7 @@ async fn jetstream(
     timeout: Duration,
 ) -> anyhow::Result<async_nats::jetstream::Context> {
     let js = async_nats::jetstream::new(connect(url, auth, timeout).await?);
-    let replicas = install::config_value(repo, config_keys::REPLICAS).and_then(|r| r.parse().ok()).unwrap_or(1);
-    tokio::time::timeout(timeout, ensure_commit_stream(&js, replicas))
+    tokio::time::timeout(timeout, ensure_commit_stream(&js, replicas_of(repo)))
         .await
         .context("creating the commit stream timed out")??;
     Ok(js)
@@ -271,7 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let url = nats_url(&repo, nats);
             let spool = spool_of(&repo)?;
             let js = jetstream(&repo, &url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs)).await?;
-            let drained = drain(&js, &spool).await?;
+            let drained = drain(&js, &spool, replicas_of(&repo)).await?;
             println!(
                 "published {} spooled event(s) ({} already stored), {} left, {} quarantined",
                 drained.published,
@@ -302,7 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let js = jetstream(&repo, &url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs)).await?;
             let mut failed = 0;
             for event in &events {
-                if let Err(e) = publish_event(&js, event).await {
+                if let Err(e) = publish_event(&js, event, replicas_of(&repo)).await {
                     eprintln!("publisher: {}: {e}", event.ref_name);
                     failed += 1;
                 }

@@ -112,7 +112,7 @@ impl Spool {
 
 /// Publishes every spooled event in order, removing each once acknowledged. Stops at
 /// the first failure, leaving it and everything after it in the spool.
-pub async fn drain(js: &jetstream::Context, spool: &Spool) -> Result<Drained, SpoolError> {
+pub async fn drain(js: &jetstream::Context, spool: &Spool, replicas: usize) -> Result<Drained, SpoolError> {
     let mut drained = Drained::default();
     if spool.pending()?.is_empty() {
         return Ok(drained);
@@ -130,7 +130,7 @@ pub async fn drain(js: &jetstream::Context, spool: &Spool) -> Result<Drained, Sp
                 continue;
             }
         };
-        let duplicate = publish_event(js, &event)
+        let duplicate = publish_event(js, &event, replicas)
             .await
             .map_err(|e| SpoolError::Publish { path: path.clone(), reason: e.to_string() })?;
         fs::remove_file(&path).map_err(io(&path))?;

@@ -589,8 +589,11 @@ pub fn switch(layout: &Layout, tree: &Path) -> Result<(), ApplyError> {
     let tmp = parent.join(OsStr::from_bytes(&[b".", &name[..], b".confcast-tmp"].concat()));
     let _ = fs::remove_file(&tmp);
     std::os::unix::fs::symlink(tree, &tmp).map_err(io_at(&tmp))?;
-    fs::rename(&tmp, &layout.link).map_err(io_at(&layout.link))?;
-    sync_dir(parent)
+    // Not flushed here: the tree it points to already is (the link never points at
+    // anything a crash could lose), and the position saved next flushes after it. If a
+    // crash keeps the link but loses that position, the host finds at start that its
+    // link and its position disagree, and bootstraps the service from its snapshot.
+    fs::rename(&tmp, &layout.link).map_err(io_at(&layout.link))
 }
 
 /// Removes `<dir>/<service>` (the service left this host).

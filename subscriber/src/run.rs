@@ -155,6 +155,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         scheduler,
         exec_reports,
         submitted: BTreeSet::new(),
+        unsaved: 0,
+        changed: Vec::new(),
     };
 
     loop {
@@ -260,7 +262,14 @@ struct Host {
     /// Services whose pending exec is with the scheduler (until it succeeds, or the
     /// service changes again).
     submitted: BTreeSet<String>,
+    /// Updates handled from the stream since the position was last saved, and the
+    /// services they changed (see [`Host::persist`]).
+    unsaved: usize,
+    changed: Vec<String>,
 }
+
+/// During a catch-up, the position is saved at least every this many applied updates.
+const SAVE_EVERY: usize = 64;
 
 /// How often services whose update failed are retried.
 const RETRY_FAILED: Duration = Duration::from_secs(2);
@@ -274,8 +283,30 @@ impl Host {
         self.position.services.get(&key(kind, name)).cloned().unwrap_or_default()
     }
 
-    fn save(&self) -> Result<(), SubscriberError> {
-        self.position.save(&self.position_path)?;
+    /// Saves the position, off the runtime's threads (it waits for the disk).
+    async fn save(&self) -> Result<(), SubscriberError> {
+        let (position, path) = (self.position.clone(), self.position_path.clone());
+        tokio::task::spawn_blocking(move || position.save(&path))
+            .await
+            .map_err(|e| SubscriberError::Position(std::io::Error::other(format!("saving panicked: {e}"))))??;
+        Ok(())
+    }
+
+    /// Saves the position after updates applied from the stream, then wakes the local
+    /// API for them. Deferred so that `--exec` is handed to the scheduler before the
+    /// position's two flushes, and so that a burst costs one save rather than one per
+    /// update. A crash before the save loses nothing: the stream replays those updates,
+    /// their trees are rebuilt or found in place, and the processes are told again
+    /// (exec is at least once).
+    async fn persist(&mut self) -> Result<(), SubscriberError> {
+        if self.unsaved == 0 {
+            return Ok(());
+        }
+        self.save().await?;
+        self.unsaved = 0;
+        for k in std::mem::take(&mut self.changed) {
+            self.live.applied(&k);
+        }
         Ok(())
     }
 
@@ -334,7 +365,7 @@ impl Host {
                 }
             }
         }
-        self.save()?;
+        self.save().await?;
         if services.is_empty() && !matches!(self.config.selection, Selection::Host(_)) {
             return Err(SubscriberError::Config("no service selected".into()));
         }
@@ -396,7 +427,10 @@ impl Host {
                 }
             };
             tokio::select! {
-                () = shutdown.cancelled() => return Ok(Followed::Shutdown),
+                () = shutdown.cancelled() => {
+                    self.persist().await?;
+                    return Ok(Followed::Shutdown);
+                }
                 _ = verify_due => {
                     self.check_integrity().await?;
                     self.flush_execs().await?;
@@ -412,6 +446,7 @@ impl Host {
                         let now = self.reader.inventory().await.ok().flatten().and_then(|i| i.hosts.get(id).cloned()).unwrap_or_default();
                         let wanted: BTreeSet<(Kind, String)> = Kind::ALL.iter().flat_map(|k| now.names(*k).iter().map(|n| (*k, n.clone()))).collect();
                         if wanted != self.services {
+                            self.persist().await?;
                             return Ok(Followed::InventoryChanged);
                         }
                     }
@@ -423,6 +458,9 @@ impl Host {
                         self.handle(&message.message, seq).await?;
                         if pending == 0 {
                             self.flush_execs().await?;
+                        }
+                        if pending == 0 || self.unsaved >= SAVE_EVERY {
+                            self.persist().await?;
                         }
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, "update stream error; the consumer recovers by itself"),
@@ -464,7 +502,7 @@ impl Host {
                 }
                 tracing::info!(%kind, %name, "service no longer runs on this host; removed");
                 self.position.services.remove(&k);
-                self.save()?;
+                self.save().await?;
                 self.scheduler.submit(Job {
                     kind,
                     dir: self.config.dir.join(&name),
@@ -596,11 +634,11 @@ impl Host {
                     Outcome::Skipped => state.seq = seq,
                 }
                 self.position.services.insert(key(kind, &name), state);
-                self.save()?;
-                // After the position is saved: the API reads it when woken.
+                // Saved by `persist`, after the exec is submitted; the API is woken then.
+                self.unsaved += 1;
                 if moved {
                     self.submitted.remove(&key(kind, &name));
-                    self.live.applied(&key(kind, &name));
+                    self.changed.push(key(kind, &name));
                 }
             }
             Err(e) => {
@@ -620,14 +658,14 @@ impl Host {
             match self.resync(kind, &name, &state).await {
                 Ok(Outcome::Applied(applied)) => {
                     tracing::info!(%kind, %name, commit = applied.commit.as_deref().unwrap_or(""), "applied on retry");
-                    self.record(kind, &name, applied)?;
+                    self.record(kind, &name, applied).await?;
                 }
                 Ok(Outcome::Removed) => {
                     let entry = self.position.services.entry(key(kind, &name)).or_default();
                     entry.commit = None;
                     entry.tree = None;
                     entry.exec_pending = true;
-                    self.save()?;
+                    self.save().await?;
                 }
                 Ok(Outcome::Skipped) => {}
                 Err(e) => {
@@ -641,10 +679,10 @@ impl Host {
 
     /// Records a state reached outside the update stream (resync, restore) and marks
     /// its exec as due; the stream position is left where it is.
-    fn record(&mut self, kind: Kind, name: &str, applied: Applied) -> Result<(), SubscriberError> {
+    async fn record(&mut self, kind: Kind, name: &str, applied: Applied) -> Result<(), SubscriberError> {
         let seq = self.state(kind, name).seq;
         self.position.services.insert(key(kind, name), applied.into_state(seq));
-        self.save()?;
+        self.save().await?;
         self.submitted.remove(&key(kind, name));
         self.live.applied(&key(kind, name));
         Ok(())
@@ -682,11 +720,12 @@ impl Host {
             return Err(ApplyError::Malformed("the tree this update starts from is not on disk".into()));
         }
         let (layout2, update2) = (layout.clone(), update.clone());
-        let tree =
-            tokio::task::spawn_blocking(move || materialize::build(&layout2, base.as_deref(), &update2, &objects))
-                .await
-                .map_err(|e| ApplyError::Malformed(format!("worker panicked: {e}")))??;
-        materialize::switch(&layout, &tree)?;
+        tokio::task::spawn_blocking(move || {
+            let tree = materialize::build(&layout2, base.as_deref(), &update2, &objects)?;
+            materialize::switch(&layout2, &tree)
+        })
+        .await
+        .map_err(|e| ApplyError::Malformed(format!("worker panicked: {e}")))??;
         // Deleting an old tree costs as much as building one: off the path to `--exec`.
         // It never touches the current tree, which the next update builds from.
         tokio::task::spawn_blocking(move || materialize::prune(&layout));
@@ -730,7 +769,7 @@ impl Host {
             match self.resync(kind, &name, &forced).await {
                 Ok(Outcome::Applied(applied)) => {
                     tracing::info!(%kind, %name, commit = applied.commit.as_deref().unwrap_or(""), "restored");
-                    self.record(kind, &name, applied)?;
+                    self.record(kind, &name, applied).await?;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -784,7 +823,7 @@ impl Host {
                 if state.exec_pending && state.commit == ran.job.commit {
                     state.exec_pending = false;
                     self.submitted.remove(&key(kind, &name));
-                    self.save()?;
+                    self.save().await?;
                 }
             }
         }

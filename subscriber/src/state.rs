@@ -1,7 +1,7 @@
 //! The host's own position: per service, the commit in place and the stream sequence
 //! it was reached at (DESIGN principle 4: no per-host state on the server).
 //!
-//! Written with write-to-temp, fsync, rename after every change, so a crash leaves the
+//! Written with write-to-temp, fsync, rename after changes, so a crash leaves the
 //! previous or the new position, and `exec_pending` records a change whose `--exec`
 //! has not finished yet so a restart runs it.
 
@@ -85,7 +85,11 @@ impl Position {
         serde_json::from_slice(&bytes).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
     }
 
-    /// Durably replaces the position file.
+    /// Replaces the position file atomically: a crash leaves the previous position or
+    /// this one, whole. The new content is flushed before the rename; the rename itself
+    /// reaches the disk with the file system's next commit. A position that a crash
+    /// set back is safe: a link found ahead of it is caught up at start from the
+    /// service's snapshot, and the stream replays from there.
     pub fn save(&self, path: &Path) -> io::Result<()> {
         let dir = path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
         fs::create_dir_all(&dir)?;
@@ -93,8 +97,7 @@ impl Position {
         let mut file = File::create(&tmp)?;
         file.write_all(&serde_json::to_vec_pretty(self).expect("position serializes"))?;
         file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()
+        fs::rename(&tmp, path)
     }
 }
 

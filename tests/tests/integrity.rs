@@ -66,3 +66,36 @@ fn verify_reports_an_altered_tree_of_a_stopped_subscriber() {
     sub.assert_tree(&master, "service0", &commit);
     assert!(sub.verify().0);
 }
+
+#[test]
+fn a_link_ahead_of_its_saved_position_is_caught_up_without_an_alarm() {
+    let nats = NatsServer::start();
+    let (master, _) = Master::with_service0(&nats.url());
+    let svc = master.on("services/service0/master");
+    let first = svc.write("app.conf", "first\n").commit_push("first").commit;
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let mut sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
+    sub.wait_exec("service0", &first);
+    let position = sub.state_dir().join("position.json");
+    let saved = std::fs::read(&position).expect("position");
+    let second = svc.write("app.conf", "second\n").commit_push("second").commit;
+    sub.wait_exec("service0", &second);
+    sub.stop();
+    // As if the host stopped after swapping the link and before its position reached
+    // the disk: the link is at the second commit, the position at the first.
+    std::fs::write(&position, saved).expect("set the position back");
+
+    sub.restart();
+    // It catches up from the snapshot, and its processes are told again (at least once).
+    wait_for(Duration::from_secs(10), "the catch-up at start", || {
+        let told = sub.execs().iter().filter(|l| l.starts_with(&format!("service0 {second} "))).count();
+        (told >= 2).then_some(())
+    });
+    sub.assert_tree(&master, "service0", &second);
+    assert!(!sub.log().contains("integrity check failed"), "no alarm for a stop between swap and save:\n{}", sub.log());
+    // The stream goes on from there.
+    let third = svc.write("app.conf", "third\n").commit_push("third").commit;
+    sub.wait_exec("service0", &third);
+    sub.assert_tree(&master, "service0", &third);
+    assert!(sub.verify().0);
+}
