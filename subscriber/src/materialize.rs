@@ -25,7 +25,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -374,7 +374,13 @@ fn recycle(
     let commit = update.to.as_deref().unwrap_or_default();
     let work = layout.trees.join(format!("{RECYCLING}{commit}"));
     fs::rename(&old_dir, &work).map_err(io_at(&old_dir))?;
-    forget_manifest(&layout.manifest(&old_commit));
+    // The recycled tree's manifest file becomes the new manifest's temporary file, so
+    // no inode is freed and another allocated for it (see `state::put_in_place`).
+    let old_manifest = layout.manifest(&old_commit);
+    MANIFESTS.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| *p != old_manifest);
+    if fs::rename(&old_manifest, layout.manifest(commit).with_extension("tmp")).is_err() {
+        let _ = fs::remove_file(&old_manifest);
+    }
     let result = (|| {
         let base_dir = layout.tree_dir(base);
         let written: HashMap<&[u8], &Entry> = update
@@ -386,7 +392,25 @@ fn recycle(
         // Paths to go (or to be replaced), then paths to come: deletions first, so a
         // file may become a directory and back.
         let (gone, come) = differences(&old, &target);
+        // A file whose content changes is rewritten in its own inode when nothing else
+        // shares that inode (trees share unchanged files by hard link, so only a file
+        // with a single link is this tree's alone): no inode freed and another allocated.
+        let rewritten: BTreeSet<&[u8]> = come
+            .iter()
+            .filter(|path| {
+                let regular = |mode: &str| mode != "120000";
+                old.get(&path[..]).is_some_and(|(mode, _)| regular(mode))
+                    && target.get(&path[..]).is_some_and(|(mode, _)| regular(mode))
+                    && written.get(&path[..]).is_some_and(|e| e.mode.is_some_and(|m| m != FileMode::Symlink))
+                    && fs::symlink_metadata(work.join(OsStr::from_bytes(path)))
+                        .is_ok_and(|meta| meta.file_type().is_file() && meta.nlink() == 1)
+            })
+            .map(|path| &path[..])
+            .collect();
         for path in &gone {
+            if rewritten.contains(&path[..]) {
+                continue;
+            }
             let at = work.join(OsStr::from_bytes(path));
             fs::remove_file(&at).map_err(io_at(&at))?;
         }
@@ -408,6 +432,7 @@ fn recycle(
             let at = work.join(OsStr::from_bytes(path));
             ensure_parent(&at)?;
             match written.get(&path[..]) {
+                Some(entry) if rewritten.contains(&path[..]) => rewrite_entry(entry, &at, objects)?,
                 Some(entry) => write_entry(entry, &at, objects)?,
                 // Unchanged by this update but different in the recycled tree: the
                 // current tree has it as it must be.
@@ -425,8 +450,7 @@ fn recycle(
                 });
             }
         }
-        let root = File::open(&work).map_err(io_at(&work))?;
-        nix::unistd::syncfs(&root).map_err(|e| ApplyError::Io { path: work.clone(), source: e.into() })?;
+        flush(&work)?;
         stamp(&work);
         fs::rename(&work, final_dir).map_err(io_at(final_dir))?;
         store_manifest(&layout.manifest(commit), Arc::new(target));
@@ -503,10 +527,69 @@ fn populate(
     }
     // One flush of the file system makes every file and directory entry durable before
     // the link is swapped; far cheaper than a fsync per file and per directory.
-    let root = File::open(tmp).map_err(io_at(tmp))?;
-    nix::unistd::syncfs(&root).map_err(|e| ApplyError::Io { path: tmp.to_owned(), source: e.into() })?;
-    Ok(())
+    flush(tmp)
 }
+
+/// Flushes the file system holding `dir` (everything written so far is on disk when
+/// this returns) with `syncfs(2)`, shared by every caller in this process: a caller
+/// waits for the next flush to start, and one flush serves all callers waiting for it.
+/// A lone subscriber flushes exactly as before; many subscribers in one process (or
+/// several trees built at once) wait for one flush together instead of queueing one
+/// each on the same disk.
+fn flush(dir: &Path) -> Result<(), ApplyError> {
+    let io = |e: io::Error| ApplyError::Io { path: dir.to_owned(), source: e };
+    let root = File::open(dir).map_err(io)?;
+    let device = root.metadata().map_err(io)?.dev();
+    let group = FLUSHES.lock().unwrap_or_else(|e| e.into_inner()).entry(device).or_default().clone();
+    let mut state = group.state.lock().unwrap_or_else(|e| e.into_inner());
+    // A flush already running may have started before this caller's writes ended:
+    // only one that starts from now on covers them.
+    let ticket = state.started + 1;
+    loop {
+        if state.finished >= ticket {
+            return match &state.failed {
+                Some((flush, message)) if *flush >= ticket => Err(io(io::Error::other(message.clone()))),
+                _ => Ok(()),
+            };
+        }
+        if !state.running {
+            state.running = true;
+            state.started += 1;
+            let flush = state.started;
+            drop(state);
+            let result = nix::unistd::syncfs(&root);
+            state = group.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.running = false;
+            state.finished = flush;
+            if let Err(e) = result {
+                state.failed = Some((flush, format!("syncfs: {e}")));
+            }
+            group.done.notify_all();
+            continue;
+        }
+        state = group.done.wait(state).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// The flushes of one file system (see [`flush`]).
+#[derive(Default)]
+struct Flushes {
+    state: std::sync::Mutex<FlushState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct FlushState {
+    /// Flushes started and finished so far; at most one runs at a time.
+    started: u64,
+    finished: u64,
+    running: bool,
+    /// The last flush that failed, and why.
+    failed: Option<(u64, String)>,
+}
+
+static FLUSHES: std::sync::LazyLock<std::sync::Mutex<HashMap<u64, Arc<Flushes>>>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// Above this many carried-over files, hard links are made by several threads.
 const PARALLEL_LINKS_ABOVE: usize = 20_000;
@@ -537,7 +620,8 @@ fn ensure_parent(target: &Path) -> Result<(), ApplyError> {
     }
 }
 
-fn write_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), ApplyError> {
+/// The content of an added or modified entry, checked against its blob id.
+fn entry_content<'a>(entry: &'a Entry, objects: &'a Objects) -> Result<&'a [u8], ApplyError> {
     let content: &[u8] = match (&entry.content, &entry.object) {
         (Some(inline), _) => inline,
         (None, Some(name)) => {
@@ -555,6 +639,11 @@ fn write_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), Ap
             )));
         }
     }
+    Ok(content)
+}
+
+fn write_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), ApplyError> {
+    let content = entry_content(entry, objects)?;
     match entry.mode.ok_or_else(|| ApplyError::Malformed("added entry without mode".into()))? {
         FileMode::Symlink => {
             path::check_symlink(&entry.path, content)?;
@@ -569,6 +658,17 @@ fn write_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), Ap
             file.set_permissions(fs::Permissions::from_mode(perm)).map_err(io_at(target))?;
         }
     }
+    Ok(())
+}
+
+/// Replaces the content and mode of the regular file `target`, which nothing else links
+/// to, with the entry's (a regular file too).
+fn rewrite_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), ApplyError> {
+    let content = entry_content(entry, objects)?;
+    let perm = if entry.mode == Some(FileMode::Executable) { 0o755 } else { 0o644 };
+    let mut file = OpenOptions::new().write(true).truncate(true).open(target).map_err(io_at(target))?;
+    file.write_all(content).map_err(io_at(target))?;
+    file.set_permissions(fs::Permissions::from_mode(perm)).map_err(io_at(target))?;
     Ok(())
 }
 
@@ -673,4 +773,48 @@ pub fn verify(layout: &Layout, expected: &str) -> Result<Integrity, ApplyError> 
     };
     let found = tree_hash::tree_id(&current).map_err(io_at(&current))?;
     Ok(if found == expected { Integrity::Intact } else { Integrity::Altered { found } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flushes_started(dir: &Path) -> u64 {
+        let device = fs::metadata(dir).expect("dir").dev();
+        let group = FLUSHES.lock().expect("flushes").get(&device).cloned().expect("a flush ran");
+        let started = group.state.lock().expect("state").started;
+        started
+    }
+
+    #[test]
+    fn a_caller_alone_always_gets_a_flush_of_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        flush(dir.path()).expect("flush");
+        let before = flushes_started(dir.path());
+        flush(dir.path()).expect("flush");
+        flush(dir.path()).expect("flush");
+        // Other tests may flush the same file system meanwhile: at least two more.
+        assert!(flushes_started(dir.path()) >= before + 2);
+    }
+
+    #[test]
+    fn callers_at_once_share_flushes_and_all_return() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        flush(dir.path()).expect("flush");
+        let before = flushes_started(dir.path());
+        let callers = 32;
+        let barrier = std::sync::Barrier::new(callers);
+        std::thread::scope(|scope| {
+            for i in 0..callers {
+                let (dir, barrier) = (dir.path(), &barrier);
+                scope.spawn(move || {
+                    fs::write(dir.join(format!("f{i}")), b"x").expect("write");
+                    barrier.wait();
+                    flush(dir).expect("flush");
+                });
+            }
+        });
+        let flushes = flushes_started(dir.path()) - before;
+        assert!((1..=callers as u64).contains(&flushes), "{flushes} flushes for {callers} callers");
+    }
 }

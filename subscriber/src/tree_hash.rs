@@ -186,7 +186,7 @@ pub fn write_manifest(path: &Path, manifest: &Manifest) -> io::Result<()> {
     }
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, out)?;
-    fs::rename(tmp, path)
+    crate::state::put_in_place(&tmp, path)
 }
 
 /// Reads a manifest written by [`write_manifest`]; `None` if absent or damaged.
