@@ -100,7 +100,10 @@ enum Command {
     },
 }
 
-#[tokio::main]
+// One thread for the event loop: a host's agent waits on NATS almost all of the time,
+// and everything that touches the disk runs on the blocking pool. A thread per core
+// would only add memory (a stack and a malloc arena each) on large hosts.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
