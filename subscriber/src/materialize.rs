@@ -249,13 +249,15 @@ fn clear_leftovers(layout: &Layout, prefix: &str) {
 /// root's mtime, set by [`stamp`]), with their commits. Hidden entries (the lock,
 /// trees set aside) are not trees.
 fn kept_trees(layout: &Layout) -> Vec<(PathBuf, String)> {
-    let current = layout.current().and_then(|p| p.canonicalize().ok());
+    // The link points at `<trees>/<commit>`: its name is enough (resolving every path
+    // costs a dozen system calls per tree, on every update).
+    let current = layout.current().and_then(|p| p.file_name().map(OsStr::to_owned));
     let Ok(entries) = fs::read_dir(&layout.trees) else { return Vec::new() };
     let mut trees: Vec<(std::time::SystemTime, PathBuf, String)> = entries
         .filter_map(Result::ok)
         .filter(|e| !e.file_name().as_bytes().starts_with(b".") && e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| Some(e.file_name()) != current)
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path(), e.file_name().to_str()?.to_owned())))
-        .filter(|(_, p, _)| p.canonicalize().ok() != current)
         .collect();
     trees.sort();
     trees.into_iter().map(|(_, dir, commit)| (dir, commit)).collect()
