@@ -163,7 +163,7 @@ pub async fn wait_rollout(settings: &Settings, updates: &[RefUpdate], wait: Dura
         if contexts.is_empty() {
             return Ok(None);
         }
-        Ok::<_, Box<dyn std::error::Error>>(Some(status::watch_in(&contexts, &targets, deadline, |_| {}).await?))
+        Ok::<_, Box<dyn std::error::Error>>(Some(status::watch(&contexts, &targets, deadline, |_| {}).await?))
     })
     .await;
     let rollout = match watched {

@@ -150,13 +150,13 @@ fn replicas_of(repo: &std::path::Path) -> usize {
 }
 
 async fn jetstream(
-    repo: &std::path::Path,
     url: &str,
     auth: &NatsAuth,
     timeout: Duration,
+    replicas: usize,
 ) -> anyhow::Result<async_nats::jetstream::Context> {
     let js = async_nats::jetstream::new(connect(url, auth, timeout).await?);
-    tokio::time::timeout(timeout, ensure_commit_stream(&js, replicas_of(repo)))
+    tokio::time::timeout(timeout, ensure_commit_stream(&js, replicas))
         .await
         .context("creating the commit stream timed out")??;
     Ok(js)
@@ -211,7 +211,7 @@ async fn status(
             })
             .collect();
         let rollout =
-            status::watch_in(&contexts, std::slice::from_ref(&target), deadline, |r| screen.show(r, &label)).await?;
+            status::watch(&contexts, std::slice::from_ref(&target), deadline, |r| screen.show(r, &label)).await?;
         Ok(rollout)
     }
     .await;
@@ -274,8 +274,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drain { repo, nats, timeout_secs, nats_auth } => {
             let url = nats_url(&repo, nats);
             let spool = spool_of(&repo)?;
-            let js = jetstream(&repo, &url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs)).await?;
-            let drained = drain(&js, &spool, replicas_of(&repo)).await?;
+            let replicas = replicas_of(&repo);
+            let js = jetstream(&url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs), replicas).await?;
+            let drained = drain(&js, &spool, replicas).await?;
             println!(
                 "published {} spooled event(s) ({} already stored), {} left, {} quarantined",
                 drained.published,
@@ -303,10 +304,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backfill { repo, nats, timeout_secs, nats_auth } => {
             let url = nats_url(&repo, nats);
             let events = backfill::current_refs(&repo)?;
-            let js = jetstream(&repo, &url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs)).await?;
+            let replicas = replicas_of(&repo);
+            let js = jetstream(&url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs), replicas).await?;
             let mut failed = 0;
             for event in &events {
-                if let Err(e) = publish_event(&js, event, replicas_of(&repo)).await {
+                if let Err(e) = publish_event(&js, event, replicas).await {
                     eprintln!("publisher: {}: {e}", event.ref_name);
                     failed += 1;
                 }

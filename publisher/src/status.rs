@@ -486,22 +486,11 @@ async fn open_feed(
 /// Follows the rollout of `targets` in `dcs` live: calls `on_change` with every new
 /// state, once each datacenter's heads and reports have been read, and returns when it
 /// is complete, when nothing is affected and cannot become so (a ref target no relay
-/// follows), or at `deadline` with the last state.
+/// follows), or at `deadline` with the last state. Each datacenter's streams are read
+/// through the JetStream context given with it: the same one for every datacenter on
+/// one NATS, or `jetstream::with_domain(client, dc)` from the master's NATS in the
+/// leaf-node topology.
 pub async fn watch(
-    js: &jetstream::Context,
-    dcs: &[String],
-    targets: &[Target],
-    deadline: tokio::time::Instant,
-    on_change: impl FnMut(&Rollout),
-) -> Result<Rollout, StatusError> {
-    let contexts: Vec<(String, jetstream::Context)> = dcs.iter().map(|dc| (dc.clone(), js.clone())).collect();
-    watch_in(&contexts, targets, deadline, on_change).await
-}
-
-/// [`watch`] with each datacenter's streams read through a JetStream context of its
-/// own: in the leaf-node topology, `jetstream::with_domain(client, dc)` from the
-/// master's NATS reaches each datacenter's domain.
-pub async fn watch_in(
     dcs: &[(String, jetstream::Context)],
     targets: &[Target],
     deadline: tokio::time::Instant,

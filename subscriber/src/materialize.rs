@@ -223,8 +223,13 @@ fn remember(path: &Path, manifest: Arc<tree_hash::Manifest>) {
 
 /// Removes a manifest from disk and memory.
 fn forget_manifest(path: &Path) {
-    MANIFESTS.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| p != path);
+    uncache_manifest(path);
     let _ = fs::remove_file(path);
+}
+
+/// Drops a manifest from memory only.
+fn uncache_manifest(path: &Path) {
+    MANIFESTS.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| p != path);
 }
 
 /// Marks a tree as built now: trees are pruned and recycled oldest first.
@@ -346,9 +351,8 @@ fn differences<'a>(old: &'a tree_hash::Manifest, new: &'a tree_hash::Manifest) -
 /// others (the one current before: applications may still be reading it), with its
 /// manifest.
 fn recyclable(layout: &Layout, base: &str) -> Option<(PathBuf, String, Arc<tree_hash::Manifest>)> {
-    let base_dir = layout.tree_dir(base).canonicalize().ok();
     let mut trees = kept_trees(layout);
-    trees.retain(|(dir, _)| dir.canonicalize().ok() != base_dir);
+    trees.retain(|(_, commit)| commit != base);
     trees.pop();
     trees.into_iter().find_map(|(dir, commit)| {
         let manifest = manifest_at(&layout.manifest(&commit))?;
@@ -379,7 +383,7 @@ fn recycle(
     // The recycled tree's manifest file becomes the new manifest's temporary file, so
     // no inode is freed and another allocated for it (see `state::put_in_place`).
     let old_manifest = layout.manifest(&old_commit);
-    MANIFESTS.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| *p != old_manifest);
+    uncache_manifest(&old_manifest);
     if fs::rename(&old_manifest, layout.manifest(commit).with_extension("tmp")).is_err() {
         let _ = fs::remove_file(&old_manifest);
     }
@@ -403,7 +407,7 @@ fn recycle(
                 let regular = |mode: &str| mode != "120000";
                 old.get(&path[..]).is_some_and(|(mode, _)| regular(mode))
                     && target.get(&path[..]).is_some_and(|(mode, _)| regular(mode))
-                    && written.get(&path[..]).is_some_and(|e| e.mode.is_some_and(|m| m != FileMode::Symlink))
+                    && written.contains_key(&path[..])
                     && fs::symlink_metadata(work.join(OsStr::from_bytes(path)))
                         .is_ok_and(|meta| meta.file_type().is_file() && meta.nlink() == 1)
             })

@@ -294,7 +294,7 @@ impl Host {
 
     /// Saves the position after updates applied from the stream, then wakes the local
     /// API for them. Deferred so that `--exec` is handed to the scheduler before the
-    /// position's two flushes, and so that a burst costs one save rather than one per
+    /// position's flush, and so that a burst costs one save rather than one per
     /// update. A crash before the save loses nothing: the stream replays those updates,
     /// their trees are rebuilt or found in place, and the processes are told again
     /// (exec is at least once).

@@ -1,8 +1,8 @@
 //! The host's own position: per service, the commit in place and the stream sequence
 //! it was reached at (DESIGN principle 4: no per-host state on the server).
 //!
-//! Written with write-to-temp, fsync, rename after changes, so a crash leaves the
-//! previous or the new position, and `exec_pending` records a change whose `--exec`
+//! Written to a temporary file, flushed and put in place atomically after changes
+//! (see [`Position::save`]), so a crash leaves the previous or the new position, and `exec_pending` records a change whose `--exec`
 //! has not finished yet so a restart runs it.
 
 use std::collections::BTreeMap;

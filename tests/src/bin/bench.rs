@@ -665,9 +665,13 @@ fn burst(hosts: usize, services: usize, t: &mut Table) {
         }
         want.iter().all(|(s, c)| last.get(s.as_str()) == Some(&c.as_str()))
     };
-    let initial: BTreeMap<String, String> = (0..services)
-        .map(|s| (format!("s{s}"), git(&master.work, &["rev-parse", &format!("services/s{s}/master")])))
-        .collect();
+    // Every service's commit as the master's work tree has it now.
+    let heads = || -> BTreeMap<String, String> {
+        (0..services)
+            .map(|s| (format!("s{s}"), git(&master.work, &["rev-parse", &format!("services/s{s}/master")])))
+            .collect()
+    };
+    let initial = heads();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !subs.iter().all(|s| current(s, &initial)) {
         assert!(Instant::now() < deadline, "bootstrap of the burst scenario");
@@ -681,9 +685,7 @@ fn burst(hosts: usize, services: usize, t: &mut Table) {
         for s in 0..services {
             master.on(&format!("services/s{s}/master")).write("app.conf", format!("burst {round}\n")).commit("burst");
         }
-        let want: BTreeMap<String, String> = (0..services)
-            .map(|s| (format!("s{s}"), git(&master.work, &["rev-parse", &format!("services/s{s}/master")])))
-            .collect();
+        let want = heads();
         let started = Instant::now();
         assert!(master.push_refspecs(&all).ok);
         let pushed = started.elapsed();
