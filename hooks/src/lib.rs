@@ -4,7 +4,10 @@
 //! Both hooks get `<old> <new> <ref>` lines on stdin. `post-receive` turns each into a
 //! `CommitEvent` (with the paths it changed) and hands them to
 //! `confcast_publisher::announce`; `pre-receive` refuses a push whose control documents
-//! do not parse, before any ref moves.
+//! do not parse, or whose configuration trees could never be delivered (see
+//! [`containment`]), before any ref moves.
+
+pub mod containment;
 
 use std::time::Duration;
 
@@ -12,6 +15,7 @@ use confcast_publisher::{config_keys, default_repo_name, default_spool_dir, DEFA
 use confcast_schemas::{
     document::{CONFIGURATION_FILE, DATACENTER_FILE},
     message::now_ms,
+    path::PathError,
     CommitEvent, DatacenterConfiguration, DatacenterDoc, DocumentError, WIRE_VERSION,
 };
 use git2::{Oid, Repository};
@@ -268,6 +272,25 @@ pub enum Rejection {
         /// What is wrong, naming file and field.
         error: DocumentError,
     },
+    /// An entry of a pushed configuration tree has a name no directory can hold.
+    #[error("{ref_name}: tree entry {path:?} is refused: {error}")]
+    Name {
+        /// The ref.
+        ref_name: String,
+        /// The entry's path in the tree.
+        path: String,
+        /// What is wrong with its name.
+        error: Box<PathError>,
+    },
+    /// The symbolic links of a pushed configuration tree, followed through one another,
+    /// leave the tree, loop, or have a target no file system can hold.
+    #[error("{ref_name}: {error}")]
+    Link {
+        /// The ref.
+        ref_name: String,
+        /// Which link, its target, and where it leads.
+        error: Box<PathError>,
+    },
     /// The pushed object cannot be read.
     #[error("{ref_name}: cannot read pushed object: {error}")]
     Git {
@@ -291,8 +314,15 @@ pub fn control_file(ref_name: &str) -> Option<&'static str> {
     }
 }
 
-/// Validates the control document of one ref update (deletions always pass).
+/// Validates one ref update: its control document, or its configuration tree
+/// (deletions always pass).
 pub fn validate(repo: &Repository, update: &RefUpdate) -> Result<(), Rejection> {
+    validate_document(repo, update)?;
+    containment::check(repo, update)
+}
+
+/// Validates the control document of one ref update, if its ref holds one.
+fn validate_document(repo: &Repository, update: &RefUpdate) -> Result<(), Rejection> {
     let (Some(file), Some(new)) = (control_file(&update.ref_name), update.new) else {
         return Ok(());
     };

@@ -887,15 +887,19 @@ fn prepare(
     let bad = |e: path::PathError| {
         Prepare::BadTree(format!("{kind} {name:?} at {} ({}): {e}; not published", target.commit, target.ref_name))
     };
+    // Containment is a property of the whole tree (a link can leave through another
+    // one), so every link is gathered first and judged once; files need only their path.
     let mut contents: BTreeMap<[u8; 20], Vec<u8>> = BTreeMap::new();
+    let mut links = path::Links::new();
     for (p, item) in &new {
         path::check_relative(p).map_err(bad)?;
         if item.mode == FileMode::Symlink {
             let link = mirror.blob(&item.blob)?;
-            path::check_symlink(p, &link).map_err(bad)?;
+            links.insert(p.clone(), link.clone());
             contents.insert(item.blob, link);
         }
     }
+    links.check().map_err(bad)?;
     // Diff against what was last published, if the mirror still has it; otherwise
     // (a new service, or a mirror rebuilt from scratch) the update is a full tree.
     let base = match head.and_then(|h| h.commit.clone()) {

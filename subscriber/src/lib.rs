@@ -6,11 +6,13 @@
 //! ([`state`]), tells the host's processes ([`exec`], when: [`schedule`]) and serves what it applied as JSON
 //! on localhost ([`serve`]). Applications watch their configuration with [`client`].
 
+pub mod beneath;
 pub mod bus;
 pub mod client;
 pub mod exec;
 pub mod live;
 pub mod materialize;
+pub mod perms;
 pub mod run;
 pub mod schedule;
 pub mod serve;

@@ -62,6 +62,18 @@ struct Cli {
     /// /v1/services/<name>/files/<path>.
     #[arg(long, env = "CONFCAST_LISTEN")]
     listen: Option<confcast_subscriber::serve::Listen>,
+    /// Allow `--listen` on a TCP address other hosts can reach (the API has no
+    /// authentication and serves every file, secrets included).
+    #[arg(long, env = "CONFCAST_LISTEN_REMOTE")]
+    listen_remote: bool,
+    /// Mode of the `--listen` unix socket, in octal (e.g. 0660); default: the umask's.
+    #[arg(long, env = "CONFCAST_LISTEN_MODE", value_name = "MODE")]
+    listen_mode: Option<String>,
+    /// Group of the `--listen` unix socket (name or id).
+    #[arg(long, env = "CONFCAST_LISTEN_GROUP", value_name = "GROUP")]
+    listen_group: Option<String>,
+    #[command(flatten)]
+    perms: PermsArgs,
     /// Re-hash the applied trees this often, in seconds, and restore any that was
     /// altered on the host (0: only at start).
     #[arg(long, env = "CONFCAST_VERIFY_INTERVAL_SECS", default_value_t = 300)]
@@ -86,6 +98,34 @@ struct Cli {
     nats_auth: confcast_schemas::connect::NatsAuth,
 }
 
+/// Owner, group and modes of the applied files.
+#[derive(Debug, Clone, clap::Args)]
+struct PermsArgs {
+    /// Owner (name or uid) of every applied file and directory; `SERVICE=USER` for one
+    /// service (repeatable; the variable takes a comma-separated list).
+    #[arg(long, env = "CONFCAST_OWNER", value_delimiter = ',', value_name = "[SERVICE=]USER")]
+    owner: Vec<String>,
+    /// Group (name or gid) of every applied file and directory; `SERVICE=GROUP` for one
+    /// service (repeatable).
+    #[arg(long, env = "CONFCAST_GROUP", value_delimiter = ',', value_name = "[SERVICE=]GROUP")]
+    group: Vec<String>,
+    /// Mode of applied files, in octal, without execute bits (e.g. 0640; files git marks
+    /// executable get x where this has r: 0750); `SERVICE=MODE` for one service. Default:
+    /// 0644 and 0755, as git.
+    #[arg(long, env = "CONFCAST_FILE_MODE", value_delimiter = ',', value_name = "[SERVICE=]MODE")]
+    file_mode: Vec<String>,
+    /// Mode of applied directories, in octal (e.g. 0750); `SERVICE=MODE` for one
+    /// service. Default: the umask's.
+    #[arg(long, env = "CONFCAST_DIR_MODE", value_delimiter = ',', value_name = "[SERVICE=]MODE")]
+    dir_mode: Vec<String>,
+}
+
+impl PermsArgs {
+    fn parse(&self) -> Result<confcast_subscriber::perms::PermsConfig, String> {
+        confcast_subscriber::perms::PermsConfig::parse(&self.owner, &self.group, &self.file_mode, &self.dir_mode)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Check that every applied tree on this host is exactly what was applied; exits 1
@@ -97,6 +137,8 @@ enum Command {
         /// The subscriber's `--state-dir` (default: `<dir>/.confcast`).
         #[arg(long, env = "CONFCAST_STATE_DIR")]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        perms: PermsArgs,
     },
 }
 
@@ -114,9 +156,16 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    if let Some(Command::Verify { dir, state_dir }) = &cli.command {
+    if let Some(Command::Verify { dir, state_dir, perms }) = &cli.command {
         let state_dir = state_dir.clone().unwrap_or_else(|| dir.join(".confcast"));
-        return match confcast_subscriber::verify(dir, &state_dir) {
+        let perms = match perms.parse() {
+            Ok(perms) => perms,
+            Err(e) => {
+                eprintln!("subscriber verify: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        return match confcast_subscriber::verify(dir, &state_dir, &perms) {
             Ok((lines, intact)) => {
                 for line in lines {
                     println!("{line}");
@@ -153,6 +202,36 @@ async fn main() -> ExitCode {
                 .collect(),
         ),
     };
+    let perms = match cli.perms.parse() {
+        Ok(perms) => perms,
+        Err(e) => {
+            eprintln!("subscriber: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listen_options = confcast_subscriber::serve::ListenOptions {
+        remote: cli.listen_remote,
+        socket_mode: match cli.listen_mode.as_deref().map(confcast_subscriber::perms::parse_mode).transpose() {
+            Ok(mode) => mode,
+            Err(e) => {
+                eprintln!("subscriber: --listen-mode: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        socket_group: match cli.listen_group.as_deref().map(confcast_subscriber::perms::parse_group).transpose() {
+            Ok(group) => group,
+            Err(e) => {
+                eprintln!("subscriber: --listen-group: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if let Some(listen) = &cli.listen {
+        if let Err(e) = listen.check(cli.listen_remote) {
+            eprintln!("subscriber: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let host_id = cli
         .host_id
         .or(cli.host.clone())
@@ -177,6 +256,8 @@ async fn main() -> ExitCode {
         state_dir: cli.state_dir.unwrap_or_else(|| dir.join(".confcast")),
         dir,
         listen: cli.listen,
+        listen_options,
+        perms,
         verify_interval: (cli.verify_interval_secs > 0).then(|| Duration::from_secs(cli.verify_interval_secs)),
         notify: Notify {
             exec: cli.exec,

@@ -19,18 +19,31 @@
 //! * **a hard-link farm**: a fresh directory where every file the update does not touch
 //!   is hard-linked from the current tree — one `link(2)` per file. Used for the first
 //!   updates of a service and whenever no tree can be recycled.
+//!
+//! Every entry is created, rewritten and removed relative to a handle on the directory
+//! that holds it, reached from the tree's root without passing through any link
+//! ([`crate::beneath::Dirs`]): a link a previous or recycled tree left where the new
+//! tree has a directory fails the build, it is never followed. Before a tree is
+//! switched to, its links, taken together, must stay inside it
+//! (`confcast_schemas::path::Links`): the host does not trust the relay's check.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use confcast_schemas::{path, ChangeKind, Entry, FileMode, ServiceUpdate};
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
 
+use crate::beneath::Dirs;
+use crate::perms::Perms;
 use crate::tree_hash;
 
 /// How many trees per service are kept besides the current one, for rollback.
@@ -39,8 +52,9 @@ pub const KEEP_PREVIOUS: usize = 3;
 /// Why an update could not be applied. The current tree is untouched in every case.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// The update names a path or link that would leave the service directory.
-    #[error("refused {0}")]
+    /// The update names a path, or the tree holds a link, that would leave the
+    /// service directory.
+    #[error("refused: {0}")]
     UnsafePath(#[from] path::PathError),
     /// The update is inconsistent (missing content, rename of an unknown file).
     #[error("malformed update: {0}")]
@@ -70,6 +84,16 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ApplyError + '_ {
     move |source| ApplyError::Io { path: path.to_owned(), source }
 }
 
+/// [`io_at`] for an entry of a tree, named by its path in the tree.
+fn io_in<'a>(tree: &'a Path, rel: &'a [u8]) -> impl FnOnce(io::Error) -> ApplyError + 'a {
+    move |source| ApplyError::Io { path: tree.join(OsStr::from_bytes(rel)), source }
+}
+
+/// [`io_in`] for an error of a system call.
+fn errno_in<'a>(tree: &'a Path, rel: &'a [u8]) -> impl FnOnce(nix::errno::Errno) -> ApplyError + 'a {
+    move |errno| io_in(tree, rel)(errno.into())
+}
+
 /// Where one service's trees live and where it is exposed.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -77,6 +101,8 @@ pub struct Layout {
     pub trees: PathBuf,
     /// `<dir>/<service>`: the symlink applications read through.
     pub link: PathBuf,
+    /// Owner, group and modes of the service's files and directories.
+    pub perms: Perms,
 }
 
 impl Layout {
@@ -86,7 +112,13 @@ impl Layout {
         Layout {
             trees: state_dir.join("trees").join(format!("{kind}-{}", confcast_schemas::subject::encode_token(name))),
             link: dir.join(name),
+            perms: Perms::default(),
         }
+    }
+
+    /// The same layout, its files given `perms`.
+    pub fn with_perms(self, perms: Perms) -> Layout {
+        Layout { perms, ..self }
     }
 
     /// The directory of the tree of `commit`.
@@ -135,6 +167,7 @@ pub fn build(
     if final_dir.is_dir() {
         let manifest = tree_hash::scan(&final_dir).map_err(io_at(&final_dir))?;
         if tree_hash::tree_id_of(&manifest) == expected {
+            contained(&final_dir, &manifest)?;
             store_manifest(&layout.manifest(commit), Arc::new(manifest));
             return Ok(final_dir);
         }
@@ -161,13 +194,14 @@ pub fn build(
     let dir = &final_dir;
     fs::create_dir(dir).map_err(io_at(dir))?;
     let result = (|| {
+        set_root_perms(dir, &layout.perms)?;
         let manifest = match (base, &base_manifest) {
             (Some(b), Some(m)) => {
-                populate(dir, Some((&layout.tree_dir(b), m)), update, objects)?;
+                populate(dir, Some((&layout.tree_dir(b), m)), update, objects, &layout.perms)?;
                 derive(m, update, dir)?
             }
             _ => {
-                populate(dir, None, update, objects)?;
+                populate(dir, None, update, objects, &layout.perms)?;
                 tree_hash::scan(dir).map_err(io_at(dir))?
             }
         };
@@ -175,6 +209,7 @@ pub fn build(
         if built != expected {
             return Err(ApplyError::Verify { expected: expected.to_owned(), built });
         }
+        contained(dir, &manifest)?;
         store_manifest(&layout.manifest(commit), Arc::new(manifest));
         stamp(dir);
         Ok(())
@@ -183,6 +218,38 @@ pub fn build(
         let _ = fs::remove_dir_all(dir);
     }
     result.map(|()| final_dir)
+}
+
+/// Refuses a tree whose links, followed through one another as the kernel would, lead
+/// outside it. Only the links are read (the manifest says which entries they are).
+fn contained(dir: &Path, manifest: &tree_hash::Manifest) -> Result<(), ApplyError> {
+    let mut links = path::Links::new();
+    let mut dirs: Option<Dirs> = None;
+    for (rel, (mode, _)) in manifest {
+        if *mode != "120000" {
+            continue;
+        }
+        let dirs = match &mut dirs {
+            Some(dirs) => dirs,
+            None => dirs.insert(Dirs::open(dir, None).map_err(io_at(dir))?),
+        };
+        let (parent, name) = dirs.parent(rel).map_err(io_in(dir, rel))?;
+        let target = nix::fcntl::readlinkat(parent, name).map_err(errno_in(dir, rel))?;
+        links.insert(rel.clone(), target.as_bytes());
+    }
+    Ok(links.check()?)
+}
+
+/// Gives the root of a new tree the directories' owner and mode.
+fn set_root_perms(dir: &Path, perms: &Perms) -> Result<(), ApplyError> {
+    if perms.chown() {
+        std::os::unix::fs::chown(dir, perms.owner.map(|u| u.as_raw()), perms.group.map(|g| g.as_raw()))
+            .map_err(io_at(dir))?;
+    }
+    if let Some(mode) = perms.dir_mode {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_at(dir))?;
+    }
+    Ok(())
 }
 
 /// The manifests of the last trees built or read, kept in memory: reading a large
@@ -398,57 +465,70 @@ fn recycle(
         // Paths to go (or to be replaced), then paths to come: deletions first, so a
         // file may become a directory and back.
         let (gone, come) = differences(&old, &target);
+        let mut removing = Dirs::open(&work, None).map_err(io_at(&work))?;
         // A file whose content changes is rewritten in its own inode when nothing else
         // shares that inode (trees share unchanged files by hard link, so only a file
         // with a single link is this tree's alone): no inode freed and another allocated.
-        let rewritten: BTreeSet<&[u8]> = come
-            .iter()
-            .filter(|path| {
-                let regular = |mode: &str| mode != "120000";
-                old.get(&path[..]).is_some_and(|(mode, _)| regular(mode))
-                    && target.get(&path[..]).is_some_and(|(mode, _)| regular(mode))
-                    && written.contains_key(&path[..])
-                    && fs::symlink_metadata(work.join(OsStr::from_bytes(path)))
-                        .is_ok_and(|meta| meta.file_type().is_file() && meta.nlink() == 1)
-            })
-            .map(|path| &path[..])
-            .collect();
+        let mut rewritten: BTreeSet<&[u8]> = BTreeSet::new();
+        for path in &come {
+            let regular = |mode: &str| mode != "120000";
+            if old.get(&path[..]).is_some_and(|(mode, _)| regular(mode))
+                && target.get(&path[..]).is_some_and(|(mode, _)| regular(mode))
+                && written.contains_key(&path[..])
+            {
+                let Ok((parent, name)) = removing.parent(path) else { continue };
+                let alone = nix::sys::stat::fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG && st.st_nlink == 1);
+                if alone {
+                    rewritten.insert(&path[..]);
+                }
+            }
+        }
         for path in &gone {
             if rewritten.contains(&path[..]) {
                 continue;
             }
-            let at = work.join(OsStr::from_bytes(path));
-            fs::remove_file(&at).map_err(io_at(&at))?;
+            let (parent, name) = removing.parent(path).map_err(io_in(&work, path))?;
+            nix::unistd::unlinkat(parent, name, UnlinkatFlags::NoRemoveDir).map_err(errno_in(&work, path))?;
         }
         // Directories left empty go too (git trees hold none), deepest first.
-        let mut emptied: Vec<PathBuf> = gone
+        let mut emptied: Vec<&[u8]> = gone
             .iter()
-            .flat_map(|p| {
-                Path::new(OsStr::from_bytes(p)).ancestors().skip(1).map(Path::to_path_buf).collect::<Vec<_>>()
-            })
-            .filter(|p| !p.as_os_str().is_empty())
+            .flat_map(|p| p.iter().enumerate().filter(|(_, &b)| b == b'/').map(move |(i, _)| &p[..i]))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        emptied.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        emptied.sort_by_key(|p| std::cmp::Reverse(p.iter().filter(|&&b| b == b'/').count()));
         for dir in emptied {
-            let _ = fs::remove_dir(work.join(dir));
+            if let Ok((parent, name)) = removing.parent(dir) {
+                let _ = nix::unistd::unlinkat(parent, name, UnlinkatFlags::RemoveDir);
+            }
         }
+        drop(removing);
+        let mut writing = Dirs::open(&work, Some(layout.perms.dirs())).map_err(io_at(&work))?;
+        let mut carried: Option<Dirs> = None;
         for path in &come {
+            let (parent, name) = writing.parent(path).map_err(io_in(&work, path))?;
             let at = work.join(OsStr::from_bytes(path));
-            ensure_parent(&at)?;
             match written.get(&path[..]) {
-                Some(entry) if rewritten.contains(&path[..]) => rewrite_entry(entry, &at, objects)?,
-                Some(entry) => write_entry(entry, &at, objects)?,
+                Some(entry) if rewritten.contains(&path[..]) => {
+                    rewrite_entry(entry, parent, name, &at, objects, &layout.perms)?
+                }
+                Some(entry) => write_entry(entry, parent, name, &at, objects, &layout.perms)?,
                 // Unchanged by this update but different in the recycled tree: the
                 // current tree has it as it must be.
                 None => {
-                    let source = base_dir.join(OsStr::from_bytes(path));
-                    fs::hard_link(&source, &at).map_err(io_at(&source))?;
+                    let source = match &mut carried {
+                        Some(dirs) => dirs,
+                        None => carried.insert(Dirs::open(&base_dir, None).map_err(io_at(&base_dir))?),
+                    };
+                    let (from, from_name) = source.parent(path).map_err(io_in(&base_dir, path))?;
+                    nix::unistd::linkat(from, from_name, parent, name, AtFlags::empty())
+                        .map_err(errno_in(&base_dir, path))?;
                 }
             }
             // What is on disk now must be what the manifest says.
-            let found = tree_hash::entry_id(&at).map_err(io_at(&at))?;
+            let found = tree_hash::entry_id_at(parent, name, &at).map_err(io_at(&at))?;
             if Some(&found) != target.get(&path[..]) {
                 return Err(ApplyError::Verify {
                     expected: expected.to_owned(),
@@ -456,6 +536,7 @@ fn recycle(
                 });
             }
         }
+        contained(&work, &target)?;
         flush(&work)?;
         stamp(&work);
         fs::rename(&work, final_dir).map_err(io_at(final_dir))?;
@@ -477,9 +558,12 @@ fn recycle(
 /// The manifest of `base` with the update's changes, the written entries hashed from
 /// what is on disk now.
 fn derive(base: &tree_hash::Manifest, update: &ServiceUpdate, tmp: &Path) -> Result<tree_hash::Manifest, ApplyError> {
+    let dirs = std::cell::RefCell::new(Dirs::open(tmp, None).map_err(io_at(tmp))?);
     with_entries(base, update, |entry| {
-        let target = tmp.join(OsStr::from_bytes(&entry.path));
-        tree_hash::entry_id(&target).map_err(io_at(&target))
+        let mut dirs = dirs.borrow_mut();
+        let (parent, name) = dirs.parent(&entry.path).map_err(io_in(tmp, &entry.path))?;
+        let shown = tmp.join(OsStr::from_bytes(&entry.path));
+        tree_hash::entry_id_at(parent, name, &shown).map_err(io_at(&shown))
     })
 }
 
@@ -488,6 +572,7 @@ fn populate(
     base: Option<(&Path, &tree_hash::Manifest)>,
     update: &ServiceUpdate,
     objects: &Objects,
+    perms: &Perms,
 ) -> Result<(), ApplyError> {
     if let Some((base_dir, manifest)) = base {
         // Everything the update does not touch is carried over by hard link: exactly
@@ -507,27 +592,34 @@ fn populate(
         let chunk = carried.len().div_ceil(workers).max(1);
         std::thread::scope(|scope| {
             let handles: Vec<_> =
-                carried.chunks(chunk).map(|part| scope.spawn(move || link_all(base_dir, tmp, part))).collect();
+                carried.chunks(chunk).map(|part| scope.spawn(move || link_all(base_dir, tmp, part, perms))).collect();
             handles.into_iter().try_for_each(|h| {
                 h.join().unwrap_or_else(|_| Err(ApplyError::Malformed("link worker panicked".into())))
             })
         })?;
     }
+    let mut dirs = Dirs::open(tmp, Some(perms.dirs())).map_err(io_at(tmp))?;
+    let mut sources = match base {
+        Some((base_dir, _)) => Some((base_dir, Dirs::open(base_dir, None).map_err(io_at(base_dir))?)),
+        None => None,
+    };
     for entry in &update.entries {
         let target = tmp.join(OsStr::from_bytes(&entry.path));
         match entry.change {
             ChangeKind::Delete => {}
             ChangeKind::Rename => {
-                let (base_dir, _) = base.ok_or_else(|| ApplyError::Malformed("rename without a base tree".into()))?;
+                let (base_dir, sources) =
+                    sources.as_mut().ok_or_else(|| ApplyError::Malformed("rename without a base tree".into()))?;
                 let from =
                     entry.from_path.as_ref().ok_or_else(|| ApplyError::Malformed("rename without from_path".into()))?;
-                let source = base_dir.join(OsStr::from_bytes(from));
-                ensure_parent(&target)?;
-                fs::hard_link(&source, &target).map_err(io_at(&source))?;
+                let (from_dir, from_name) = sources.parent(from).map_err(io_in(base_dir, from))?;
+                let (parent, name) = dirs.parent(&entry.path).map_err(io_at(&target))?;
+                nix::unistd::linkat(from_dir, from_name, parent, name, AtFlags::empty())
+                    .map_err(errno_in(base_dir, from))?;
             }
             ChangeKind::Add | ChangeKind::Modify => {
-                ensure_parent(&target)?;
-                write_entry(entry, &target, objects)?;
+                let (parent, name) = dirs.parent(&entry.path).map_err(io_at(&target))?;
+                write_entry(entry, parent, name, &target, objects, perms)?;
             }
         }
     }
@@ -600,30 +692,17 @@ static FLUSHES: std::sync::LazyLock<std::sync::Mutex<HashMap<u64, Arc<Flushes>>>
 /// Above this many carried-over files, hard links are made by several threads.
 const PARALLEL_LINKS_ABOVE: usize = 20_000;
 
-fn link_all(base_dir: &Path, tmp: &Path, paths: &[&Vec<u8>]) -> Result<(), ApplyError> {
-    let mut made: Option<PathBuf> = None;
+fn link_all(base_dir: &Path, tmp: &Path, paths: &[&Vec<u8>], perms: &Perms) -> Result<(), ApplyError> {
+    let mut sources = Dirs::open(base_dir, None).map_err(io_at(base_dir))?;
+    let mut targets = Dirs::open(tmp, Some(perms.dirs())).map_err(io_at(tmp))?;
     for path in paths {
-        let rel = OsStr::from_bytes(path);
-        let target = tmp.join(rel);
-        if let Some(parent) = target.parent() {
-            // Paths are sorted, so siblings follow each other: one check per directory.
-            if parent != tmp && made.as_deref() != Some(parent) {
-                fs::create_dir_all(parent).map_err(io_at(parent))?;
-                made = Some(parent.to_owned());
-            }
-        }
-        let source = base_dir.join(rel);
-        // link(2) does not follow symlinks: a symlink is carried over as itself.
-        fs::hard_link(&source, &target).map_err(io_at(&source))?;
+        let (from_dir, from_name) = sources.parent(path).map_err(io_in(base_dir, path))?;
+        let (to_dir, to_name) = targets.parent(path).map_err(io_in(tmp, path))?;
+        // Without AT_SYMLINK_FOLLOW, linkat(2) links a symlink as itself.
+        nix::unistd::linkat(from_dir, from_name, to_dir, to_name, AtFlags::empty())
+            .map_err(errno_in(base_dir, path))?;
     }
     Ok(())
-}
-
-fn ensure_parent(target: &Path) -> Result<(), ApplyError> {
-    match target.parent() {
-        Some(parent) if !parent.is_dir() => fs::create_dir_all(parent).map_err(io_at(parent)),
-        _ => Ok(()),
-    }
 }
 
 /// The content of an added or modified entry, checked against its blob id.
@@ -648,33 +727,64 @@ fn entry_content<'a>(entry: &'a Entry, objects: &'a Objects) -> Result<&'a [u8],
     Ok(content)
 }
 
-fn write_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), ApplyError> {
+/// Creates the entry `name` in the directory `dir` (`shown` names it in errors), never
+/// through a link: `O_EXCL | O_NOFOLLOW`, `symlinkat(2)`.
+fn write_entry(
+    entry: &Entry,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    objects: &Objects,
+    perms: &Perms,
+) -> Result<(), ApplyError> {
     let content = entry_content(entry, objects)?;
+    let errno = |e: nix::errno::Errno| ApplyError::Io { path: shown.to_owned(), source: e.into() };
     match entry.mode.ok_or_else(|| ApplyError::Malformed("added entry without mode".into()))? {
         FileMode::Symlink => {
-            path::check_symlink(&entry.path, content)?;
-            std::os::unix::fs::symlink(OsStr::from_bytes(content), target).map_err(io_at(target))?;
+            nix::unistd::symlinkat(OsStr::from_bytes(content), dir, name).map_err(errno)?;
+            if perms.chown() {
+                nix::unistd::fchownat(dir, name, perms.owner, perms.group, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(errno)?;
+            }
         }
         mode => {
-            let perm = if mode == FileMode::Executable { 0o755 } else { 0o644 };
-            let mut file =
-                OpenOptions::new().write(true).create_new(true).mode(perm).open(target).map_err(io_at(target))?;
-            file.write_all(content).map_err(io_at(target))?;
-            // The umask may have cleared bits; the mode is part of the verified tree.
-            file.set_permissions(fs::Permissions::from_mode(perm)).map_err(io_at(target))?;
+            let perm = perms.file_mode(mode == FileMode::Executable);
+            let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let fd = nix::fcntl::openat(dir, name, flags, Mode::from_bits_truncate(perm)).map_err(errno)?;
+            fill(File::from(fd), content, perm, perms, shown)?;
         }
     }
     Ok(())
 }
 
-/// Replaces the content and mode of the regular file `target`, which nothing else links
-/// to, with the entry's (a regular file too).
-fn rewrite_entry(entry: &Entry, target: &Path, objects: &Objects) -> Result<(), ApplyError> {
+/// Replaces the content and mode of the regular file `name` in `dir`, which nothing
+/// else links to, with the entry's (a regular file too).
+fn rewrite_entry(
+    entry: &Entry,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    objects: &Objects,
+    perms: &Perms,
+) -> Result<(), ApplyError> {
     let content = entry_content(entry, objects)?;
-    let perm = if entry.mode == Some(FileMode::Executable) { 0o755 } else { 0o644 };
-    let mut file = OpenOptions::new().write(true).truncate(true).open(target).map_err(io_at(target))?;
-    file.write_all(content).map_err(io_at(target))?;
-    file.set_permissions(fs::Permissions::from_mode(perm)).map_err(io_at(target))?;
+    let perm = perms.file_mode(entry.mode == Some(FileMode::Executable));
+    let flags = OFlag::O_WRONLY | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::openat(dir, name, flags, Mode::empty())
+        .map_err(|e| ApplyError::Io { path: shown.to_owned(), source: e.into() })?;
+    fill(File::from(fd), content, perm, perms, shown)
+}
+
+/// Writes `content` to `file`, then gives it its owner and mode (owner first: a change
+/// of owner may clear mode bits).
+fn fill(mut file: File, content: &[u8], mode: u32, perms: &Perms, shown: &Path) -> Result<(), ApplyError> {
+    file.write_all(content).map_err(io_at(shown))?;
+    if perms.chown() {
+        nix::unistd::fchown(&file, perms.owner, perms.group)
+            .map_err(|e| ApplyError::Io { path: shown.to_owned(), source: e.into() })?;
+    }
+    // The umask may have cleared bits; the mode is part of the verified tree.
+    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_at(shown))?;
     Ok(())
 }
 
@@ -770,15 +880,37 @@ pub enum Integrity {
         /// What it hashes to now.
         found: String,
     },
+    /// The content is intact, but an entry's owner, group or mode is not what the
+    /// service's `--owner`/`--group`/`--file-mode`/`--dir-mode` say.
+    Permissions {
+        /// The first entry that differs, and how.
+        problem: String,
+    },
 }
 
-/// Hashes the tree behind `<dir>/<service>` and compares it with `expected`.
+/// Sets the service's owner, group and modes again on the tree behind
+/// `<dir>/<service>` (after [`Integrity::Permissions`]).
+pub fn restore_perms(layout: &Layout) -> Result<(), ApplyError> {
+    let current = layout.current().ok_or_else(|| ApplyError::Occupied(layout.link.clone()))?;
+    layout.perms.apply(&current).map_err(io_at(&current))
+}
+
+/// Hashes the tree behind `<dir>/<service>` and compares it with `expected`, then
+/// checks owners and modes.
 pub fn verify(layout: &Layout, expected: &str) -> Result<Integrity, ApplyError> {
     let Some(current) = layout.current() else {
         return Ok(Integrity::Missing);
     };
     let found = tree_hash::tree_id(&current).map_err(io_at(&current))?;
-    Ok(if found == expected { Integrity::Intact } else { Integrity::Altered { found } })
+    if found != expected {
+        return Ok(Integrity::Altered { found });
+    }
+    // Without settings, files are still checked for git's 0644/0755 (nothing else
+    // writes them); directories and owners are what the subscriber's user made them.
+    if let Some(problem) = layout.perms.check(&current).map_err(io_at(&current))? {
+        return Ok(Integrity::Permissions { problem });
+    }
+    Ok(Integrity::Intact)
 }
 
 #[cfg(test)]

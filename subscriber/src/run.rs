@@ -53,6 +53,8 @@ pub struct Config {
     pub host_id: String,
     /// Where to serve the host's configuration as JSON (`--listen`), if anywhere.
     pub listen: Option<crate::serve::Listen>,
+    /// How `--listen` is exposed (remote TCP allowed, the unix socket's mode and group).
+    pub listen_options: crate::serve::ListenOptions,
     /// How often the applied trees are re-hashed and compared with what was applied
     /// (besides once at start); `None` disables the periodic check.
     pub verify_interval: Option<Duration>,
@@ -65,6 +67,9 @@ pub struct Config {
     /// At most this many hosts of the datacenter run their exec for the same change at
     /// once (coordinated through NATS); `None`: no limit.
     pub max_parallel: Option<usize>,
+    /// Owner, group and modes of each service's files (`--owner`, `--group`,
+    /// `--file-mode`, `--dir-mode`).
+    pub perms: crate::perms::PermsConfig,
 }
 
 /// Why the subscriber stopped.
@@ -107,10 +112,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let position = Position::load(&position_path, &config.dc)?;
     let live = Live::default();
     if let Some(listen) = config.listen.clone() {
-        let (dir, state_dir, live, shutdown) =
-            (config.dir.clone(), config.state_dir.clone(), live.clone(), shutdown.clone());
+        listen.check(config.listen_options.remote).map_err(SubscriberError::Config)?;
+        let (dir, state_dir, live, shutdown, options) =
+            (config.dir.clone(), config.state_dir.clone(), live.clone(), shutdown.clone(), config.listen_options);
         tokio::spawn(async move {
-            if let Err(e) = crate::serve::serve(listen.clone(), dir, state_dir, live, shutdown).await {
+            if let Err(e) = crate::serve::serve(listen.clone(), options, dir, state_dir, live, shutdown).await {
                 tracing::error!(?listen, error = %e, "cannot serve --listen");
             }
         });
@@ -277,6 +283,7 @@ const RETRY_FAILED: Duration = Duration::from_secs(2);
 impl Host {
     fn layout(&self, kind: Kind, name: &str) -> Layout {
         Layout::for_service(&self.config.dir, &self.config.state_dir, kind, name)
+            .with_perms(self.config.perms.for_service(name))
     }
 
     fn state(&self, kind: Kind, name: &str) -> ServiceState {
@@ -602,7 +609,8 @@ impl Host {
             match self.apply(&update, state.commit.as_deref()).await {
                 Ok(()) => Ok(Outcome::Applied(Applied::of(&update))),
                 Err(e) => {
-                    tracing::warn!(%kind, %name, error = %e, "update did not apply; resyncing from the snapshot");
+                    let commit = update.to.as_deref().unwrap_or("-");
+                    tracing::warn!(%kind, %name, %commit, ref_name = %update.ref_name, error = %e, "update did not apply; resyncing from the snapshot");
                     self.resync(kind, &name, &state).await
                 }
             }
@@ -642,9 +650,11 @@ impl Host {
                 }
             }
             Err(e) => {
-                tracing::error!(%kind, %name, error = %e, "update refused; keeping the current configuration");
+                let commit = update.to.as_deref().unwrap_or("-");
+                tracing::error!(%kind, %name, %commit, ref_name = %update.ref_name, error = %e, "update refused; keeping the current configuration");
                 self.live.metrics.error("apply");
-                self.report(kind, &name, state.commit.clone(), Some(e.to_string()), None).await;
+                let problem = format!("{} at {commit}: {e}", update.ref_name);
+                self.report(kind, &name, state.commit.clone(), Some(problem), None).await;
                 self.failed.insert((kind, name));
             }
         }
@@ -751,6 +761,21 @@ impl Host {
                 Ok(Ok(materialize::Integrity::Intact)) => continue,
                 Ok(Ok(materialize::Integrity::Missing)) => {
                     format!("{} is missing", self.config.dir.join(&name).display())
+                }
+                Ok(Ok(materialize::Integrity::Permissions { problem })) => {
+                    // The content is intact: set owners and modes again in place.
+                    let layout = self.layout(kind, &name);
+                    let restored = tokio::task::spawn_blocking(move || materialize::restore_perms(&layout)).await;
+                    let outcome = match restored {
+                        Ok(Ok(())) => "set again".to_owned(),
+                        Ok(Err(e)) => format!("cannot set them again: {e}"),
+                        Err(e) => format!("cannot set them again: {e}"),
+                    };
+                    let problem = format!("owner or mode changed on this host: {problem}; {outcome}");
+                    tracing::warn!(%kind, %name, "integrity check: {problem}");
+                    self.live.metrics.error("integrity");
+                    self.report(kind, &name, Some(commit.clone()), Some(format!("integrity: {problem}")), None).await;
+                    continue;
                 }
                 Ok(Ok(materialize::Integrity::Altered { found })) => format!(
                     "{} was changed on this host: it hashes to tree {found}, not {} of commit {commit}",
@@ -872,7 +897,11 @@ impl Host {
 }
 
 /// One line of `subscriber verify` per service, and whether all are intact.
-pub fn verify(dir: &std::path::Path, state_dir: &std::path::Path) -> Result<(Vec<String>, bool), SubscriberError> {
+pub fn verify(
+    dir: &std::path::Path,
+    state_dir: &std::path::Path,
+    perms: &crate::perms::PermsConfig,
+) -> Result<(Vec<String>, bool), SubscriberError> {
     let position = Position::load_any(&state_dir.join("position.json"))?;
     let mut lines = Vec::new();
     let mut all_intact = true;
@@ -883,12 +912,16 @@ pub fn verify(dir: &std::path::Path, state_dir: &std::path::Path) -> Result<(Vec
             lines.push(format!("{kind} {name}: not present on this host"));
             continue;
         };
-        let layout = Layout::for_service(dir, state_dir, kind, name);
+        let layout = Layout::for_service(dir, state_dir, kind, name).with_perms(perms.for_service(name));
         let line = match materialize::verify(&layout, tree) {
             Ok(materialize::Integrity::Intact) => format!("{kind} {name}: ok, commit {commit}, tree {tree}"),
             Ok(materialize::Integrity::Missing) => {
                 all_intact = false;
                 format!("{kind} {name}: MISSING: {} should hold commit {commit}", layout.link.display())
+            }
+            Ok(materialize::Integrity::Permissions { problem }) => {
+                all_intact = false;
+                format!("{kind} {name}: PERMISSIONS: {problem} (a running subscriber sets them again)")
             }
             Ok(materialize::Integrity::Altered { found }) => {
                 all_intact = false;

@@ -21,7 +21,13 @@
 //! [`crate::client`] library.
 //!
 //! Everything is read from disk (the position file and the applied trees), so the API
-//! shows exactly what the host's processes see.
+//! shows exactly what the host's processes see. Files are opened beneath the tree's
+//! root ([`crate::beneath`]): a link that leads out of the tree is answered 404, never
+//! followed, whatever the checks before the tree went live decided.
+//!
+//! A TCP listener must be a loopback address unless the operator allows others
+//! (`--listen-remote`); a unix socket gets the mode and group the operator chooses
+//! (`--listen-mode`, `--listen-group`) before it accepts its first connection.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -47,6 +53,30 @@ pub enum Listen {
     Tcp(std::net::SocketAddr),
     /// A unix socket path (anything containing a `/`).
     Unix(PathBuf),
+}
+
+impl Listen {
+    /// Refuses a TCP address other hosts can reach, unless `remote` allows it.
+    pub fn check(&self, remote: bool) -> Result<(), String> {
+        match self {
+            Listen::Tcp(addr) if !addr.ip().is_loopback() && !remote => Err(format!(
+                "--listen {addr}: not a loopback address; the API serves every file of the host's configuration \
+                 (secrets included) without authentication: add --listen-remote to serve it to other hosts anyway"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How the listener is exposed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenOptions {
+    /// Serve on a TCP address other hosts can reach (`--listen-remote`).
+    pub remote: bool,
+    /// Mode of the unix socket (`--listen-mode`); `None`: the umask decides.
+    pub socket_mode: Option<u32>,
+    /// Group of the unix socket (`--listen-group`).
+    pub socket_group: Option<nix::unistd::Gid>,
 }
 
 impl FromStr for Listen {
@@ -104,6 +134,7 @@ fn parse_wait(wait: &str) -> Option<Duration> {
 /// Serves until `shutdown`.
 pub async fn serve(
     listen: Listen,
+    options: ListenOptions,
     dir: PathBuf,
     state_dir: PathBuf,
     live: Live,
@@ -118,17 +149,41 @@ pub async fn serve(
         .with_state(Api { dir, state_dir, live });
     match listen {
         Listen::Tcp(addr) => {
+            listen.check(options.remote).map_err(std::io::Error::other)?;
             let listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(%addr, "serving the host's configuration");
             axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
         }
         Listen::Unix(path) => {
-            let _ = std::fs::remove_file(&path);
-            let listener = tokio::net::UnixListener::bind(&path)?;
+            let listener = bind_unix(&path, &options)?;
             tracing::info!(path = %path.display(), "serving the host's configuration");
             axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
         }
     }
+}
+
+/// Binds the socket under a temporary name, gives it its mode and group, then renames
+/// it into place: no client can connect before it has them.
+fn bind_unix(path: &Path, options: &ListenOptions) -> std::io::Result<tokio::net::UnixListener> {
+    let name = path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+    let tmp = path.with_file_name(std::ffi::OsStr::from_bytes(&[b".", &name[..], b".binding"].concat()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    let prepared = (|| {
+        if let Some(gid) = options.socket_group {
+            std::os::unix::fs::chown(&tmp, None, Some(gid.as_raw()))?;
+        }
+        if let Some(mode) = options.socket_mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = prepared {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+    }
+    Ok(listener)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -290,6 +345,8 @@ fn parse_document(name: &str, text: &str) -> Option<Result<Value, String>> {
 }
 
 fn read_tree(root: &Path) -> std::io::Result<serde_json::Map<String, Value>> {
+    use std::io::Read;
+    let root_fd = crate::beneath::open_root(root)?;
     let mut files = serde_json::Map::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
@@ -305,7 +362,11 @@ fn read_tree(root: &Path) -> std::io::Result<serde_json::Map<String, Value>> {
                 let target = std::fs::read_link(&path)?;
                 files.insert(name, json!({ "symlink": String::from_utf8_lossy(target.as_os_str().as_bytes()) }));
             } else {
-                let bytes = std::fs::read(&path)?;
+                // Read beneath the root, as `/files/` does: what the listing found as a
+                // file is read as that file, never through a link swapped in meanwhile.
+                let mut bytes = Vec::new();
+                crate::beneath::open_file(std::os::fd::AsFd::as_fd(&root_fd), rel.as_os_str().as_bytes())?
+                    .read_to_end(&mut bytes)?;
                 let value = match String::from_utf8(bytes) {
                     Ok(text) => match parse_document(&name, &text) {
                         Some(Ok(document)) => json!({ "text": text, "document": document }),
@@ -322,15 +383,37 @@ fn read_tree(root: &Path) -> std::io::Result<serde_json::Map<String, Value>> {
 }
 
 async fn file(State(api): State<Api>, UrlPath((name, path)): UrlPath<(String, String)>) -> Response {
-    if confcast_schemas::path::check_relative(path.as_bytes()).is_err() || name.contains('/') {
+    use confcast_schemas::path::{check_name, check_relative};
+    if check_relative(path.as_bytes()).is_err() || check_name(name.as_bytes()).is_err() {
         return error(StatusCode::BAD_REQUEST, format!("{path:?} is not a path inside the service"));
     }
-    // Symlinks inside a tree were checked to stay inside it.
-    match tokio::fs::read(api.dir.join(&name).join(&path)).await {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            error(StatusCode::NOT_FOUND, format!("{name}/{path} does not exist"))
-        }
+    let root = api.dir.join(&name);
+    let rel = path.clone();
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        // Opened beneath the tree's root: the kernel refuses any resolution that
+        // leaves it, so no link, however the tree came to hold it, serves bytes from
+        // outside.
+        let root = crate::beneath::open_root(&root)?;
+        let mut file = crate::beneath::open_file(std::os::fd::AsFd::as_fd(&root), rel.as_bytes())?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    })
+    .await;
+    use nix::errno::Errno;
+    match read {
+        Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Ok(Err(e)) => match e.raw_os_error().map(Errno::from_raw) {
+            Some(Errno::EXDEV | Errno::ELOOP) => {
+                error(StatusCode::NOT_FOUND, format!("{name}/{path} leads outside the service's tree; not served"))
+            }
+            Some(Errno::ENOENT) => error(StatusCode::NOT_FOUND, format!("{name}/{path} does not exist")),
+            Some(Errno::EINVAL | Errno::ENOTDIR | Errno::EISDIR) => {
+                error(StatusCode::NOT_FOUND, format!("{name}/{path} is not a file of the service"))
+            }
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}/{path}: {e}")),
+        },
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -7,8 +7,10 @@
 //! was materialized hashes differently, the subscriber refuses to switch to it.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -30,9 +32,12 @@ pub fn blob_id(content: &[u8]) -> ObjectId {
 }
 
 fn file_blob_id(path: &Path, len: u64) -> io::Result<ObjectId> {
+    hash_file(fs::File::open(path)?, len, path)
+}
+
+fn hash_file(mut file: fs::File, len: u64, path: &Path) -> io::Result<ObjectId> {
     let mut hasher = Sha1::new();
     hasher.update(format!("blob {len}\0").as_bytes());
-    let mut file = fs::File::open(path)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
@@ -83,6 +88,23 @@ pub fn entry_id(path: &Path) -> io::Result<(&'static str, ObjectId)> {
         Ok((file_mode(meta.permissions().mode()), file_blob_id(path, meta.len())?))
     } else {
         Err(io::Error::other(format!("{} is neither file nor symlink", path.display())))
+    }
+}
+
+/// Hashes the entry `name` of the directory `dir` (a file or a symlink, never followed),
+/// as git would record it. `shown` names it in errors.
+pub fn entry_id_at(dir: BorrowedFd<'_>, name: &OsStr, shown: &Path) -> io::Result<(&'static str, ObjectId)> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use nix::sys::stat::{Mode, SFlag};
+    let stat = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+    if kind == SFlag::S_IFLNK {
+        Ok(("120000", blob_id(nix::fcntl::readlinkat(dir, name)?.as_bytes())))
+    } else if kind == SFlag::S_IFREG {
+        let fd = nix::fcntl::openat(dir, name, OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+        Ok((file_mode(stat.st_mode), hash_file(fs::File::from(fd), stat.st_size as u64, shown)?))
+    } else {
+        Err(io::Error::other(format!("{} is neither file nor symlink", shown.display())))
     }
 }
 

@@ -1,6 +1,8 @@
 //! git `pre-receive` hook of a confcast master: refuses a push whose `datacenter.json`
 //! or `datacenter-configuration.json` does not validate, naming the ref, the file, the
-//! field and the problem. Exit status 1 makes git refuse every ref of the push.
+//! field and the problem; or whose service, application or device tree holds an entry
+//! no directory can hold or symbolic links that lead out of the tree, naming the ref,
+//! the path and the target. Exit status 1 makes git refuse every ref of the push.
 
 use std::io::Read;
 use std::process::ExitCode;

@@ -292,6 +292,8 @@ fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
                 host_id: format!("h{h}"),
                 verify_interval: None,
                 listen: None,
+                listen_options: Default::default(),
+                perms: Default::default(),
                 nats_auth: Default::default(),
                 trusted_keys: Vec::new(),
                 splay: Duration::ZERO,
