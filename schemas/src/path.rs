@@ -157,23 +157,22 @@ impl Links {
         if target.is_empty() || target.contains(&0) {
             return Err(PathError::InvalidTarget { path: shown(path), target: shown(target) });
         }
-        // The directory the link sits in, each name with where it is in the index; then
-        // the target's components, consumed from the end of `pending` (so a followed
-        // link's target is pushed reversed).
-        let mut at: Vec<(&[u8], Option<usize>)> = Vec::new();
-        let mut parent = components(path).collect::<Vec<_>>();
-        parent.pop();
-        for name in parent {
-            let step = index.step(at.last().map_or(Some(Index::ROOT), |&(_, step)| step), name);
-            at.push((name, step));
-        }
-        let mut pending: Vec<&[u8]> = Vec::new();
-        let mut via: Option<&[u8]> = None;
-        let mut hops = 1;
         if target[0] == b'/' {
             return Err(refused(shown(target), None));
         }
-        pending.extend(target.split(|&b| b == b'/').rev());
+        // Components still to walk, consumed from the end (so each target is pushed
+        // reversed): first the directory the link sits in, reached from the root as the
+        // kernel reaches it — through any link on the way, which a git tree never holds
+        // above another entry but an update off the bus may claim — then the target,
+        // taken from there. `at` is where the walk stands, each name with its place in
+        // the index.
+        let mut pending: Vec<&[u8]> = target.split(|&b| b == b'/').rev().collect();
+        let mut parent: Vec<&[u8]> = components(path).collect();
+        parent.pop();
+        pending.extend(parent.into_iter().rev());
+        let mut at: Vec<(&[u8], Option<usize>)> = Vec::new();
+        let mut via: Option<&[u8]> = None;
+        let mut hops = 1;
         while let Some(component) = pending.pop() {
             match component {
                 b"" | b"." => {}
@@ -346,6 +345,20 @@ mod tests {
         let tree = links(&[("a", "b"), ("b", "c"), ("c", "/etc")]);
         let err = tree.check().expect_err("absolute at the end of a chain");
         assert!(matches!(err, PathError::EscapingSymlink { ref via, .. } if via.as_deref() == Some("c")), "{err}");
+    }
+
+    #[test]
+    fn a_link_below_another_link_is_reached_through_it() {
+        // No git tree holds `b/x` under the link `b`, but an update off the bus may
+        // claim to: written through `b`, `x` sits in the root, and `..` from there leaves.
+        let tree = links(&[("b", "."), ("b/x", "../etc")]);
+        let err = tree.check().expect_err("b/x leaves from where it really is");
+        assert!(
+            matches!(err, PathError::EscapingSymlink { ref path, ref via, .. } if path == "b/x" && via.as_deref() == Some("b")),
+            "{err}"
+        );
+        let tree = links(&[("b", "c/d"), ("b/x", "../e")]);
+        assert_eq!(tree.resolve(b"b/x").expect("inside"), vec![b"c".to_vec(), b"e".to_vec()]);
     }
 
     #[test]
