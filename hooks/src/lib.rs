@@ -4,10 +4,13 @@
 //! Both hooks get `<old> <new> <ref>` lines on stdin. `post-receive` turns each into a
 //! `CommitEvent` (with the paths it changed) and hands them to
 //! `confcast_publisher::announce`; `pre-receive` refuses a push whose control documents
-//! do not parse, or whose configuration trees could never be delivered (see
-//! [`containment`]), before any ref moves.
+//! do not parse or name what the push would leave missing (see [`cross_refs`]), that
+//! deletes what a datacenter pins, or whose configuration trees could never be delivered
+//! (see [`containment`]), before any ref moves.
 
+pub mod after_push;
 pub mod containment;
+pub mod cross_refs;
 
 use std::time::Duration;
 
@@ -291,8 +294,18 @@ pub enum Rejection {
         /// Which link, its target, and where it leads.
         error: Box<PathError>,
     },
-    /// The pushed object cannot be read.
-    #[error("{ref_name}: cannot read pushed object: {error}")]
+    /// A control document names a configuration, a service or a ref that the push would
+    /// leave missing, or the push deletes a ref that a datacenter still pins.
+    #[error("{ref_name}: {error}")]
+    Reference {
+        /// The ref refused: the document's, or the deleted one.
+        ref_name: String,
+        /// What is named, where, and what is missing.
+        error: Box<cross_refs::Unresolved>,
+    },
+    /// The pushed object, or a ref or document the check of the push needs, cannot be
+    /// read.
+    #[error("{ref_name}: cannot be read: {error}")]
     Git {
         /// The ref.
         ref_name: String,

@@ -19,7 +19,7 @@ pub enum BusError {
     /// The server could not be reached.
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect {
-        /// The URL tried.
+        /// The URL tried (credentials redacted).
         url: String,
         /// Why.
         reason: String,
@@ -42,18 +42,15 @@ impl BusError {
 /// Connects with a bounded wait and without background reconnect attempts at start.
 /// `url` may list several servers of one cluster, separated by commas; any of them will do.
 pub async fn connect(url: &str, auth: &NatsAuth, timeout: Duration) -> Result<async_nats::Client, BusError> {
-    let servers = confcast_schemas::connect::servers(url)
-        .map_err(|e| BusError::Connect { url: url.to_owned(), reason: e.to_string() })?;
-    let options = auth
-        .apply(async_nats::ConnectOptions::new())
-        .await
-        .map_err(|e| BusError::Connect { url: url.to_owned(), reason: e.to_string() })?;
+    let failed = |reason: String| BusError::Connect { url: confcast_schemas::connect::redact_url(url), reason };
+    let servers = confcast_schemas::connect::servers(url).map_err(|e| failed(e.to_string()))?;
+    let options = auth.apply(async_nats::ConnectOptions::new()).await.map_err(|e| failed(e.to_string()))?;
     options
         .connection_timeout(timeout)
         .name("confcast-publisher")
         .connect(servers)
         .await
-        .map_err(|e| BusError::Connect { url: url.to_owned(), reason: e.to_string() })
+        .map_err(|e| failed(e.to_string()))
 }
 
 /// The commit stream's configuration (see RELIABILITY.md), with `replicas` copies

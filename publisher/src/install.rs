@@ -107,6 +107,10 @@ pub fn install_hooks(options: &InstallOptions) -> Result<Vec<PathBuf>, InstallEr
         written.push(hook);
     }
     git(repo, &["config", config_keys::HOOKS_DIR, &bin_dir.display().to_string()])?;
+    // pre-receive lets a push delete a ref a datacenter still pins only when the pusher
+    // says so with `git push -o confcast.allow-unpin`; git hands push options to the
+    // hooks only when the repository advertises them.
+    git(repo, &["config", "receive.advertisePushOptions", "true"])?;
 
     let name = match &options.repo_name {
         Some(name) => name.clone(),
@@ -211,6 +215,11 @@ mod tests {
         install_hooks(&options).expect("reinstall");
         let hook = options.repo.join("hooks/post-receive");
         assert_eq!(fs::read_link(&hook).expect("link"), newer.canonicalize().expect("bin2").join("post-receive"));
+        assert_eq!(
+            config_value(&options.repo, "receive.advertisePushOptions").as_deref(),
+            Some("true"),
+            "pushes can carry confcast's push options"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_nats::jetstream::{self, consumer};
-use confcast_schemas::{decode, subject, HostStatus, Kind, ServiceHead};
+use confcast_schemas::{decode, subject, CommitEvent, HostStatus, Kind, ServiceHead};
 use futures::StreamExt;
 
 /// At most this many hosts are named per category in a summary line.
@@ -363,11 +363,19 @@ fn host_state(status: &HostStatus, commit: &str) -> HostState {
 
 /// Computes the rollout of `targets` over every datacenter in `observed`.
 pub fn progress(targets: &[Target], observed: &BTreeMap<String, Observed>) -> Rollout {
-    // Refs whose relay somewhere published a commit the target names: the same ref in
-    // another datacenter is affected too, even before its relay gets there.
+    progress_pushed(targets, observed, &Pushed::default())
+}
+
+/// [`progress`], knowing what the refs were last pushed to: a datacenter that follows a
+/// ref last pushed to a target commit is on its way there, even before its relay got it.
+pub fn progress_pushed(targets: &[Target], observed: &BTreeMap<String, Observed>, pushed: &Pushed) -> Rollout {
+    // Refs whose relay somewhere published a commit the target names, or that were last
+    // pushed to it: the same ref in every datacenter is affected, even before its relay
+    // gets there.
     let mut commit_refs = BTreeMap::new();
     for target in targets {
         if let Target::Commit(prefix) = target {
+            commit_refs.extend(pushed.refs_at(prefix).map(|(r, c)| (r.to_owned(), c.to_owned())));
             for head in observed.values().flat_map(|o| o.heads.values()) {
                 if let Some(c) = head.commit.as_ref().filter(|c| c.starts_with(prefix.as_str())) {
                     commit_refs.insert(head.ref_name.clone(), c.clone());
@@ -400,6 +408,67 @@ pub fn progress(targets: &[Target], observed: &BTreeMap<String, Observed>) -> Ro
         })
         .collect();
     Rollout { dcs }
+}
+
+/// What every ref was last pushed to, as the master's commit stream tells it (its
+/// latest event per ref). Read once by [`pushed`]; a commit that is neither the latest
+/// push of a ref nor published by any relay is on nobody's way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pushed {
+    /// Ref name → the commit it was last pushed to (deleted refs left out).
+    pub heads: BTreeMap<String, String>,
+    /// Whether the commit stream could be read: without it nothing is known of pushes,
+    /// and a commit target may still be on its way.
+    pub known: bool,
+}
+
+impl Pushed {
+    /// The refs last pushed to a commit starting with `prefix`, with that commit.
+    pub fn refs_at<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.heads.iter().filter(move |(_, c)| c.starts_with(prefix)).map(|(r, c)| (r.as_str(), c.as_str()))
+    }
+}
+
+/// Reads the latest commit event of every ref from the commit stream on `js` (the
+/// master's NATS, or a datacenter's mirror of its stream). When the stream is not there
+/// or cannot be read (no permission, no answer within `wait`), nothing is known:
+/// [`Pushed::known`] is false, and callers wait as they would have.
+pub async fn pushed(js: &jetstream::Context, wait: std::time::Duration) -> Pushed {
+    let read = async {
+        let stream = js.get_stream(subject::COMMITS_STREAM).await.ok()?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject::commits_wildcard(),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let mut pending = consumer.cached_info().num_pending;
+        let mut heads = BTreeMap::new();
+        if pending == 0 {
+            return Some(heads);
+        }
+        let mut messages = consumer.messages().await.ok()?;
+        while let Some(message) = messages.next().await {
+            let message = message.ok()?;
+            if let Ok(event) = decode::<CommitEvent>(&message.payload) {
+                match event.new {
+                    Some(commit) => heads.insert(event.ref_name, commit),
+                    None => heads.remove(&event.ref_name),
+                };
+            }
+            pending = message.info().map(|i| i.pending).unwrap_or(0).min(pending.saturating_sub(1));
+            if pending == 0 {
+                break;
+            }
+        }
+        Some(heads)
+    };
+    match tokio::time::timeout(wait, read).await {
+        Ok(Some(heads)) => Pushed { heads, known: true },
+        _ => Pushed::default(),
+    }
 }
 
 /// Failures reading the bus.
@@ -494,6 +563,19 @@ pub async fn watch(
     dcs: &[(String, jetstream::Context)],
     targets: &[Target],
     deadline: tokio::time::Instant,
+    on_change: impl FnMut(&Rollout),
+) -> Result<Rollout, StatusError> {
+    watch_pushed(dcs, targets, &Pushed::default(), deadline, on_change).await
+}
+
+/// [`watch`], knowing what the refs were last pushed to ([`pushed`]): then a commit is
+/// known to concern nobody as soon as the heads are read — no datacenter published it
+/// and none follows a ref last pushed to it — and the watch returns at once.
+pub async fn watch_pushed(
+    dcs: &[(String, jetstream::Context)],
+    targets: &[Target],
+    pushed: &Pushed,
+    deadline: tokio::time::Instant,
     mut on_change: impl FnMut(&Rollout),
 ) -> Result<Rollout, StatusError> {
     let mut feeds = Vec::new();
@@ -515,24 +597,24 @@ pub async fn watch(
         }
     }
     let mut merged = futures::stream::select_all(streams);
-    let only_refs = targets.iter().all(Target::known_from_heads);
+    let final_when_unaffected = pushed.known || targets.iter().all(Target::known_from_heads);
     let mut last: Option<Rollout> = None;
     loop {
         if feeds.iter().all(|f| f.initial == 0) {
-            let rollout = progress(targets, &observed);
+            let rollout = progress_pushed(targets, &observed, pushed);
             if last.as_ref() != Some(&rollout) {
                 on_change(&rollout);
                 last = Some(rollout.clone());
             }
             match rollout.verdict() {
                 Verdict::Complete => return Ok(rollout),
-                Verdict::NothingAffected if only_refs => return Ok(rollout),
+                Verdict::NothingAffected if final_when_unaffected => return Ok(rollout),
                 _ => {}
             }
         }
         let next = match tokio::time::timeout_at(deadline, merged.next()).await {
             Ok(next) => next,
-            Err(_) => return Ok(last.unwrap_or_else(|| progress(targets, &observed))),
+            Err(_) => return Ok(last.unwrap_or_else(|| progress_pushed(targets, &observed, pushed))),
         };
         let ((dc, heads), message) = match next {
             Some((key, Ok(message))) => (key, message),
@@ -691,6 +773,28 @@ mod tests {
 
         let elsewhere = Target::RefAt { ref_name: "refs/heads/datacenters/dc1".into(), commit: B.into(), old: None };
         assert_eq!(progress(&[elsewhere], &before).verdict(), Verdict::NothingAffected);
+    }
+
+    #[test]
+    fn a_commit_last_pushed_to_a_followed_ref_is_on_its_way_and_any_other_concerns_nobody() {
+        let observed = BTreeMap::from([(
+            "dc1".to_owned(),
+            dc(vec![head("service0", REF, A)], vec![status("h1", "service0", A, None, None)]),
+        )]);
+        let pushed = Pushed { heads: BTreeMap::from([(REF.to_owned(), B.to_owned())]), known: true };
+        let rollout = progress_pushed(&[Target::Commit(B[..7].into())], &observed, &pushed);
+        assert_eq!(rollout.verdict(), Verdict::InProgress, "the relay has not published it yet");
+        assert_eq!(rollout.dcs[0].services[0].relay_at.as_deref(), Some(A));
+        assert_eq!(pushed.refs_at("bbbbbbb").count(), 1);
+
+        let unknown = progress_pushed(&[Target::Commit("deadbeef".into())], &observed, &pushed);
+        assert_eq!(unknown.verdict(), Verdict::NothingAffected);
+        assert_eq!(pushed.refs_at("deadbeef").count(), 0, "nobody pushed it");
+
+        let elsewhere =
+            Pushed { heads: BTreeMap::from([("refs/heads/services/x/m".to_owned(), C.to_owned())]), known: true };
+        let unfollowed = progress_pushed(&[Target::Commit(C.into())], &observed, &elsewhere);
+        assert_eq!(unfollowed.verdict(), Verdict::NothingAffected, "pushed to a ref no datacenter follows");
     }
 
     #[test]

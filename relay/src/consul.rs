@@ -397,6 +397,11 @@ impl Client {
         Ok(Client { http, base: parsed.as_str().trim_end_matches('/').to_owned(), token })
     }
 
+    /// The agent's URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
     /// `GET /v1/kv/<key>`: the entry, or `None` (404).
     pub async fn get(&self, key: &str, blocking: Option<Blocking>) -> Result<Indexed<Option<Entry>>, ConsulError> {
         let path = kv_path(key);

@@ -63,6 +63,7 @@ impl Lease {
     /// Waits until this relay holds the lease; returns its revision, or `None` on shutdown.
     pub async fn acquire(&self, shutdown: &CancellationToken) -> Option<u64> {
         let mut announced = false;
+        let mut warnings = crate::retry::Warnings::default();
         loop {
             match self.store.create(&self.key, Bytes::from(self.holder.clone())).await {
                 Ok(revision) => return Some(revision),
@@ -87,7 +88,12 @@ impl Lease {
                         announced = true;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot reach the lease bucket"),
+                Err(e) => warnings.warn(
+                    "taking the datacenter's lease",
+                    "",
+                    &confcast_schemas::process::error_chain(&e),
+                    Duration::from_secs(1),
+                ),
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -5,7 +5,8 @@
 //! whose resolved commit changed publishes a `ServiceUpdate` — the [`diff`] from the
 //! commit it last published — on the datacenter's stream ([`publish`]), then writes the
 //! configuration index (in NATS K/V, and in Consul with [`consul`]). The loop itself
-//! lives in [`run`].
+//! lives in [`run`]; what it waits out (the bus, the master), and how it says so, in
+//! [`retry`].
 
 pub mod consul;
 pub mod diff;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod publish;
 pub mod resolve;
+pub mod retry;
 pub mod run;
 
 pub use metrics::Metrics;

@@ -1,13 +1,19 @@
 //! `relay`: one per datacenter. See the crate docs of `confcast_relay`.
+//!
+//! Exit status (see `confcast_schemas::process`): 2 when the configuration can never
+//! work (a `--master` that names no repository or an unsupported transport, a state
+//! directory in use, a key or token that cannot be read, bad flags), found at start and
+//! said in one line; 1 when the relay stopped on an error while running. A master or a
+//! bus that is down is waited out, never a reason to exit.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use confcast_schemas::process::{self, EXIT_FAILED};
 use tokio_util::sync::CancellationToken;
 
 /// Mirrors the master for one datacenter and publishes per-service updates to its hosts.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(version, about)]
 struct Cli {
     /// NATS URL of the datacenter's server.
@@ -70,38 +76,31 @@ struct Cli {
     git_http_user: Option<String>,
     #[command(flatten)]
     nats_auth: confcast_schemas::connect::NatsAuth,
+    #[command(flatten)]
+    log: process::LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
+    let cli: Cli = process::parse_args("relay");
+    let format = cli.log.log_format;
+    process::init_logging(format, "info");
     let master = match std::path::Path::new(&cli.master).canonicalize() {
         Ok(abs) if !cli.master.contains("://") => abs.display().to_string(),
         _ => cli.master.clone(),
     };
     let consul = match consul_client(cli.consul.as_deref(), cli.consul_token_file.as_deref()) {
         Ok(consul) => consul,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot use Consul");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return process::cannot_start("relay", format, &e),
     };
     let token = match cli.git_token_file.as_deref().map(confcast_relay::mirror::GitCredentials::read_token) {
         None => None,
         Some(Ok(token)) => Some(token),
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "cannot read the master's token");
-            return ExitCode::FAILURE;
-        }
+        Some(Err(e)) => return process::cannot_start("relay", format, &e),
     };
+    if let Err(e) = confcast_relay::mirror::check_master(&master) {
+        return process::cannot_start("relay", format, &e);
+    }
     let git = confcast_relay::mirror::GitCredentials { ssh_key: cli.git_ssh_key, token, http_user: cli.git_http_user };
     let metrics = std::sync::Arc::new(confcast_relay::Metrics::default());
     let config = confcast_relay::Config {
@@ -129,9 +128,10 @@ async fn main() -> ExitCode {
     });
     match confcast_relay::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_configuration() => process::cannot_start("relay", format, &e),
         Err(e) => {
-            tracing::error!(error = %e, "relay failed");
-            ExitCode::FAILURE
+            tracing::error!(error = %process::error_chain(&e), "relay failed");
+            process::exit(EXIT_FAILED)
         }
     }
 }

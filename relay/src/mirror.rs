@@ -17,16 +17,59 @@ use gix::refs::transaction::{Change, PreviousValue, RefEdit, RefLog};
 use crate::diff::{Item, Listing};
 use crate::resolve::RefSource;
 
-/// Failures of the mirror.
+/// Failures of the mirror, and of the master it is fetched from.
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
-    /// Talking to the master failed: worth retrying with backoff.
-    #[error("fetching from {url}: {message}")]
-    Fetch {
-        /// The master's URL.
+    /// `--master` is not a URL or path git understands.
+    #[error("--master {url}: {}", confcast_schemas::process::error_chain(source))]
+    Url {
+        /// The URL as given (credentials redacted).
         url: String,
-        /// gix's message.
-        message: String,
+        /// Why it does not parse.
+        source: gix::Error,
+    },
+    /// `--master` names a transport the relay cannot fetch with.
+    #[error(
+        "--master {url}: unsupported scheme `{scheme}` (use a path, file://, git://, ssh://, http:// or https://)"
+    )]
+    Scheme {
+        /// The URL as given (credentials redacted).
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// `--master` is a local path with no git repository there.
+    #[error("--master {}: {}", path.display(), confcast_schemas::process::error_chain(source))]
+    NotARepository {
+        /// The path.
+        path: PathBuf,
+        /// What opening it said.
+        source: gix::Error,
+    },
+    /// The token of `--git-token-file` cannot be used.
+    #[error("--git-token-file {}: {problem}", path.display())]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Talking to the master failed.
+    #[error("fetching from {url}: {}", confcast_schemas::process::error_chain(source))]
+    Fetch {
+        /// The master's URL (credentials redacted).
+        url: String,
+        /// What gix said, with its causes and their classification.
+        source: gix::Error,
+    },
+    /// A fetch did not finish in time (the worker is abandoned; `git://` sockets time
+    /// out by themselves).
+    #[error("fetching from {url}: did not finish within {limit:?}")]
+    Timeout {
+        /// The master's URL (credentials redacted).
+        url: String,
+        /// How long it was given.
+        limit: std::time::Duration,
     },
     /// The local repository could not be read or written.
     #[error("mirror {path}: {message}")]
@@ -39,10 +82,39 @@ pub enum MirrorError {
 }
 
 impl MirrorError {
-    /// Whether a retry may succeed. A master that is unreachable or busy, yes; a local
-    /// repository that cannot be read is retried too, since a disk can come back.
+    /// Whether a retry may succeed. A master that is unreachable, busy, or refusing the
+    /// relay's credentials may come back or be fixed on its side: yes. A `--master` that
+    /// cannot name a repository, or a transport gix does not have, never works: no. A
+    /// local repository that cannot be read is retried, since a disk can come back.
     pub fn is_transient(&self) -> bool {
-        true
+        match self {
+            MirrorError::Url { .. }
+            | MirrorError::Scheme { .. }
+            | MirrorError::NotARepository { .. }
+            | MirrorError::Token { .. } => false,
+            MirrorError::Fetch { source, .. } => !(source.is_unsupported() || source.is_validation()),
+            MirrorError::Timeout { .. } | MirrorError::Local { .. } => true,
+        }
+    }
+}
+
+/// Checks, without touching the network, that `url` can name a master: it parses, its
+/// transport is one the relay has, and a local path holds a git repository. What this
+/// refuses can never work, so the relay refuses to start with it.
+pub fn check_master(url: &str) -> Result<(), MirrorError> {
+    let shown = confcast_schemas::connect::redact_url(url);
+    let parsed =
+        gix::url::parse(url.as_bytes().as_bstr()).map_err(|source| MirrorError::Url { url: shown.clone(), source })?;
+    match parsed.scheme {
+        gix::url::Scheme::Git | gix::url::Scheme::Ssh | gix::url::Scheme::Http | gix::url::Scheme::Https => Ok(()),
+        gix::url::Scheme::File => {
+            let path = PathBuf::from(parsed.path.to_str_lossy().into_owned());
+            match gix::open_opts(&path, gix::open::Options::isolated()) {
+                Ok(_) => Ok(()),
+                Err(source) => Err(MirrorError::NotARepository { path, source }),
+            }
+        }
+        other => Err(MirrorError::Scheme { url: shown, scheme: other.as_str().to_owned() }),
     }
 }
 
@@ -87,11 +159,11 @@ impl std::fmt::Debug for GitCredentials {
 impl GitCredentials {
     /// Reads the token from `path` (its first line, trimmed).
     pub fn read_token(path: &Path) -> Result<String, MirrorError> {
-        let local = |message: String| MirrorError::Local { path: path.to_owned(), message };
-        let text = std::fs::read_to_string(path).map_err(|e| local(format!("--git-token-file: {e}")))?;
+        let problem = |problem: String| MirrorError::Token { path: path.to_owned(), problem };
+        let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
         let token = text.lines().next().unwrap_or_default().trim().to_owned();
         if token.is_empty() {
-            return Err(local("--git-token-file: empty".into()));
+            return Err(problem("empty".into()));
         }
         Ok(token)
     }
@@ -149,6 +221,8 @@ pub struct Mirror {
     repo: gix::ThreadSafeRepository,
     path: PathBuf,
     url: String,
+    /// The URL as messages show it: credentials redacted.
+    shown: String,
     io_timeout: std::time::Duration,
 }
 
@@ -175,8 +249,31 @@ impl Mirror {
             repo: repo.into_sync(),
             path: path.to_owned(),
             url: url.to_owned(),
+            shown: confcast_schemas::connect::redact_url(url),
             io_timeout: DEFAULT_IO_TIMEOUT,
         })
+    }
+
+    /// The master's URL as messages show it (credentials redacted).
+    pub fn shown_url(&self) -> &str {
+        &self.shown
+    }
+
+    /// [`Mirror::fetch`] off the async runtime, failing after `limit` even if the
+    /// transport hangs.
+    pub async fn fetch_within(
+        &self,
+        refs: BTreeSet<String>,
+        limit: std::time::Duration,
+    ) -> Result<Fetched, MirrorError> {
+        let mirror = self.clone();
+        match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || mirror.fetch(&refs))).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => {
+                Err(MirrorError::Local { path: self.path.clone(), message: format!("fetch worker failed: {e}") })
+            }
+            Err(_) => Err(MirrorError::Timeout { url: self.shown.clone(), limit }),
+        }
     }
 
     /// Sets how long a fetch may wait on the network for one read or write.
@@ -190,21 +287,25 @@ impl Mirror {
     fn git_daemon_transport(
         &self,
     ) -> Result<Option<Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>>, MirrorError> {
-        let err = |message: String| MirrorError::Fetch { url: self.url.clone(), message };
-        let url = gix::url::parse(gix::bstr::BStr::new(self.url.as_bytes())).map_err(|e| err(e.to_string()))?;
+        let err = |e: std::io::Error| MirrorError::Fetch { url: self.shown.clone(), source: gix::Error::from_error(e) };
+        let url = gix::url::parse(gix::bstr::BStr::new(self.url.as_bytes()))
+            .map_err(|e| MirrorError::Url { url: self.shown.clone(), source: e })?;
         if url.scheme != gix::url::Scheme::Git {
             return Ok(None);
         }
-        let host = url.host().ok_or_else(|| err("no host".into()))?.to_owned();
+        let invalid = |message: String| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, message));
+        let host = url.host().ok_or_else(|| invalid("no host".into()))?.to_owned();
         let port = url.port;
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port.unwrap_or(9418)))
-            .map_err(|e| err(e.to_string()))?
+            .map_err(err)?
             .next()
-            .ok_or_else(|| err(format!("{host} does not resolve")))?;
-        let stream = std::net::TcpStream::connect_timeout(&addr, self.io_timeout).map_err(|e| err(e.to_string()))?;
-        stream.set_read_timeout(Some(self.io_timeout)).map_err(|e| err(e.to_string()))?;
-        stream.set_write_timeout(Some(self.io_timeout)).map_err(|e| err(e.to_string()))?;
-        let write = stream.try_clone().map_err(|e| err(e.to_string()))?;
+            .ok_or_else(|| {
+                err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} does not resolve")))
+            })?;
+        let stream = std::net::TcpStream::connect_timeout(&addr, self.io_timeout).map_err(err)?;
+        stream.set_read_timeout(Some(self.io_timeout)).map_err(err)?;
+        stream.set_write_timeout(Some(self.io_timeout)).map_err(err)?;
+        let write = stream.try_clone().map_err(err)?;
         let connection = gix::protocol::transport::client::git::blocking_io::Connection::new(
             stream,
             write,
@@ -246,13 +347,13 @@ impl Mirror {
     }
 
     fn local(&self) -> impl Fn(gix::Error) -> MirrorError + '_ {
-        move |e| MirrorError::Local { path: self.path.clone(), message: format!("{e:#}") }
+        move |e| MirrorError::Local { path: self.path.clone(), message: confcast_schemas::process::error_chain(&e) }
     }
 
     /// Brings `refs` up to date with the master in one negotiated fetch.
     pub fn fetch(&self, refs: &BTreeSet<String>) -> Result<Fetched, MirrorError> {
         let repo = self.repo.to_thread_local();
-        let remote_err = |e: gix::Error| MirrorError::Fetch { url: self.url.clone(), message: format!("{e:#}") };
+        let remote_err = |source: gix::Error| MirrorError::Fetch { url: self.shown.clone(), source };
         let valid: Vec<&String> = refs.iter().filter(|r| gix::refs::FullName::try_from(r.as_str()).is_ok()).collect();
         let mut fetched = Fetched::default();
         fetched.missing.extend(refs.iter().filter(|r| !valid.contains(r)).cloned());
@@ -428,6 +529,44 @@ mod tests {
         let bearer = GitCredentials { token: Some("t0ken".into()), ..Default::default() }.overrides();
         assert!(bearer.contains(&"http.extraHeader=Authorization: Bearer t0ken".to_owned()));
         assert!(!format!("{credentials:?}").contains("t0ken"));
+    }
+
+    #[test]
+    fn a_master_that_can_never_work_is_refused_before_any_fetch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let master = dir.path().join("master.git");
+        git(dir.path(), &["init", "-q", "--bare", master.to_str().expect("utf-8")]);
+        check_master(master.to_str().expect("utf-8")).expect("a bare repository");
+        check_master(&format!("file://{}", master.display())).expect("as a file:// URL");
+        // The network is not touched: whether these answer is for the fetch to find out.
+        for url in ["git://127.0.0.1:1/master.git", "ssh://git@git.example/master.git", "https://git.example/m.git"] {
+            check_master(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+
+        let missing = check_master("/no/such/path").expect_err("nothing there");
+        assert!(!missing.is_transient());
+        let message = missing.to_string();
+        assert!(message.starts_with("--master /no/such/path: ") && !message.contains('\n'), "{message}");
+        assert!(!message.contains("Message {") && !message.contains("Os {"), "no Debug dumps: {message}");
+        let not_a_repository = check_master(dir.path().to_str().expect("utf-8")).expect_err("no repository");
+        assert!(!not_a_repository.is_transient());
+
+        let scheme = check_master("htp://relay:s3cret@git.example/master.git").expect_err("a typo");
+        assert!(!scheme.is_transient());
+        let message = scheme.to_string();
+        assert!(message.contains("unsupported scheme `htp`") && !message.contains("s3cret"), "{message}");
+    }
+
+    #[test]
+    fn an_unreachable_master_is_worth_retrying_and_said_in_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let url = format!("git://127.0.0.1:{port}/master.git");
+        let mirror = Mirror::open_or_init(&dir.path().join("mirror.git"), &url, &Default::default()).expect("mirror");
+        let error = mirror.fetch(&BTreeSet::from(["refs/heads/datacenters/dc1".to_owned()])).expect_err("refused");
+        assert!(error.is_transient(), "{error}");
+        let message = error.to_string();
+        assert!(message.starts_with(&format!("fetching from {url}: ")) && !message.contains('\n'), "{message}");
     }
 
     fn git(dir: &Path, args: &[&str]) -> String {

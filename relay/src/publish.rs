@@ -11,9 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, object_store, stream};
+use confcast_schemas::connect::{AuthError, NatsAuth};
 use confcast_schemas::sign::{Signer, SIGNATURE_HEADER};
 use confcast_schemas::{decode, subject, Kind, ServiceHead};
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::retry::{Backoff, Warnings};
 
 /// Files up to this size travel inside the update; larger ones go to the blob store.
 pub const INLINE_LIMIT: usize = 64 * 1024;
@@ -42,6 +46,67 @@ impl BusError {
     /// Bus failures are transient: retry with backoff.
     pub fn is_transient(&self) -> bool {
         true
+    }
+}
+
+/// Connects to the datacenter's NATS (`url`: one server, or several of a cluster
+/// separated by commas), retrying until it answers (`None` at shutdown). Every failed
+/// attempt says `cannot connect to NATS at URL: cause` at WARN, as [`Warnings`] allow;
+/// credentials that cannot be read end it (they will not appear by waiting). Once
+/// connected, the client reconnects by itself, and losing and regaining the connection
+/// are logged with the URL.
+pub async fn connect(
+    url: &str,
+    auth: &NatsAuth,
+    name: String,
+    shutdown: &CancellationToken,
+) -> Result<Option<async_nats::Client>, AuthError> {
+    let servers = confcast_schemas::connect::servers(url)?;
+    let shown = confcast_schemas::connect::redact_url(url);
+    let mut backoff = Backoff::default();
+    let mut warnings = Warnings::default();
+    loop {
+        let events = shown.clone();
+        let options = auth
+            .apply(async_nats::ConnectOptions::new())
+            .await?
+            .name(&name)
+            // A relay must notice a dead connection (black-holed network) quickly: two
+            // missed pings and it reconnects.
+            .ping_interval(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let url = events.clone();
+                async move { log_event(&url, event) }
+            });
+        let attempt = tokio::select! {
+            attempt = options.connect(servers.clone()) => attempt,
+            () = shutdown.cancelled() => return Ok(None),
+        };
+        match attempt {
+            Ok(client) => return Ok(Some(client)),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if let Some(held_back) = warnings.admit(tokio::time::Instant::now(), &e.to_string()) {
+                    let not_logged = (held_back > 0).then_some(held_back);
+                    tracing::warn!(retry_in = ?delay, not_logged, "cannot connect to NATS at {shown}: {e}");
+                }
+                tokio::select! { () = tokio::time::sleep(delay) => {}, () = shutdown.cancelled() => return Ok(None) }
+            }
+        }
+    }
+}
+
+/// What the NATS client reports about its connection, told as the relay's own lines.
+fn log_event(url: &str, event: async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => tracing::info!(%url, "connected to NATS"),
+        async_nats::Event::Disconnected => tracing::warn!(%url, "lost the connection to NATS; reconnecting"),
+        async_nats::Event::ServerError(e) => tracing::warn!(%url, error = %e, "NATS server error"),
+        async_nats::Event::SlowConsumer(sid) => tracing::warn!(%url, sid, "slow consumer: messages were dropped"),
+        async_nats::Event::LameDuckMode => tracing::info!(%url, "the NATS server is shutting down (lame duck mode)"),
+        // Failed reconnect attempts: the client says no more than "IO error"; the
+        // disconnection was logged, and so is the reconnection.
+        event => tracing::debug!(%url, %event, "NATS client event"),
     }
 }
 

@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::mirror::{Mirror, MirrorError};
 use crate::publish::{Bus, BusError, StreamLayout, INLINE_LIMIT};
 use crate::resolve::{datacenter_ref, resolve, RefSource, Resolution, Target};
+use crate::retry::{retry, Backoff, Warnings};
 
 /// What a relay needs to run.
 #[derive(Debug, Clone)]
@@ -112,6 +113,21 @@ pub enum RelayError {
     },
 }
 
+impl RelayError {
+    /// Whether the relay's configuration or environment is at fault (a master that can
+    /// never be fetched, a state directory in use, a key that cannot be read, an
+    /// address taken): found at start, fixed by the operator, never by waiting.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            RelayError::Mirror(e) => !e.is_transient(),
+            RelayError::Bus(_) => false,
+            RelayError::StateDir { .. } | RelayError::Auth(_) | RelayError::Signing(_) | RelayError::Listen { .. } => {
+                true
+            }
+        }
+    }
+}
+
 /// A failure while handling one event: retried with backoff, never acked.
 #[derive(Debug, thiserror::Error)]
 enum SyncError {
@@ -123,14 +139,40 @@ enum SyncError {
     Resolve(String),
 }
 
+impl SyncError {
+    /// The URL of what failed, for the log line: the master's or the bus's.
+    fn url(&self, nats_url: &str, mirror: &Mirror) -> String {
+        match self {
+            SyncError::Mirror(MirrorError::Fetch { .. } | MirrorError::Timeout { .. }) => mirror.shown_url().to_owned(),
+            SyncError::Bus(_) => confcast_schemas::connect::redact_url(nats_url),
+            SyncError::Mirror(_) | SyncError::Resolve(_) => String::new(),
+        }
+    }
+}
+
 /// What caused a sync: a commit event (by stream sequence) or the relay's start.
 #[derive(Debug, Clone)]
 struct Cause {
+    /// Part of the dedup ids of what the sync publishes: `boot<ms>`, `e<seq>` or
+    /// `e<first>-<last>`.
     tag: String,
     event_seq: u64,
     pushed_at_ms: u64,
     ref_name: Option<String>,
     commit: Option<String>,
+    /// Sequences of the commit events handled, first and last; none at start.
+    events: Option<(u64, u64)>,
+}
+
+impl std::fmt::Display for Cause {
+    /// As logs show it: `start`, `event:17`, or `events:12-15`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.events {
+            None => f.write_str("start"),
+            Some((first, last)) if first == last => write!(f, "event:{last}"),
+            Some((first, last)) => write!(f, "events:{first}-{last}"),
+        }
+    }
 }
 
 /// A service's new state, prepared off the async runtime.
@@ -146,6 +188,20 @@ const CONCURRENT_PUBLISHES: usize = 16;
 
 /// Runs the relay until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
+    let nats_shown = confcast_schemas::connect::redact_url(&config.nats_url);
+    tracing::info!(
+        version = %env!("CARGO_PKG_VERSION"),
+        dc = %config.dc,
+        master = %confcast_schemas::connect::redact_url(&config.master_url),
+        nats = %nats_shown,
+        state_dir = %config.state_dir.display(),
+        index = %match &config.consul {
+            Some(consul) => format!("nats-kv+consul {}", confcast_schemas::connect::redact_url(consul.url())),
+            None => "nats-kv".to_owned(),
+        },
+        "relay starting"
+    );
+    crate::mirror::check_master(&config.master_url)?;
     let _lock = lock_state_dir(&config.state_dir)?;
     if let Some(addr) = config.listen {
         let listener =
@@ -158,46 +214,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
     if let Some(signer) = &signer {
         tracing::info!(public_key = signer.public_key(), "signing every message for the datacenter's hosts");
     }
-    let options = config.nats_auth.apply(async_nats::ConnectOptions::new()).await.map_err(RelayError::Auth)?;
-    let client = options
-        .name(format!("confcast-relay {}", config.dc))
-        // A relay must notice a dead connection (black-holed network) quickly: two
-        // missed pings and it reconnects.
-        .ping_interval(Duration::from_secs(5))
-        .retry_on_initial_connect()
-        .connect(confcast_schemas::connect::servers(&config.nats_url).map_err(RelayError::Auth)?)
+    let name = format!("confcast-relay {}", config.dc);
+    let Some(client) = crate::publish::connect(&config.nats_url, &config.nats_auth, name, &shutdown)
         .await
-        .map_err(|e| BusError::new("connect", e))?;
-    let bus = tokio::select! {
-        bus = retry("opening streams", &shutdown, || Bus::open(client.clone(), &config.dc, &config.streams)) => bus,
-        () = shutdown.cancelled() => return Ok(()),
+        .map_err(RelayError::Auth)?
+    else {
+        return Ok(());
     };
-    let Some(bus) = bus else { return Ok(()) };
+    let opened =
+        retry("opening streams", &nats_shown, &shutdown, || Bus::open(client.clone(), &config.dc, &config.streams));
+    let Some(bus) = opened.await else { return Ok(()) };
     let bus = bus.with_signer(signer);
 
     // The durable consumer exists before the first sync, so no push made during the
     // sync is missed; created fresh, it starts at new events since the sync covers the past.
-    let commits =
-        bus.jetstream().get_stream(subject::COMMITS_STREAM).await.map_err(|e| BusError::new("commit stream", e))?;
-    let consumer: consumer::PullConsumer = commits
-        .get_or_create_consumer(
-            &subject::relay_consumer(&config.dc),
-            consumer::pull::Config {
-                durable_name: Some(subject::relay_consumer(&config.dc)),
-                description: Some(format!("confcast relay of datacenter {}", config.dc)),
-                filter_subject: subject::commits_wildcard(),
-                deliver_policy: consumer::DeliverPolicy::New,
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(120),
-                // Events are triggers (each handled by re-resolving the datacenter), so
-                // their order does not matter: several may be pending, so that one held
-                // by a relay that was killed does not block the others until ack_wait.
-                max_ack_pending: 64,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| BusError::new("relay consumer", e))?;
+    let consumer = retry("creating the relay's consumer", &nats_shown, &shutdown, || relay_consumer(&bus, &config.dc));
+    let Some(consumer) = consumer.await else { return Ok(()) };
+
+    // A relay takes the datacenter's lease only once it has fetched from the master: a
+    // relay that cannot (a master it cannot reach, credentials it lacks) must not hold
+    // off a standby that can.
+    if !first_fetch(&config, &mirror, &shutdown).await? {
+        return Ok(());
+    }
 
     // One relay per state dir (it holds the mirror), and the state dir names the relay.
     let holder = format!(
@@ -205,11 +244,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
         std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
         config.state_dir.canonicalize().unwrap_or_else(|_| config.state_dir.clone()).display()
     );
-    let lease = tokio::select! {
-        lease = retry("opening the lease", &shutdown, || Lease::open(bus.jetstream(), &config.dc, holder.clone(), config.lease_ttl, config.streams.replicas)) => lease,
-        () = shutdown.cancelled() => return Ok(()),
-    };
-    let Some(lease) = lease else { return Ok(()) };
+    let lease = retry("opening the lease", &nats_shown, &shutdown, || {
+        Lease::open(bus.jetstream(), &config.dc, holder.clone(), config.lease_ttl, config.streams.replicas)
+    });
+    let Some(lease) = lease.await else { return Ok(()) };
     loop {
         // A relay that stands by is ready too: it has done all it can until the lease
         // comes its way (acquiring an uncontested lease takes milliseconds).
@@ -239,6 +277,64 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
     }
     tracing::info!(dc = %config.dc, "relay stopped");
     Ok(())
+}
+
+/// The datacenter's durable consumer of commit events, shared by its relays.
+async fn relay_consumer(bus: &Bus, dc: &str) -> Result<consumer::PullConsumer, BusError> {
+    let commits =
+        bus.jetstream().get_stream(subject::COMMITS_STREAM).await.map_err(|e| BusError::new("commit stream", e))?;
+    commits
+        .get_or_create_consumer(
+            &subject::relay_consumer(dc),
+            consumer::pull::Config {
+                durable_name: Some(subject::relay_consumer(dc)),
+                description: Some(format!("confcast relay of datacenter {dc}")),
+                filter_subject: subject::commits_wildcard(),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(120),
+                // Events are triggers (each handled by re-resolving the datacenter), so
+                // their order does not matter: several may be pending, so that one held
+                // by a relay that was killed does not block the others until ack_wait.
+                max_ack_pending: 64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| BusError::new("relay consumer", e))
+}
+
+/// Fetches the datacenter's document until the master answers once: true then, false
+/// at shutdown. A failure that can never succeed (a transport gix does not have) ends
+/// the relay; any other is retried, and logged as [`Warnings`] allow.
+async fn first_fetch(config: &Config, mirror: &Mirror, shutdown: &CancellationToken) -> Result<bool, RelayError> {
+    const WHAT: &str = "the first fetch from the master";
+    let refs = BTreeSet::from([datacenter_ref(&config.dc)]);
+    let mut backoff = Backoff::default();
+    let mut warnings = Warnings::default();
+    let mut told = false;
+    loop {
+        let fetched = tokio::select! {
+            fetched = mirror.fetch_within(refs.clone(), config.fetch_timeout * 2) => fetched,
+            () = shutdown.cancelled() => return Ok(false),
+        };
+        match fetched {
+            Ok(_) => {
+                warnings.recovered(WHAT, mirror.shown_url());
+                return Ok(true);
+            }
+            Err(e) if !e.is_transient() => return Err(RelayError::Mirror(e)),
+            Err(e) => {
+                if !std::mem::replace(&mut told, true) {
+                    tracing::info!(dc = %config.dc, "the datacenter's lease is left to other relays until the master can be fetched from");
+                }
+                let delay = backoff.next_delay();
+                let cause = confcast_schemas::process::error_chain(&e);
+                warnings.warn(WHAT, mirror.shown_url(), &cause, delay);
+                tokio::select! { () = tokio::time::sleep(delay) => {}, () = shutdown.cancelled() => return Ok(false) }
+            }
+        }
+    }
 }
 
 /// Why a relay stopped handling events.
@@ -288,8 +384,9 @@ async fn lead_until(
 ) -> Result<(), RelayError> {
     let bus = bus.clone();
     let mirror = mirror.clone();
+    let nats_shown = confcast_schemas::connect::redact_url(&config.nats_url);
     let heads = tokio::select! {
-        heads = retry("loading heads", shutdown, || bus.load_heads()) => heads,
+        heads = retry("loading what was published", &nats_shown, shutdown, || bus.load_heads()) => heads,
         () = shutdown.cancelled() => return Ok(()),
     };
     let Some(heads) = heads else { return Ok(()) };
@@ -306,9 +403,16 @@ async fn lead_until(
         consul: config.consul.clone().map(|client| crate::consul::index::Feed::start(client, &config.dc)),
     };
 
-    let boot =
-        Cause { tag: format!("boot{}", now_ms()), event_seq: 0, pushed_at_ms: now_ms(), ref_name: None, commit: None };
+    let boot = Cause {
+        tag: format!("boot{}", now_ms()),
+        event_seq: 0,
+        pushed_at_ms: now_ms(),
+        ref_name: None,
+        commit: None,
+        events: None,
+    };
     let mut backoff = Backoff::default();
+    let mut warnings = Warnings::default();
     loop {
         let first = BTreeSet::from([datacenter_ref(&relay.dc)]);
         tokio::select! {
@@ -316,25 +420,33 @@ async fn lead_until(
                 Ok(()) => break,
                 Err(e) => {
                     relay.metrics.sync_failures.inc();
-                    let delay = backoff.next();
-                    tracing::warn!(dc = %relay.dc, error = %e, retry_in = ?delay, "initial sync failed");
+                    let delay = backoff.next_delay();
+                    let url = e.url(&config.nats_url, &relay.mirror);
+                    warnings.warn("the first sync", &url, &confcast_schemas::process::error_chain(&e), delay);
                     tokio::select! { () = tokio::time::sleep(delay) => {}, () = shutdown.cancelled() => return Ok(()) }
                 }
             },
             () = shutdown.cancelled() => return Ok(()),
         }
     }
+    warnings.recovered("the first sync", "");
     tracing::info!(dc = %relay.dc, services = relay.heads.len(), watched = relay.watched.len(), "relay ready");
     config.metrics.set_ready();
 
     let mut backoff = Backoff::default();
+    let mut consuming = Warnings::default();
+    let mut syncing = Warnings::default();
     'outer: loop {
         let mut messages = tokio::select! {
             m = consumer.messages() => match m {
-                Ok(m) => m,
+                Ok(m) => {
+                    consuming.recovered("consuming commit events", &nats_shown);
+                    m
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot consume commit events, retrying");
-                    tokio::select! { () = tokio::time::sleep(backoff.next()) => continue, () = shutdown.cancelled() => break }
+                    let delay = backoff.next_delay();
+                    consuming.warn("consuming commit events", &nats_shown, &confcast_schemas::process::error_chain(&e), delay);
+                    tokio::select! { () = tokio::time::sleep(delay) => continue, () = shutdown.cancelled() => break }
                 }
             },
             () = shutdown.cancelled() => break,
@@ -344,7 +456,8 @@ async fn lead_until(
             let first = match next {
                 Some(Ok(message)) => message,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "commit event stream error");
+                    let cause = confcast_schemas::process::error_chain(&e);
+                    consuming.warn("reading commit events", &nats_shown, &cause, None);
                     continue;
                 }
                 None => continue 'outer,
@@ -388,11 +501,13 @@ async fn lead_until(
                 pushed_at_ms: oldest.pushed_at_ms,
                 ref_name: Some(newest.ref_name.clone()),
                 commit: newest.new.clone(),
+                events: Some((*first_seq, *last_seq)),
             };
             let events = relevant.len();
             match relay.sync(&cause, refs).await {
                 Ok(()) => {
                     backoff = Backoff::default();
+                    syncing.recovered("handling commit events", "");
                     for (message, seq, _) in relevant {
                         if let Err(e) = message.double_ack().await {
                             tracing::warn!(seq, error = %e, "ack of commit event failed; it will be redelivered and found done");
@@ -401,8 +516,13 @@ async fn lead_until(
                 }
                 Err(e) => {
                     relay.metrics.sync_failures.inc();
-                    let delay = backoff.next();
-                    tracing::warn!(events, cause = %cause.tag, error = %e, retry_in = ?delay, "events not handled, will retry");
+                    let delay = backoff.next_delay();
+                    let url = e.url(&config.nats_url, &relay.mirror);
+                    let what = format!(
+                        "handling {events} commit event(s) ({cause}, {})",
+                        cause.ref_name.as_deref().unwrap_or("-")
+                    );
+                    syncing.warn(&what, &url, &confcast_schemas::process::error_chain(&e), delay);
                     for (message, _, _) in relevant {
                         let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                     }
@@ -419,43 +539,6 @@ const STANDBY_READY_AFTER: Duration = Duration::from_secs(2);
 /// At most this many waiting events are handled together (the consumer's
 /// `max_ack_pending` bounds it too).
 const BATCH_MAX: usize = 64;
-
-/// Retries `f` with backoff until it succeeds or shutdown; `None` on shutdown.
-async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
-    what: &str,
-    shutdown: &CancellationToken,
-    mut f: impl FnMut() -> F,
-) -> Option<T> {
-    let mut backoff = Backoff::default();
-    loop {
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(e) => {
-                let delay = backoff.next();
-                tracing::warn!(error = %e, retry_in = ?delay, "{what} failed");
-                tokio::select! { () = tokio::time::sleep(delay) => {}, () = shutdown.cancelled() => return None }
-            }
-        }
-    }
-}
-
-/// Exponential backoff from 100 ms to 10 s.
-#[derive(Debug)]
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(Duration::from_millis(100))
-    }
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let current = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(10));
-        current
-    }
-}
 
 struct Relay {
     dc: String,
@@ -487,13 +570,9 @@ impl Relay {
     /// transport hangs (the stuck worker is abandoned; `git://` sockets time out by
     /// themselves).
     async fn fetch(&self, refs: BTreeSet<String>) -> Result<crate::mirror::Fetched, SyncError> {
-        let limit = self.fetch_timeout * 2;
         let started = Instant::now();
         let packs_before = packs(&self.pack_dir);
-        let result = match tokio::time::timeout(limit, self.blocking(move |m| Ok(m.fetch(&refs)?))).await {
-            Ok(result) => result,
-            Err(_) => Err(SyncError::Resolve(format!("fetch from the master did not finish within {limit:?}"))),
-        };
+        let result = self.mirror.fetch_within(refs, self.fetch_timeout * 2).await.map_err(SyncError::from);
         self.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());
         if result.is_ok() {
             self.metrics.fetched_bytes.inc_by(fetched_bytes(&packs_before, &packs(&self.pack_dir)));
@@ -502,7 +581,7 @@ impl Relay {
     }
 
     /// Fetches `first`, then every newly depended-on ref, resolves, and publishes.
-    #[tracing::instrument(skip_all, fields(dc = %self.dc, cause = %cause.tag))]
+    #[tracing::instrument(skip_all, fields(dc = %self.dc, %cause))]
     async fn sync(&mut self, cause: &Cause, first: BTreeSet<String>) -> Result<(), SyncError> {
         let started = Instant::now();
         let mut fetched: BTreeSet<String> = BTreeSet::new();
@@ -1026,4 +1105,20 @@ fn fetched_bytes(before: &BTreeMap<std::ffi::OsString, u64>, after: &BTreeMap<st
 
 fn hex(bytes: &[u8; 20]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cause(events: Option<(u64, u64)>) -> Cause {
+        Cause { tag: String::new(), event_seq: 0, pushed_at_ms: 0, ref_name: None, commit: None, events }
+    }
+
+    #[test]
+    fn causes_read_as_what_they_are() {
+        assert_eq!(cause(None).to_string(), "start");
+        assert_eq!(cause(Some((17, 17))).to_string(), "event:17");
+        assert_eq!(cause(Some((12, 15))).to_string(), "events:12-15");
+    }
 }

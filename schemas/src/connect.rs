@@ -112,6 +112,27 @@ pub fn servers(urls: &str) -> Result<Vec<async_nats::ServerAddr>, AuthError> {
     Ok(servers)
 }
 
+/// `urls` (one URL or a comma-separated list) as logs and messages may show it: a
+/// password in the user part becomes `***`, and so does a user part that is a token
+/// alone (`nats://TOKEN@host`, `https://TOKEN@host`); an ssh user name (`ssh://git@host`)
+/// is kept, as it is no secret. Paths and anything that is not a URL are left as they are.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((user_info, host)) = authority.rsplit_once('@') else { return url.to_owned() };
+    let user_info = match user_info.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None if scheme.to_ascii_lowercase().contains("ssh") => user_info.to_owned(),
+        None => "***".to_owned(),
+    };
+    format!("{scheme}://{user_info}@{host}{path}")
+}
+
 impl NatsAuth {
     /// True when nothing is configured (plain connection, no TLS).
     pub fn is_empty(&self) -> bool {
@@ -249,6 +270,18 @@ mod tests {
         assert_eq!(cluster.len(), 2);
         assert!(servers("").is_err());
         assert!(servers("nats://host:notaport").is_err());
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted_and_nothing_else_is() {
+        assert_eq!(redact_url("nats://relay:s3cret@10.0.0.1:4222"), "nats://relay:***@10.0.0.1:4222");
+        assert_eq!(redact_url("nats://t0ken@a:4222, nats://b:4222"), "nats://***@a:4222, nats://b:4222");
+        assert_eq!(redact_url("https://user:tok@git.example/master.git"), "https://user:***@git.example/master.git");
+        assert_eq!(redact_url("https://tok@git.example/a@b.git"), "https://***@git.example/a@b.git");
+        assert_eq!(redact_url("ssh://git@git.example/master.git"), "ssh://git@git.example/master.git");
+        assert_eq!(redact_url("/srv/git/master.git"), "/srv/git/master.git");
+        assert_eq!(redact_url("git@git.example:master.git"), "git@git.example:master.git");
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 
     #[tokio::test]

@@ -309,6 +309,129 @@ pub fn configuration_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(DatacenterConfiguration)).expect("a schema serializes to JSON")
 }
 
+/// Where the branches of the datacenter-configurations live.
+pub const CONFIGURATION_BRANCHES: &str = "refs/heads/datacenter-configuration/";
+/// Where the versions (tags) of the datacenter-configurations live.
+pub const CONFIGURATION_TAGS: &str = "refs/tags/datacenter-configuration/";
+/// Where the datacenters' documents live, one branch per datacenter.
+pub const DATACENTER_BRANCHES: &str = "refs/heads/datacenters/";
+
+impl Kind {
+    /// The prefix of the branches of `<kind>s/<name>`: `refs/heads/<kind>s/<name>/`.
+    pub fn branch_prefix(self, name: &str) -> String {
+        format!("refs/heads/{}/{name}/", self.plural())
+    }
+
+    /// The prefix of the tags of `<kind>s/<name>`: `refs/tags/<kind>s/<name>/`.
+    pub fn tag_prefix(self, name: &str) -> String {
+        format!("refs/tags/{}/{name}/", self.plural())
+    }
+
+    /// The kind and name a branch or tag of a pinned tree belongs to:
+    /// `refs/tags/services/web/v1` is service `web`'s.
+    pub fn of_ref(ref_name: &str) -> Option<(Kind, &str)> {
+        let rest = ref_name.strip_prefix("refs/heads/").or_else(|| ref_name.strip_prefix("refs/tags/"))?;
+        Kind::ALL.into_iter().find_map(|kind| {
+            let (name, version) = rest.strip_prefix(kind.plural())?.strip_prefix('/')?.split_once('/')?;
+            (!name.is_empty() && !version.is_empty()).then_some((kind, name))
+        })
+    }
+}
+
+impl Pin {
+    /// The field that names the ref this pin resolves through, and its value:
+    /// `("branch", "master")` when it follows the branch head, else `("tag", "v1.0")`.
+    pub fn ref_field(&self) -> (&'static str, &str) {
+        if self.tag == LATEST {
+            ("branch", &self.branch)
+        } else {
+            ("tag", &self.tag)
+        }
+    }
+}
+
+impl DatacenterConfiguration {
+    /// Every pin with its kind and its place in its list, in resolution order.
+    pub fn all_pins(&self) -> impl Iterator<Item = (Kind, usize, &Pin)> {
+        Kind::ALL.into_iter().flat_map(move |kind| self.pins(kind).iter().enumerate().map(move |(i, p)| (kind, i, p)))
+    }
+
+    /// How errors name a field of a pin: `services[2].tag`.
+    pub fn pin_field(kind: Kind, index: usize, field: &str) -> String {
+        format!("{}[{index}].{field}", kind.plural())
+    }
+}
+
+impl DatacenterDoc {
+    /// How errors name an entry of a host's inventory: `inventories.hosts.host-a.services[0]`.
+    pub fn inventory_field(host: &str, kind: Kind, index: usize) -> String {
+        format!("inventories.hosts.{host}.{}[{index}]", kind.plural())
+    }
+
+    /// The `conf` value that names a datacenter-configuration ref, the inverse of
+    /// [`DatacenterDoc::conf_ref`]: `refs/tags/datacenter-configuration/big/v1` is
+    /// `datacenter-configuration/big/v1`. `None` for any other ref.
+    pub fn conf_naming(ref_name: &str) -> Option<String> {
+        let (rest, parts) = match ref_name.strip_prefix(CONFIGURATION_BRANCHES) {
+            Some(name) => (name, 1),
+            None => (ref_name.strip_prefix(CONFIGURATION_TAGS)?, 2),
+        };
+        let valid = rest.split('/').count() == parts && rest.split('/').all(valid_ref_component);
+        valid.then(|| format!("datacenter-configuration/{rest}"))
+    }
+}
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    #[test]
+    fn refs_of_pinned_trees_name_their_owner() {
+        assert_eq!(Kind::of_ref("refs/tags/services/web/v1"), Some((Kind::Service, "web")));
+        assert_eq!(Kind::of_ref("refs/heads/devices/sw-1/prod/eu"), Some((Kind::Device, "sw-1")));
+        assert_eq!(Kind::of_ref("refs/heads/services/web"), None, "a name without a branch");
+        assert_eq!(Kind::of_ref("refs/heads/datacenters/dc1"), None);
+        assert_eq!(Kind::Application.branch_prefix("billing"), "refs/heads/applications/billing/");
+        assert_eq!(Kind::Service.tag_prefix("web"), "refs/tags/services/web/");
+        let pin = Pin { name: "web".into(), branch: "master".into(), tag: "v1".into() };
+        assert_eq!(pin.ref_field(), ("tag", "v1"));
+        assert!(pin.ref_name(Kind::Service).starts_with(&Kind::Service.tag_prefix("web")));
+        let pin = Pin { tag: LATEST.into(), ..pin };
+        assert_eq!(pin.ref_field(), ("branch", "master"));
+        assert!(pin.ref_name(Kind::Service).starts_with(&Kind::Service.branch_prefix("web")));
+    }
+
+    #[test]
+    fn conf_naming_is_the_inverse_of_conf_ref() {
+        for conf in ["datacenter-configuration/big", "datacenter-configuration/big/v1.1"] {
+            let doc = DatacenterDoc { conf: conf.into(), inventories: Inventories::default() };
+            assert_eq!(DatacenterDoc::conf_naming(&doc.conf_ref().expect("valid")).as_deref(), Some(conf));
+        }
+        assert_eq!(DatacenterDoc::conf_naming("refs/heads/datacenter-configuration/a/b"), None);
+        assert_eq!(DatacenterDoc::conf_naming("refs/heads/services/web/master"), None);
+    }
+
+    #[test]
+    fn fields_are_named_as_validation_names_them() {
+        let conf = DatacenterConfiguration::parse(
+            br#"{"services":[{"name":"a","branch":"m"}],"devices":[{"name":"d","branch":"m"},{"name":"a/b","branch":"m"}]}"#,
+        )
+        .expect_err("bad device name");
+        assert!(conf.to_string().contains(&DatacenterConfiguration::pin_field(Kind::Device, 1, "name")), "{conf}");
+        let conf = DatacenterConfiguration::parse(
+            br#"{"services":[{"name":"a","branch":"m"}],"devices":[{"name":"d","branch":"m"}]}"#,
+        )
+        .expect("valid");
+        let pins: Vec<(Kind, usize, &str)> = conf.all_pins().map(|(k, i, p)| (k, i, p.name.as_str())).collect();
+        assert_eq!(pins, vec![(Kind::Service, 0, "a"), (Kind::Device, 0, "d")]);
+        let dc = DatacenterDoc::parse(
+            br#"{"conf":"datacenter-configuration/a","inventories":{"hosts":{"h":{"services":["x","a/b"]}}}}"#,
+        )
+        .expect_err("bad name");
+        assert!(dc.to_string().contains(&DatacenterDoc::inventory_field("h", Kind::Service, 1)), "{dc}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

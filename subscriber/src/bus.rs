@@ -1,4 +1,4 @@
-//! What a subscriber reads from the bus besides its update stream: snapshots,
+//! What a subscriber reads from the bus besides its update stream: snapshots, heads,
 //! the inventory, contents kept in the object store, and spilled messages.
 
 use std::collections::HashSet;
@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream::{self, object_store, stream::LastRawMessageErrorKind};
 use confcast_schemas::sign::{Verifier, EXPECTED_SEQUENCE_HEADER, SIGNATURE_HEADER};
-use confcast_schemas::{decode, subject, Inventory, Kind, ServiceUpdate};
+use confcast_schemas::{decode, subject, Inventory, Kind, ServiceHead, ServiceUpdate};
 use tokio::io::AsyncReadExt;
 use tokio::sync::OnceCell;
 
@@ -116,6 +116,15 @@ impl Reader {
     pub async fn snapshot(&self, kind: Kind, name: &str) -> Result<Option<ServiceUpdate>, ReadError> {
         match self.last_on(&subject::snapshot_subject(&self.dc, kind, name)).await? {
             Some(bytes) => Ok(Some(decode(&bytes).map_err(|e| ReadError::new("snapshot", e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The last head the relay published for a service: small, and enough to tell
+    /// whether the datacenter publishes it (a commit) or removed it (none).
+    pub async fn head(&self, kind: Kind, name: &str) -> Result<Option<ServiceHead>, ReadError> {
+        match self.last_on(&subject::head_subject(&self.dc, kind, name)).await? {
+            Some(bytes) => Ok(Some(decode(&bytes).map_err(|e| ReadError::new("head", e))?)),
             None => Ok(None),
         }
     }

@@ -1,17 +1,22 @@
 //! `subscriber`: one per host. See the crate docs of `confcast_subscriber`.
+//!
+//! Exit status, as every confcast command (`confcast_schemas::process`): 2 for a usage
+//! or configuration error found at start, said in one line; 1 when it stopped on an
+//! error while running, and from `verify` when a tree was altered; 0 otherwise.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
+use confcast_schemas::process::{self, LogFormat, EXIT_FAILED, EXIT_OK, EXIT_UNABLE};
 use confcast_schemas::Kind;
 use confcast_subscriber::exec::{parse_signal, Notify};
-use confcast_subscriber::{Config, Selection};
+use confcast_subscriber::{Config, Selection, SubscriberError};
 use tokio_util::sync::CancellationToken;
 
 /// Applies this host's configuration from the datacenter's stream and tells its processes.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(version, about, subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["service", "application", "device", "host"])))]
 struct Cli {
@@ -54,7 +59,10 @@ struct Cli {
     /// File holding the pid that `--signal` goes to.
     #[arg(long, env = "CONFCAST_PIDFILE", requires = "signal")]
     pidfile: Option<PathBuf>,
-    /// Host id in status reports (default: `--host`, else the system host name).
+    /// Host id in status reports and in the `--max-parallel` slots. Default: the `--host`
+    /// ID; else `<system host name>:<absolute --state-dir>` (`web-1:/etc/app/.confcast`),
+    /// which tells apart several subscribers of one machine and stays the same across
+    /// restarts. Set it when NATS permissions name the host (`status.<id>.>`).
     #[arg(long, env = "CONFCAST_HOST_ID")]
     host_id: Option<String>,
     /// Serve the host's configuration as JSON on this address (e.g. 127.0.0.1:7070) or
@@ -79,9 +87,9 @@ struct Cli {
     #[arg(long, env = "CONFCAST_VERIFY_INTERVAL_SECS", default_value_t = 300)]
     verify_interval_secs: u64,
     /// Wait a random time up to this many seconds before `--exec`/`--signal` (fractions
-    /// allowed), so that a datacenter's hosts do not all restart at once.
-    #[arg(long, env = "CONFCAST_SPLAY", value_name = "SECS", default_value_t = 0.0)]
-    splay: f64,
+    /// allowed), so that a datacenter's hosts do not all restart at once [default: 0].
+    #[arg(long = "splay-secs", alias = "splay", env = "CONFCAST_SPLAY_SECS", value_name = "SECS")]
+    splay_secs: Option<f64>,
     /// At most this many hosts of the datacenter run their `--exec`/`--signal` for the
     /// same change at once, coordinated through NATS (0: no limit).
     #[arg(long, env = "CONFCAST_MAX_PARALLEL", value_name = "N", default_value_t = 0)]
@@ -96,6 +104,8 @@ struct Cli {
     trusted_keys_file: Option<PathBuf>,
     #[command(flatten)]
     nats_auth: confcast_schemas::connect::NatsAuth,
+    #[command(flatten)]
+    log: process::LogArgs,
 }
 
 /// Owner, group and modes of the applied files.
@@ -147,51 +157,31 @@ enum Command {
 // would only add memory (a stack and a malloc arena each) on large hosts.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
+    let cli: Cli = process::parse_args("subscriber");
+    let format = cli.log.log_format;
+    process::init_logging(format, "info");
     if let Some(Command::Verify { dir, state_dir, perms }) = &cli.command {
         let state_dir = state_dir.clone().unwrap_or_else(|| dir.join(".confcast"));
         let perms = match perms.parse() {
             Ok(perms) => perms,
-            Err(e) => {
-                eprintln!("subscriber verify: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return refuse(format, "subscriber verify", e),
         };
         return match confcast_subscriber::verify(dir, &state_dir, &perms) {
             Ok((lines, intact)) => {
                 for line in lines {
                     println!("{line}");
                 }
-                if intact {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
+                process::exit(if intact { EXIT_OK } else { EXIT_FAILED })
             }
-            Err(e) => {
-                eprintln!("subscriber verify: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => refuse(format, "subscriber verify", e.to_string()),
         };
     }
     let (Some(dc), Some(dir)) = (cli.dc.clone(), cli.dir.clone()) else {
-        eprintln!("subscriber: --dc and --dir are required");
-        return ExitCode::from(2);
+        return refuse(format, "subscriber", "--dc and --dir are required");
     };
     let signal = match cli.signal.as_deref().map(parse_signal).transpose() {
         Ok(signal) => signal,
-        Err(e) => {
-            eprintln!("subscriber: --signal: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return refuse(format, "subscriber", format!("--signal: {e}")),
     };
     let selection = match &cli.host {
         Some(host) => Selection::Host(host.clone()),
@@ -204,56 +194,55 @@ async fn main() -> ExitCode {
     };
     let perms = match cli.perms.parse() {
         Ok(perms) => perms,
-        Err(e) => {
-            eprintln!("subscriber: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return refuse(format, "subscriber", e),
     };
     let listen_options = confcast_subscriber::serve::ListenOptions {
         remote: cli.listen_remote,
         socket_mode: match cli.listen_mode.as_deref().map(confcast_subscriber::perms::parse_mode).transpose() {
             Ok(mode) => mode,
-            Err(e) => {
-                eprintln!("subscriber: --listen-mode: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return refuse(format, "subscriber", format!("--listen-mode: {e}")),
         },
         socket_group: match cli.listen_group.as_deref().map(confcast_subscriber::perms::parse_group).transpose() {
             Ok(group) => group,
-            Err(e) => {
-                eprintln!("subscriber: --listen-group: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return refuse(format, "subscriber", format!("--listen-group: {e}")),
         },
     };
     if let Some(listen) = &cli.listen {
         if let Err(e) = listen.check(cli.listen_remote) {
-            eprintln!("subscriber: {e}");
-            return ExitCode::from(2);
+            return refuse(format, "subscriber", e);
         }
     }
-    let host_id = cli
-        .host_id
-        .or(cli.host.clone())
-        .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "unknown".to_owned());
+    let state_dir = cli.state_dir.clone().unwrap_or_else(|| dir.join(".confcast"));
+    let host_id = match (&cli.host_id, &cli.host) {
+        (Some(id), _) | (None, Some(id)) => id.clone(),
+        (None, None) => default_host_id(&state_dir),
+    };
     let mut trusted_keys = cli.trusted_key.clone();
     if let Some(path) = &cli.trusted_keys_file {
         match std::fs::read_to_string(path) {
             Ok(text) => trusted_keys.extend(
                 text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned),
             ),
-            Err(e) => {
-                eprintln!("subscriber: --trusted-keys-file {}: {e}", path.display());
-                return ExitCode::from(2);
-            }
+            Err(e) => return refuse(format, "subscriber", format!("--trusted-keys-file {}: {e}", path.display())),
         }
     }
+    let splay_secs = match cli.splay_secs {
+        Some(secs) => secs,
+        None => match process::renamed_env("CONFCAST_SPLAY", "CONFCAST_SPLAY_SECS").map(|v| v.trim().parse::<f64>()) {
+            None => 0.0,
+            Some(Ok(secs)) => secs,
+            Some(Err(e)) => return refuse(format, "subscriber", format!("CONFCAST_SPLAY: {e}")),
+        },
+    };
+    let splay = match Duration::try_from_secs_f64(splay_secs) {
+        Ok(splay) => splay,
+        Err(_) => return refuse(format, "subscriber", format!("--splay-secs {splay_secs}: not a number of seconds")),
+    };
     let config = Config {
         nats_url: cli.nats,
         dc,
         selection,
-        state_dir: cli.state_dir.unwrap_or_else(|| dir.join(".confcast")),
+        state_dir,
         dir,
         listen: cli.listen,
         listen_options,
@@ -267,22 +256,83 @@ async fn main() -> ExitCode {
         host_id,
         nats_auth: cli.nats_auth,
         trusted_keys,
-        splay: match Duration::try_from_secs_f64(cli.splay) {
-            Ok(splay) => splay,
-            Err(_) => {
-                eprintln!("subscriber: --splay {}: not a number of seconds", cli.splay);
-                return ExitCode::from(2);
-            }
-        },
+        splay,
         max_parallel: (cli.max_parallel > 0).then_some(cli.max_parallel),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(confcast_schemas::process::shutdown_on_signals(shutdown.clone()));
     match confcast_subscriber::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "subscriber failed");
-            ExitCode::FAILURE
+        Ok(()) => process::exit(EXIT_OK),
+        // What is wrong with the configuration, found as the subscriber starts.
+        Err(
+            e @ (SubscriberError::Auth(_)
+            | SubscriberError::TrustedKey(_)
+            | SubscriberError::Config(_)
+            | SubscriberError::StateDir(_)),
+        ) => {
+            process::cannot_start("subscriber", format, &e)
         }
+        Err(e) => {
+            tracing::error!(error = %process::error_chain(&e), "subscriber failed");
+            process::exit(EXIT_FAILED)
+        }
+    }
+}
+
+/// Says in one line why the subscriber cannot start, and exits 2.
+fn refuse(format: LogFormat, program: &str, problem: impl std::fmt::Display) -> ExitCode {
+    match format {
+        LogFormat::Text => eprintln!("{program}: {problem}"),
+        LogFormat::Json => tracing::error!(error = %problem, "{program} cannot start"),
+    }
+    process::exit(EXIT_UNABLE)
+}
+
+/// The host id of a subscriber not given `--host-id` nor `--host`: the system host name
+/// and the absolute state directory, unique per subscriber of a machine (one subscriber
+/// per state directory) and stable across restarts.
+fn default_host_id(state_dir: &Path) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    host_id_of(&host, state_dir)
+}
+
+fn host_id_of(host: &str, state_dir: &Path) -> String {
+    let dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    format!("{host}:{}", dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_host_id_tells_subscribers_of_one_machine_apart() {
+        let a = host_id_of("web-1", Path::new("/srv/a/.confcast"));
+        let b = host_id_of("web-1", Path::new("/srv/b/.confcast"));
+        assert_eq!(a, "web-1:/srv/a/.confcast");
+        assert_ne!(a, b);
+        let relative = host_id_of("web-1", Path::new("state"));
+        assert!(relative.starts_with("web-1:/") && relative.ends_with("/state"), "{relative}");
+    }
+
+    #[test]
+    fn the_old_splay_spelling_still_works() {
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "subscriber",
+            "--dc",
+            "dc1",
+            "--service",
+            "s",
+            "--dir",
+            "/x",
+            "--splay",
+            "2.5",
+        ])
+        .expect("parses");
+        assert_eq!(cli.splay_secs, Some(2.5));
     }
 }

@@ -5,6 +5,11 @@
 //! keeps nothing per host. An update applies when it starts from the commit in place;
 //! one that reaches a commit already in place is skipped; anything else is a gap and
 //! is resolved from the service's snapshot, never by guessing.
+//!
+//! Before anything else it takes its state directory ([`crate::lock`]) and says how it
+//! was started; while the datacenter is not ready it waits and says why
+//! ([`crate::waiting`]); which services it follows, and when one leaves the host, is
+//! decided in [`crate::selection`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -12,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{consumer, stream};
+use confcast_schemas::connect::redact_url;
 use confcast_schemas::message::now_ms;
 use confcast_schemas::sign::Verifier;
 use confcast_schemas::{decode, encode, subject, HostStatus, Kind, ServiceUpdate, WIRE_VERSION};
@@ -21,18 +27,12 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{ReadError, Reader};
 use crate::exec::{notify, Change, Notify};
 use crate::live::{Live, ServiceLabel};
+use crate::lock::{LockError, StateDirLock};
 use crate::materialize::{self, ApplyError, Layout};
 use crate::schedule::{Job, Limit, NatsSlots, Policy, Ran, Runner, Scheduler};
+use crate::selection::{check_distinct, list, unpublished, Plan, Removal, Selection, Service};
 use crate::state::{key, parse_key, Position, ServiceState};
-
-/// Which services this host runs.
-#[derive(Debug, Clone)]
-pub enum Selection {
-    /// Named on the command line.
-    Services(Vec<(Kind, String)>),
-    /// Whatever the datacenter's inventory lists for this host.
-    Host(String),
-}
+use crate::waiting::{self, Every, REPEAT};
 
 /// What a subscriber needs to run.
 #[derive(Debug, Clone)]
@@ -75,6 +75,9 @@ pub struct Config {
 /// Why the subscriber stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SubscriberError {
+    /// Another subscriber holds the state directory, or it cannot be locked.
+    #[error(transparent)]
+    StateDir(#[from] LockError),
     /// The NATS connection could not be set up.
     #[error("connecting to NATS: {0}")]
     Connect(String),
@@ -98,18 +101,23 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     // working directory the subscriber was started from.
     config.dir = std::path::absolute(&config.dir)?;
     config.state_dir = std::path::absolute(&config.state_dir)?;
-    let options = config.nats_auth.apply(async_nats::ConnectOptions::new()).await?;
-    let client = options
-        .name(format!("confcast-subscriber {}/{}", config.dc, config.host_id))
-        .retry_on_initial_connect()
-        .connect(confcast_schemas::connect::servers(&config.nats_url)?)
-        .await
-        .map_err(|e| SubscriberError::Connect(e.to_string()))?;
-    let js = async_nats::jetstream::new(client.clone());
+    // Before anything is touched: a second subscriber on this state dir stops here.
+    let _lock = StateDirLock::take(&config.state_dir)?;
+    let nats_shown = redact_url(&config.nats_url);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        dc = %config.dc,
+        host = %config.host_id,
+        dir = %config.dir.display(),
+        state_dir = %config.state_dir.display(),
+        nats = %nats_shown,
+        selection = %config.selection,
+        "subscriber starting"
+    );
     let verifier = Arc::new(Verifier::new(&config.trusted_keys)?);
-    let reader = Reader::new(js, &config.dc).with_verifier(verifier);
     let position_path = config.state_dir.join("position.json");
     let position = Position::load(&position_path, &config.dc)?;
+    // The local API serves the last good configuration whether or not the bus is up.
     let live = Live::default();
     if let Some(listen) = config.listen.clone() {
         listen.check(config.listen_options.remote).map_err(SubscriberError::Config)?;
@@ -121,17 +129,31 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
             }
         });
     }
+    let name = format!("confcast-subscriber {}/{}", config.dc, config.host_id);
+    let Some(client) = waiting::connect(&config.nats_url, &config.nats_auth, name, &shutdown).await? else {
+        return Ok(());
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let reader = Reader::new(js, &config.dc).with_verifier(verifier);
+    if !waiting::wait_for_streams(reader.jetstream(), &config.dc, &config.nats_url, &shutdown).await {
+        return Ok(());
+    }
     let limit = match config.max_parallel {
         None => Limit::None,
-        Some(slots) => loop {
-            match NatsSlots::open(reader.jetstream(), &config.dc, slots, &config.host_id).await {
-                Ok(slots) => break Limit::Nats(Box::new(slots)),
-                Err(e) => {
-                    tracing::info!(error = %e, "waiting for the datacenter's exec slots");
-                    tokio::select! { () = tokio::time::sleep(Duration::from_secs(1)) => {}, () = shutdown.cancelled() => return Ok(()) }
+        Some(slots) => {
+            let mut hint = Every::new(REPEAT);
+            loop {
+                match NatsSlots::open(reader.jetstream(), &config.dc, slots, &config.host_id).await {
+                    Ok(slots) => break Limit::Nats(Box::new(slots)),
+                    Err(e) => {
+                        if hint.due() {
+                            tracing::warn!(error = %e, "waiting for the datacenter's exec slots (--max-parallel)");
+                        }
+                        tokio::select! { () = tokio::time::sleep(Duration::from_secs(1)) => {}, () = shutdown.cancelled() => return Ok(()) }
+                    }
                 }
             }
-        },
+        }
     };
     let notify_config = Arc::new(config.notify.clone());
     let runner: Runner = Arc::new(move |job: Job| {
@@ -156,6 +178,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         position,
         position_path,
         services: BTreeSet::new(),
+        unknown: BTreeSet::new(),
+        unpublished: BTreeSet::new(),
+        conf_ref: None,
         failed: BTreeSet::new(),
         live,
         scheduler,
@@ -165,17 +190,25 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         changed: Vec::new(),
     };
 
+    let mut lost = Every::new(REPEAT);
     loop {
-        let services = match &config.selection {
-            Selection::Services(list) => list.iter().cloned().collect(),
-            Selection::Host(id) => match host.wait_for_inventory(id, &shutdown).await {
-                Some(services) => services,
+        if !waiting::wait_for_streams(host.reader.jetstream(), &config.dc, &config.nats_url, &shutdown).await {
+            return Ok(());
+        }
+        let (services, leaving) = match &config.selection {
+            Selection::Services(list) => {
+                let services: BTreeSet<Service> = list.iter().cloned().collect();
+                let leaving = host.present().difference(&services).map(|s| (s.clone(), Removal::CommandLine)).collect();
+                (services, leaving)
+            }
+            Selection::Host(id) => match host.wait_for_plan(id, &shutdown).await {
+                Some(plan) => host.adopt(id, &plan),
                 None => return Ok(()),
             },
         };
-        check_distinct(&services)?;
+        check_distinct(&services).map_err(SubscriberError::Config)?;
         host.services = services;
-        match host.follow(&shutdown).await {
+        match host.follow(&shutdown, &leaving).await {
             Ok(Followed::Shutdown) => return Ok(()),
             Ok(Followed::InventoryChanged) => {
                 tracing::info!(host = %config.host_id, "inventory changed, following the new service set")
@@ -183,25 +216,16 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
             // The bus went away while setting up or following: the last good
             // configuration stays in place and the subscriber tries again.
             Err(SubscriberError::Connect(e)) => {
-                tracing::warn!(error = %e, "lost the update stream; retrying");
+                if lost.due() {
+                    tracing::warn!(nats = %nats_shown, error = %e, "lost the update stream; retrying");
+                } else {
+                    tracing::debug!(nats = %nats_shown, error = %e, "lost the update stream; retrying");
+                }
                 tokio::select! { () = tokio::time::sleep(Duration::from_secs(1)) => {}, () = shutdown.cancelled() => return Ok(()) }
             }
             Err(e) => return Err(e),
         }
     }
-}
-
-fn check_distinct(services: &BTreeSet<(Kind, String)>) -> Result<(), SubscriberError> {
-    let mut names = BTreeMap::new();
-    for (kind, name) in services {
-        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(SubscriberError::Config(format!("{kind} name {name:?} cannot be a directory name")));
-        }
-        if let Some(other) = names.insert(name.clone(), *kind) {
-            return Err(SubscriberError::Config(format!("{other} and {kind} {name:?} would share {name:?} in --dir")));
-        }
-    }
-    Ok(())
 }
 
 enum Followed {
@@ -255,7 +279,15 @@ struct Host {
     reader: Reader,
     position: Position,
     position_path: PathBuf,
-    services: BTreeSet<(Kind, String)>,
+    services: BTreeSet<Service>,
+    /// With `--host`: followed services that the inventory entry names but the
+    /// datacenter does not publish; once one is, the inventory is looked at again.
+    unknown: BTreeSet<Service>,
+    /// With `--service`: followed services with nothing in place, not yet found
+    /// published nor said to be missing.
+    unpublished: BTreeSet<Service>,
+    /// The configuration the datacenter follows, from its last inventory read.
+    conf_ref: Option<String>,
     /// Services whose last update could not be applied (full disk, I/O error): retried
     /// from the snapshot every [`RETRY_FAILED`].
     failed: BTreeSet<(Kind, String)>,
@@ -279,6 +311,9 @@ const SAVE_EVERY: usize = 64;
 
 /// How often services whose update failed are retried.
 const RETRY_FAILED: Duration = Duration::from_secs(2);
+
+/// How often a `--service` with nothing published is looked for.
+const CHECK_UNPUBLISHED: Duration = Duration::from_secs(2);
 
 impl Host {
     fn layout(&self, kind: Kind, name: &str) -> Layout {
@@ -317,30 +352,54 @@ impl Host {
         Ok(())
     }
 
-    async fn wait_for_inventory(&self, id: &str, shutdown: &CancellationToken) -> Option<BTreeSet<(Kind, String)>> {
-        let mut warned = false;
+    /// The services whose trees are on this host.
+    fn present(&self) -> BTreeSet<Service> {
+        self.position
+            .services
+            .iter()
+            .filter(|(_, state)| state.commit.is_some())
+            .filter_map(|(k, _)| parse_key(k))
+            .collect()
+    }
+
+    /// What the datacenter's inventory, as published now, means for host `id`; `None`
+    /// while the relay has published no inventory.
+    async fn plan(&mut self, id: &str) -> Result<Option<Plan>, ReadError> {
+        let Some(inventory) = self.reader.inventory().await? else { return Ok(None) };
+        self.conf_ref = Some(inventory.conf_ref.clone());
+        let entry = inventory.hosts.get(id);
+        let present = self.present();
+        let mut published = BTreeSet::new();
+        for (kind, name) in entry.map(crate::selection::named).unwrap_or_default() {
+            // A tree on this host came from the datacenter (its head may still be on its
+            // way: the relay writes it after the update).
+            if present.contains(&(kind, name.clone()))
+                || self.reader.head(kind, &name).await?.is_some_and(|head| head.commit.is_some())
+            {
+                published.insert((kind, name));
+            }
+        }
+        Ok(Some(crate::selection::plan(entry, &present, &published)))
+    }
+
+    /// Waits until the relay has published the datacenter's inventory, and plans from it.
+    async fn wait_for_plan(&mut self, id: &str, shutdown: &CancellationToken) -> Option<Plan> {
+        let dc = self.config.dc.clone();
+        let started = tokio::time::Instant::now();
+        let (mut waiting, mut failing) = (Every::new(REPEAT), Every::new(REPEAT));
         loop {
-            match self.reader.inventory().await {
-                Ok(Some(inventory)) => {
-                    let inv = inventory.hosts.get(id).cloned().unwrap_or_default();
-                    if !inventory.hosts.contains_key(id) {
-                        tracing::warn!(
-                            host = id,
-                            "host is not in the datacenter's inventory; following nothing until it is"
-                        );
+            match self.plan(id).await {
+                Ok(Some(plan)) => return Some(plan),
+                Ok(None) if waiting.due() => {
+                    if started.elapsed() < REPEAT {
+                        tracing::info!(%dc, "waiting for the relay to publish the datacenter's inventory");
+                    } else {
+                        tracing::warn!(%dc, "the relay of datacenter {dc} has not published its inventory yet (its log and error events say why); waiting");
                     }
-                    return Some(
-                        Kind::ALL.iter().flat_map(|k| inv.names(*k).iter().map(|n| (*k, n.clone()))).collect(),
-                    );
-                }
-                Ok(None) if !warned => {
-                    tracing::info!("waiting for the relay to publish the datacenter's inventory");
-                    warned = true;
                 }
                 Ok(None) => {}
-                Err(e) if !warned => {
-                    tracing::info!(error = %e, "waiting for the datacenter's streams");
-                    warned = true;
+                Err(e) if failing.due() => {
+                    tracing::warn!(%dc, error = %e, "cannot read the datacenter's inventory; retrying")
                 }
                 Err(_) => {}
             }
@@ -348,25 +407,95 @@ impl Host {
         }
     }
 
-    /// Bootstraps services without a position, then follows the update stream.
-    async fn follow(&mut self, shutdown: &CancellationToken) -> Result<Followed, SubscriberError> {
-        let stream = loop {
-            match self.reader.jetstream().get_stream(subject::updates_stream(&self.config.dc)).await {
-                Ok(stream) => break stream,
-                Err(e) => {
-                    tracing::info!(error = %e, "waiting for the datacenter's update stream");
-                    tokio::select! { () = tokio::time::sleep(Duration::from_millis(500)) => {}, () = shutdown.cancelled() => return Ok(Followed::Shutdown) }
+    /// Takes `plan` as this host's selection: says what it keeps and why, and returns
+    /// the services to follow and those that leave the host (see [`crate::selection`]).
+    fn adopt(&mut self, id: &str, plan: &Plan) -> (BTreeSet<Service>, BTreeMap<Service, Removal>) {
+        let dc = self.config.dc.clone();
+        let conf_ref = self.conf_ref.clone().unwrap_or_default();
+        let kept = if plan.held.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; keeping {} on this host: nothing leaves a host on an entry that cannot be trusted",
+                list(&plan.held)
+            )
+        };
+        if !plan.listed {
+            if plan.held.is_empty() {
+                tracing::warn!(host = id, %dc, "host {id} is not in the inventory of datacenter {dc}; following nothing until it is");
+            } else {
+                tracing::warn!(
+                    host = id,
+                    %dc,
+                    "host {id} is not in the inventory of datacenter {dc}{kept} (a host leaves a service when its entry no longer lists it; an empty entry for all)"
+                );
+            }
+        }
+        if !plan.unknown.is_empty() {
+            let unknown = list(&plan.unknown);
+            tracing::warn!(
+                host = id,
+                %dc,
+                "host {id}'s entry in the inventory of datacenter {dc} lists {unknown}, which the datacenter does not publish (not in its configuration {conf_ref}, or its pin does not resolve: the relay's error events say which){kept}; waiting for it"
+            );
+            for (kind, name) in &plan.unknown {
+                let problem = format!(
+                    "{}; host {id}'s inventory entry lists it{kept}",
+                    unpublished(*kind, name, &dc, Some(&conf_ref))
+                );
+                self.live.update(&key(*kind, name), |live| live.error = Some(problem));
+            }
+        }
+        self.unknown = plan.unknown.clone();
+        let why = Removal::Inventory { dc, host: id.to_owned(), conf_ref };
+        (plan.follow.clone(), plan.remove.iter().map(|s| (s.clone(), why.clone())).collect())
+    }
+
+    /// With `--service`: says once, naming the datacenter, that a followed service has
+    /// nothing published there, once the relay has published the datacenter's state.
+    async fn check_unpublished(&mut self) {
+        let Ok(Some(inventory)) = self.reader.inventory().await else { return };
+        for (kind, name) in std::mem::take(&mut self.unpublished) {
+            if self.state(kind, &name).commit.is_some() {
+                continue;
+            }
+            match self.reader.head(kind, &name).await {
+                // Published: its update is on the stream.
+                Ok(Some(head)) if head.commit.is_some() => {}
+                Ok(_) => {
+                    let problem = unpublished(kind, &name, &self.config.dc, Some(&inventory.conf_ref));
+                    tracing::warn!(%kind, %name, dc = %self.config.dc, "{problem}; waiting for it");
+                    self.report(kind, &name, None, Some(problem), None).await;
+                }
+                Err(_) => {
+                    self.unpublished.insert((kind, name));
                 }
             }
+        }
+    }
+
+    /// Removes the services in `leaving`, bootstraps services without a position, then
+    /// follows the update stream.
+    async fn follow(
+        &mut self,
+        shutdown: &CancellationToken,
+        leaving: &BTreeMap<Service, Removal>,
+    ) -> Result<Followed, SubscriberError> {
+        let stream = match self.reader.jetstream().get_stream(subject::updates_stream(&self.config.dc)).await {
+            Ok(stream) => stream,
+            Err(e) => return Err(SubscriberError::Connect(format!("the datacenter's update stream: {e}"))),
         };
-        let services: Vec<(Kind, String)> = self.services.iter().cloned().collect();
-        self.drop_unselected().await?;
+        let services: Vec<Service> = self.services.iter().cloned().collect();
+        self.leave(leaving).await?;
+        let mut failing = Every::new(REPEAT);
         for (kind, name) in &services {
             loop {
                 match self.bootstrap(&stream, *kind, name).await {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::warn!(%kind, %name, error = %e, "bootstrap failed, retrying");
+                        if failing.due() {
+                            tracing::warn!(%kind, %name, error = %e, "bootstrap failed, retrying");
+                        }
                         tokio::select! { () = tokio::time::sleep(Duration::from_secs(1)) => {}, () = shutdown.cancelled() => return Ok(Followed::Shutdown) }
                     }
                 }
@@ -375,6 +504,9 @@ impl Host {
         self.save().await?;
         if services.is_empty() && !matches!(self.config.selection, Selection::Host(_)) {
             return Err(SubscriberError::Config("no service selected".into()));
+        }
+        if matches!(self.config.selection, Selection::Services(_)) {
+            self.unpublished = services.iter().filter(|(k, n)| self.state(*k, n).commit.is_none()).cloned().collect();
         }
 
         let start = services.iter().map(|(k, n)| self.state(*k, n).seq).min().unwrap_or(0) + 1;
@@ -392,6 +524,7 @@ impl Host {
             .verify_interval
             .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
         let mut retry_tick = tokio::time::interval_at(tokio::time::Instant::now() + RETRY_FAILED, RETRY_FAILED);
+        let mut unpublished_tick = tokio::time::interval(CHECK_UNPUBLISHED);
         // Reports every service at start and then now and again, so the datacenter's
         // status stream knows this host even when nothing changes.
         let mut status_tick = tokio::time::interval(confcast_schemas::message::STATUS_REFRESH);
@@ -448,13 +581,17 @@ impl Host {
                     self.retry_failed().await?;
                     self.flush_execs().await?;
                 }
+                _ = unpublished_tick.tick(), if !self.unpublished.is_empty() => self.check_unpublished().await,
                 Some(_) = inventory_changed => {
                     if let Selection::Host(id) = &self.config.selection {
-                        let now = self.reader.inventory().await.ok().flatten().and_then(|i| i.hosts.get(id).cloned()).unwrap_or_default();
-                        let wanted: BTreeSet<(Kind, String)> = Kind::ALL.iter().flat_map(|k| now.names(*k).iter().map(|n| (*k, n.clone()))).collect();
-                        if wanted != self.services {
-                            self.persist().await?;
-                            return Ok(Followed::InventoryChanged);
+                        let id = id.clone();
+                        match self.plan(&id).await {
+                            Ok(Some(plan)) if plan.follow != self.services || !plan.remove.is_empty() => {
+                                self.persist().await?;
+                                return Ok(Followed::InventoryChanged);
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot read the datacenter's inventory; following the same services"),
                         }
                     }
                 }
@@ -469,6 +606,12 @@ impl Host {
                         if pending == 0 || self.unsaved >= SAVE_EVERY {
                             self.persist().await?;
                         }
+                        // A service the inventory named before the datacenter published
+                        // it is here now: the inventory may be trusted again.
+                        if self.unknown.iter().any(|(k, n)| self.state(*k, n).commit.is_some()) {
+                            self.persist().await?;
+                            return Ok(Followed::InventoryChanged);
+                        }
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, "update stream error; the consumer recovers by itself"),
                     None => return Err(SubscriberError::Connect("update stream ended".into())),
@@ -477,21 +620,40 @@ impl Host {
         }
     }
 
+    /// The datacenter's inventory messages from the last one on; `None` (said at WARN)
+    /// when they cannot be watched, e.g. NATS permissions without a consumer on the
+    /// state stream: the host then sees inventory changes only when it restarts.
     async fn watch_inventory(&self) -> Option<consumer::pull::Ordered> {
-        let stream = self.reader.jetstream().get_stream(subject::state_stream(&self.config.dc)).await.ok()?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject::inventory_subject(&self.config.dc),
-                deliver_policy: consumer::DeliverPolicy::New,
-                ..Default::default()
+        let stream = self.reader.jetstream().get_stream(subject::state_stream(&self.config.dc)).await;
+        let watch = match stream {
+            Ok(stream) => {
+                let consumer = stream
+                    .create_consumer(consumer::pull::OrderedConfig {
+                        filter_subject: subject::inventory_subject(&self.config.dc),
+                        // The last one too: one published while this host planned is not
+                        // missed (one it planned from already changes nothing).
+                        deliver_policy: consumer::DeliverPolicy::Last,
+                        ..Default::default()
+                    })
+                    .await;
+                match consumer {
+                    Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        watch
+            .inspect_err(|e| {
+                tracing::warn!(dc = %self.config.dc, error = %e, "cannot watch the datacenter's inventory; its changes reach this host when it restarts")
             })
-            .await
-            .ok()?;
-        consumer.messages().await.ok()
+            .ok()
     }
 
-    /// Services that left this host's selection: their link goes, their exec runs.
-    async fn drop_unselected(&mut self) -> Result<(), SubscriberError> {
+    /// Takes off this host the services in `leaving`, each for the reason given, and
+    /// forgets followed services that never had anything in place. A service with a tree
+    /// on the host that nothing explicit took away stays as it is.
+    async fn leave(&mut self, leaving: &BTreeMap<Service, Removal>) -> Result<(), SubscriberError> {
         let gone: Vec<String> = self
             .position
             .services
@@ -501,25 +663,31 @@ impl Host {
             .collect();
         for k in gone {
             let Some((kind, name)) = parse_key(&k) else { continue };
-            let state = self.state(kind, &name);
-            if state.commit.is_some() {
-                if let Err(e) = materialize::unlink(&self.layout(kind, &name)) {
-                    tracing::error!(%kind, %name, error = %e, "cannot remove service that left this host");
-                    continue;
+            if self.state(kind, &name).commit.is_none() {
+                self.position.services.remove(&k);
+                // Its last report said it was missing: it is simply not followed any more.
+                if self.live.service(&k).is_some_and(|live| live.error.is_some()) {
+                    self.report(kind, &name, None, None, None).await;
                 }
-                tracing::info!(%kind, %name, "service no longer runs on this host; removed");
-                self.position.services.remove(&k);
-                self.save().await?;
-                self.scheduler.submit(Job {
-                    kind,
-                    dir: self.config.dir.join(&name),
-                    name,
-                    commit: None,
-                    ref_name: String::new(),
-                });
-            } else {
-                self.position.services.remove(&k);
+                continue;
             }
+            let Some(why) = leaving.get(&(kind, name.clone())) else {
+                tracing::warn!(%kind, %name, "{kind} {name} is no longer followed but nothing said it leaves this host; keeping it");
+                continue;
+            };
+            if let Err(e) = self.remove(kind, &name, why).await {
+                tracing::error!(%kind, %name, error = %e, "cannot remove service that left this host");
+                continue;
+            }
+            self.position.services.remove(&k);
+            self.save().await?;
+            self.scheduler.submit(Job {
+                kind,
+                dir: self.config.dir.join(&name),
+                name,
+                commit: None,
+                ref_name: String::new(),
+            });
         }
         Ok(())
     }
@@ -601,7 +769,9 @@ impl Host {
             if state.commit.is_none() {
                 Ok(Outcome::Skipped)
             } else {
-                self.remove(kind, &name).await
+                // Carried out only if the service's latest snapshot says removed too
+                // (see `crate::selection`); one that holds a commit is applied instead.
+                self.resync(kind, &name, &state).await
             }
         } else if update.to == state.commit {
             Ok(Outcome::Skipped)
@@ -637,7 +807,6 @@ impl Host {
                             applied_at_ms: Some(now_ms()),
                             ..state
                         };
-                        tracing::info!(%kind, %name, "removed");
                     }
                     Outcome::Skipped => state.seq = seq,
                 }
@@ -704,7 +873,8 @@ impl Host {
             return Err(ApplyError::Malformed("no snapshot to resync from".into()));
         };
         if snapshot.is_removal() {
-            return if state.commit.is_some() { self.remove(kind, name).await } else { Ok(Outcome::Skipped) };
+            let why = Removal::Datacenter { dc: self.config.dc.clone() };
+            return if state.commit.is_some() { self.remove(kind, name, &why).await } else { Ok(Outcome::Skipped) };
         }
         if snapshot.to == state.commit {
             return Ok(Outcome::Skipped);
@@ -742,7 +912,10 @@ impl Host {
         Ok(())
     }
 
-    async fn remove(&self, kind: Kind, name: &str) -> Result<Outcome, ApplyError> {
+    /// Takes `<dir>/<name>` off this host, saying why at WARN.
+    async fn remove(&self, kind: Kind, name: &str, why: &Removal) -> Result<Outcome, ApplyError> {
+        let link = self.config.dir.join(name);
+        tracing::warn!(%kind, %name, "removing {kind} {name} ({}) from this host: {why}", link.display());
         materialize::unlink(&self.layout(kind, name))?;
         self.live.metrics.applied.get_or_create(&ServiceLabel { service: key(kind, name) }).inc();
         Ok(Outcome::Removed)
@@ -830,11 +1003,22 @@ impl Host {
     /// scheduler, and again after a restart).
     async fn exec_done(&mut self, ran: Ran) -> Result<(), SubscriberError> {
         let (kind, name) = (ran.job.kind, ran.job.name.clone());
+        let commit = ran.job.commit.as_deref().unwrap_or("removed");
+        let took_ms = u64::try_from(ran.took.as_millis()).unwrap_or(u64::MAX);
         let (error, status) = match &ran.result {
-            Ok(status) => (None, *status),
+            Ok(status) => {
+                let notify = &self.config.notify;
+                if notify.exec.is_some() {
+                    let exit_status = status.unwrap_or(0);
+                    tracing::info!(%kind, %name, %commit, exit_status, took_ms, attempt = ran.attempt, "--exec succeeded");
+                } else if notify.signal.is_some() {
+                    tracing::info!(%kind, %name, %commit, took_ms, attempt = ran.attempt, "--signal sent");
+                }
+                (None, *status)
+            }
             Err(failure) => {
                 self.live.metrics.error("exec");
-                tracing::error!(%kind, %name, attempt = ran.attempt, error = %failure.message, "telling the host's processes failed; retrying with backoff");
+                tracing::error!(%kind, %name, %commit, exit_status = ?failure.status, took_ms, attempt = ran.attempt, error = %failure.message, "telling the host's processes failed; retrying with backoff");
                 (Some(failure.message.clone()), failure.status)
             }
         };

@@ -49,6 +49,8 @@ pub struct Ran {
     pub result: Result<Option<i32>, Failure>,
     /// 1 for the first run of this change, 2 for its first retry, ...
     pub attempt: u32,
+    /// How long the run took (the command and the signal, not the wait for a slot).
+    pub took: Duration,
 }
 
 /// A failed run.
@@ -287,10 +289,12 @@ async fn work(
             }
             last = Some(job.clone());
             let Some(permit) = limit.acquire(&job, &shutdown).await else { return };
+            let started = tokio::time::Instant::now();
             let result = runner(job.clone()).await;
+            let took = started.elapsed();
             permit.release().await;
             let ok = result.is_ok();
-            if ran.send(Ran { job, result, attempt }).is_err() {
+            if ran.send(Ran { job, result, attempt, took }).is_err() {
                 return;
             }
             if ok {

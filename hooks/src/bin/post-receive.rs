@@ -3,13 +3,25 @@
 //! fails the push and never waits longer than `confcast.timeoutMs` (1.5 s by default)
 //! for the bus; with `confcast.waitRollout` set it then waits, that long at most, for
 //! the hosts to converge and prints where each datacenter stands.
+//!
+//! git runs it without arguments; given any (`--help`, `--version`), it answers the
+//! human asking and exits 0 without reading stdin.
 
 use std::io::Read;
 use std::process::ExitCode;
 
 use confcast_hooks::{announcement_lines, commit_events, parse_updates, wait_rollout, Settings};
 
+/// What `post-receive --help` says.
+const HELP: &str = "git post-receive hook of a confcast master: announces every pushed ref update on NATS \
+(or spools it when NATS is unreachable, for the next push or `publisher drain`) and tells the pusher what it \
+published. Never fails a push; waits for the bus at most confcast.timeoutMs (1500 ms), and for the hosts at most \
+confcast.waitRollout seconds when that is set.";
+
 fn main() -> ExitCode {
+    if let Some(code) = confcast_schemas::process::hook_arguments("post-receive", env!("CARGO_PKG_VERSION"), HELP) {
+        return code;
+    }
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {
         eprintln!("confcast: cannot read hook input: {e}");
