@@ -942,3 +942,42 @@ impl Subscriber {
         sub
     }
 }
+
+/// A plain HTTP/1.1 GET over `stream` (TCP or a unix socket): (status, body).
+pub fn http_get(stream: &mut (impl std::io::Read + std::io::Write), path: &str) -> (u16, Vec<u8>) {
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    (status, raw[split + 4..].to_vec())
+}
+
+/// An update for `service0` of `dc1` that no relay published: `to` and `tree` as
+/// given, the entries as given (a test forging what the bus could carry).
+pub fn forged_update(
+    from: Option<String>,
+    to: &str,
+    tree: &str,
+    snapshot: bool,
+    entries: Vec<confcast_schemas::Entry>,
+) -> confcast_schemas::ServiceUpdate {
+    confcast_schemas::ServiceUpdate {
+        v: confcast_schemas::WIRE_VERSION,
+        dc: "dc1".into(),
+        kind: confcast_schemas::Kind::Service,
+        name: "service0".into(),
+        ref_name: "refs/heads/services/service0/master".into(),
+        branch: "master".into(),
+        version: "latest".into(),
+        from,
+        to: Some(to.to_owned()),
+        tree: Some(tree.to_owned()),
+        snapshot,
+        entries,
+        event_seq: 0,
+        pushed_at_ms: 0,
+        published_at_ms: 0,
+    }
+}

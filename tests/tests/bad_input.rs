@@ -2,8 +2,8 @@
 //! what was wrong: documents that bypassed pre-receive, missing pins, deleted branches,
 //! trees that would escape their directory, garbage and forged messages on the bus.
 
-use confcast_schemas::{encode, subject, ChangeKind, Entry, FileMode, Kind, ServiceUpdate, WIRE_VERSION};
-use confcast_tests::{publish_raw, wait_error, wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_schemas::{encode, subject, ChangeKind, Entry, FileMode, Kind, ServiceUpdate};
+use confcast_tests::{forged_update, publish_raw, wait_error, wait_for, Master, NatsServer, Relay, Subscriber};
 use serde_bytes::ByteBuf;
 use std::time::Duration;
 
@@ -145,19 +145,12 @@ fn garbage_and_forged_messages_are_ignored() {
     let update_subject = subject::update_subject("dc1", Kind::Service, "service0");
 
     publish_raw(&nats.url(), &update_subject, b"\xc1 not msgpack".to_vec());
-    let forged = ServiceUpdate {
-        v: WIRE_VERSION,
-        dc: "dc1".into(),
-        kind: Kind::Service,
-        name: "service0".into(),
-        ref_name: "refs/heads/services/service0/master".into(),
-        branch: "master".into(),
-        version: "latest".into(),
-        from: Some(first.clone()),
-        to: Some("f".repeat(40)),
-        tree: Some("e".repeat(40)),
-        snapshot: false,
-        entries: vec![Entry {
+    let forged = forged_update(
+        Some(first.clone()),
+        &"f".repeat(40),
+        &"e".repeat(40),
+        false,
+        vec![Entry {
             path: ByteBuf::from(b"app.conf".to_vec()),
             change: ChangeKind::Modify,
             mode: Some(FileMode::Regular),
@@ -166,10 +159,7 @@ fn garbage_and_forged_messages_are_ignored() {
             object: None,
             from_path: None,
         }],
-        event_seq: 0,
-        pushed_at_ms: 0,
-        published_at_ms: 0,
-    };
+    );
     publish_raw(&nats.url(), &update_subject, encode(&forged));
     // Well-formed, but for another datacenter than its subject says.
     publish_raw(&nats.url(), &update_subject, encode(&ServiceUpdate { dc: "dc2".into(), ..forged.clone() }));

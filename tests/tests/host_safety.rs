@@ -3,26 +3,19 @@
 //! disk), applied files get the owner and modes the operator chose and keep them, and
 //! the API listens only where the operator allows.
 
-use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use confcast_schemas::{encode, subject, ChangeKind, Entry, FileMode, Kind, ServiceUpdate, WIRE_VERSION};
-use confcast_tests::{bin, git, publish_raw, wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_schemas::{encode, subject, ChangeKind, Entry, FileMode, Kind};
+use confcast_tests::{bin, forged_update, git, http_get, publish_raw, wait_for, Master, NatsServer, Relay, Subscriber};
 use serde_bytes::ByteBuf;
 
-/// A plain HTTP/1.1 GET: (status, body).
+/// GET over TCP: (status, body as text).
 fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
-    (status, String::from_utf8_lossy(&raw[split + 4..]).into_owned())
+    let (status, body) = http_get(&mut std::net::TcpStream::connect(addr).expect("connect"), path);
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 fn free_port() -> u16 {
@@ -78,23 +71,7 @@ fn a_forged_tree_whose_links_leave_through_one_another_is_never_applied() {
     std::os::unix::fs::symlink("a/b/deep/../etc/passwd", work.path().join("x")).expect("link");
     let (entries, tree) = snapshot_of(work.path());
     let forged_commit = "f".repeat(40);
-    let forged = ServiceUpdate {
-        v: WIRE_VERSION,
-        dc: "dc1".into(),
-        kind: Kind::Service,
-        name: "service0".into(),
-        ref_name: "refs/heads/services/service0/master".into(),
-        branch: "master".into(),
-        version: "latest".into(),
-        from: None,
-        to: Some(forged_commit.clone()),
-        tree: Some(tree),
-        snapshot: true,
-        entries,
-        event_seq: 0,
-        pushed_at_ms: 0,
-        published_at_ms: 0,
-    };
+    let forged = forged_update(None, &forged_commit, &tree, true, entries);
     publish_raw(&nats.url(), &subject::update_subject("dc1", Kind::Service, "service0"), encode(&forged));
 
     let line = wait_for(Duration::from_secs(10), "the subscriber to refuse the forged tree", || {
@@ -320,8 +297,5 @@ fn the_api_listens_only_where_the_operator_allows() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), gid);
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
-    write!(stream, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(http_get(&mut stream, "/healthz"), (200, b"ok\n".to_vec()));
 }

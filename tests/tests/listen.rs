@@ -1,21 +1,8 @@
 //! `subscriber --listen`: the host's configuration as JSON on localhost, over TCP and a
 //! unix socket, always one commit's files.
 
-use std::io::{Read, Write};
-
-use confcast_tests::{wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{http_get as get, wait_for, Master, NatsServer, Relay, Subscriber};
 use std::time::Duration;
-
-/// A plain HTTP/1.1 GET: (status, body).
-fn get(stream: &mut (impl Read + Write), path: &str) -> (u16, Vec<u8>) {
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
-    (status, raw[split + 4..].to_vec())
-}
 
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).expect("JSON body")
