@@ -269,9 +269,7 @@ async fn main() -> ExitCode {
             | SubscriberError::TrustedKey(_)
             | SubscriberError::Config(_)
             | SubscriberError::StateDir(_)),
-        ) => {
-            process::cannot_start("subscriber", format, &e)
-        }
+        ) => process::cannot_start("subscriber", format, &e),
         Err(e) => {
             tracing::error!(error = %process::error_chain(&e), "subscriber failed");
             process::exit(EXIT_FAILED)
