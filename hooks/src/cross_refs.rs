@@ -26,9 +26,8 @@
 use std::collections::{btree_map::Entry, BTreeMap, BTreeSet};
 use std::fmt;
 
-use confcast_schemas::document::{
-    CONFIGURATION_BRANCHES, CONFIGURATION_FILE, CONFIGURATION_TAGS, DATACENTER_BRANCHES, DATACENTER_FILE,
-};
+use confcast_schemas::document::{CONFIGURATION_FILE, DATACENTER_FILE};
+use confcast_schemas::refs::{self, CONFIGURATION_BRANCHES, CONFIGURATION_TAGS, DATACENTER_BRANCHES};
 use confcast_schemas::{DatacenterConfiguration, DatacenterDoc, DocumentError, Kind};
 use git2::{Oid, Repository};
 
@@ -253,7 +252,7 @@ impl<'u> Plan<'u> {
                         plan.documents.push((update, new, file));
                     }
                 }
-                None if holds_tree(&update.ref_name) || DatacenterDoc::conf_naming(&update.ref_name).is_some() => {
+                None if holds_tree(&update.ref_name) || refs::conf_naming(&update.ref_name).is_some() => {
                     plan.deleted.insert(&update.ref_name);
                 }
                 None => {}
@@ -334,7 +333,7 @@ fn check_datacenter(master: &AfterPush<'_>, ref_name: &str, new: Oid) -> Result<
             let mut existing = master.refs_under(CONFIGURATION_BRANCHES).map_err(unreadable(CONFIGURATION_BRANCHES))?;
             existing.extend(master.refs_under(CONFIGURATION_TAGS).map_err(unreadable(CONFIGURATION_TAGS))?);
             // Compared without the prefix they all share, which would make any two look alike.
-            let names: Vec<String> = existing.iter().filter_map(|r| DatacenterDoc::conf_naming(r)).collect();
+            let names: Vec<String> = existing.iter().filter_map(|r| refs::conf_naming(r)).collect();
             let rest = |conf: &'_ str| conf.strip_prefix(CONFIGURATION_PREFIX).unwrap_or(conf).to_owned();
             let rests: Vec<String> = names.iter().map(|n| rest(n)).collect();
             let nearest = nearest(&rest(&doc.conf), rests.iter().map(String::as_str))

@@ -24,6 +24,13 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::retry::{Backoff, Warnings};
 
 /// Environment variable holding the password of `--nats-user` when no file is given.
 pub const PASSWORD_ENV: &str = "CONFCAST_NATS_PASSWORD";
@@ -226,6 +233,143 @@ fn read_secret(flag: &'static str, path: &Path) -> Result<String, AuthError> {
 
 fn check_readable(flag: &'static str, path: &Path) -> Result<(), AuthError> {
     std::fs::File::open(path).map(drop).map_err(|source| AuthError::Read { flag, path: path.to_owned(), source })
+}
+
+/// One attempt to connect failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The credentials or TLS files cannot be used; waiting will not help.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The server did not answer, or refused the connection.
+    #[error("cannot connect to NATS at {url}")]
+    Unreachable {
+        /// The URLs tried, credentials redacted.
+        url: String,
+        /// What the client said.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Who connects, as the NATS server's monitoring shows it, and how soon a dead
+/// connection is noticed.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The client name (`confcast-relay dc1`, `confcast-subscriber host-a`).
+    pub name: String,
+    /// How often the client pings the server; two missed pings and it reconnects.
+    /// `None` keeps the client's default (two minutes).
+    pub ping_interval: Option<Duration>,
+}
+
+impl Identity {
+    /// A client named `name` with the client's default ping interval.
+    pub fn named(name: impl Into<String>) -> Identity {
+        Identity { name: name.into(), ping_interval: None }
+    }
+}
+
+async fn options(
+    shown: &str,
+    auth: &NatsAuth,
+    who: &Identity,
+    events: Arc<Mutex<Warnings>>,
+) -> Result<async_nats::ConnectOptions, AuthError> {
+    let shown = shown.to_owned();
+    let mut options =
+        auth.apply(async_nats::ConnectOptions::new()).await?.name(&who.name).event_callback(move |event| {
+            let (shown, events) = (shown.clone(), events.clone());
+            async move { connection_event(&shown, &events, event) }
+        });
+    if let Some(interval) = who.ping_interval {
+        options = options.ping_interval(interval);
+    }
+    Ok(options)
+}
+
+/// Connects once, waiting at most `timeout`, for a command that reports and exits (the
+/// hooks, `publisher status`). `url` may list several servers of one cluster,
+/// separated by commas; any of them will do.
+pub async fn connect_once(
+    url: &str,
+    auth: &NatsAuth,
+    who: &Identity,
+    timeout: Duration,
+) -> Result<async_nats::Client, ConnectError> {
+    let shown = redact_url(url);
+    let addresses = servers(url)?;
+    let options = options(&shown, auth, who, Arc::default()).await?.connection_timeout(timeout);
+    options.connect(addresses).await.map_err(|source| ConnectError::Unreachable { url: shown, source })
+}
+
+/// Connects for a long-running process, retrying with backoff until a server answers:
+/// the process starts whether or not the bus is up. Each failure is said at WARN as
+/// `cannot connect to NATS at <URL>: <cause>` with `retry_in`, the same cause at most
+/// once a minute; later disconnections and server errors too, and reconnections at
+/// INFO. `None` at shutdown; an error only for credentials that can never work.
+pub async fn connect(
+    url: &str,
+    auth: &NatsAuth,
+    who: &Identity,
+    shutdown: &CancellationToken,
+) -> Result<Option<async_nats::Client>, AuthError> {
+    let addresses = servers(url)?;
+    let shown = redact_url(url);
+    let events = Arc::new(Mutex::new(Warnings::default()));
+    let mut backoff = Backoff::default();
+    let mut failures = Warnings::default();
+    loop {
+        let options = options(&shown, auth, who, events.clone()).await?;
+        let attempt = tokio::select! {
+            attempt = options.connect(addresses.clone()) => attempt,
+            () = shutdown.cancelled() => return Ok(None),
+        };
+        let e = match attempt {
+            // Said by the client's `Connected` event.
+            Ok(client) => return Ok(Some(client)),
+            Err(e) => e,
+        };
+        let delay = backoff.next_delay();
+        match failures.admit(tokio::time::Instant::now(), &e.to_string()) {
+            Some(held_back) => {
+                let not_logged = (held_back > 0).then_some(held_back);
+                tracing::warn!(nats = %shown, retry_in = ?delay, not_logged, "cannot connect to NATS at {shown}: {e}");
+            }
+            None => tracing::debug!(nats = %shown, retry_in = ?delay, "cannot connect to NATS at {shown}: {e}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Ok(None),
+        }
+    }
+}
+
+/// What the NATS client tells of its connection, said with the server's URL; warnings
+/// at most once a minute each.
+fn connection_event(shown: &str, rate: &Mutex<Warnings>, event: async_nats::Event) {
+    let due = |cause: &str| rate.lock().unwrap_or_else(|e| e.into_inner()).admit(Instant::now(), cause).is_some();
+    match event {
+        async_nats::Event::Connected => tracing::info!(nats = %shown, "connected to NATS"),
+        async_nats::Event::Disconnected if due("disconnected") => {
+            tracing::warn!(nats = %shown, "lost the connection to NATS at {shown}; reconnecting (the configuration in place stays)")
+        }
+        async_nats::Event::ServerError(e) if due("server error") => {
+            tracing::warn!(nats = %shown, error = %e, "NATS server error")
+        }
+        async_nats::Event::ClientError(e) if due("client error") => {
+            tracing::warn!(nats = %shown, error = %e, "NATS client error")
+        }
+        async_nats::Event::SlowConsumer(sid) if due("slow consumer") => {
+            tracing::warn!(nats = %shown, sid, "slow consumer: the NATS client dropped messages")
+        }
+        async_nats::Event::LameDuckMode => {
+            tracing::info!(nats = %shown, "the NATS server is shutting down (lame duck mode)")
+        }
+        // Failed reconnect attempts: the client says no more than "IO error"; the
+        // disconnection was logged, and so is the reconnection.
+        other => tracing::debug!(nats = %shown, event = %other, "NATS connection event"),
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@
 //! and every error names the file, the field and the problem.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+
+pub use crate::kind::Kind;
+use crate::kind::ServiceId;
+use crate::refs;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -20,47 +23,6 @@ pub const DATACENTER_FILE: &str = "datacenter.json";
 pub const CONFIGURATION_FILE: &str = "datacenter-configuration.json";
 /// The tag value that follows a branch head instead of pinning a tag.
 pub const LATEST: &str = "latest";
-
-/// What a pinned tree configures; each has its own ref namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// `services/<name>/<branch>`.
-    Service,
-    /// `applications/<name>/<branch>`.
-    Application,
-    /// `devices/<name>/<branch>`.
-    Device,
-}
-
-impl Kind {
-    /// Every kind, in resolution order.
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::Application, Kind::Device];
-
-    /// Singular name, used in subjects.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Service => "service",
-            Kind::Application => "application",
-            Kind::Device => "device",
-        }
-    }
-
-    /// Plural name: the ref namespace and the document field.
-    pub fn plural(self) -> &'static str {
-        match self {
-            Kind::Service => "services",
-            Kind::Application => "applications",
-            Kind::Device => "devices",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// One pinned service, application or device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -83,9 +45,9 @@ impl Pin {
     /// The full ref this pin resolves through.
     pub fn ref_name(&self, kind: Kind) -> String {
         if self.tag == LATEST {
-            format!("refs/heads/{}/{}/{}", kind.plural(), self.name, self.branch)
+            format!("{}{}", kind.branch_prefix(&self.name), self.branch)
         } else {
-            format!("refs/tags/{}/{}/{}", kind.plural(), self.name, self.tag)
+            format!("{}{}", kind.tag_prefix(&self.name), self.tag)
         }
     }
 
@@ -172,6 +134,19 @@ impl HostInventory {
             Kind::Device => &self.devices,
         }
     }
+
+    /// Every entry with its kind and its place in its list, in resolution order (what
+    /// [`DatacenterDoc::inventory_field`] names).
+    pub fn entries(&self) -> impl Iterator<Item = (Kind, usize, &str)> {
+        Kind::ALL
+            .into_iter()
+            .flat_map(move |kind| self.names(kind).iter().enumerate().map(move |(i, name)| (kind, i, name.as_str())))
+    }
+
+    /// Every service, application and device the entry names.
+    pub fn services(&self) -> BTreeSet<ServiceId> {
+        self.entries().map(|(kind, _, name)| ServiceId::new(kind, name)).collect()
+    }
 }
 
 /// The inventory part of `datacenter.json`.
@@ -202,10 +177,8 @@ impl DatacenterDoc {
         doc.conf_ref()?;
         for (host, inv) in &doc.inventories.hosts {
             check_name(DATACENTER_FILE, "inventories.hosts", host)?;
-            for kind in Kind::ALL {
-                for (i, name) in inv.names(kind).iter().enumerate() {
-                    check_name(DATACENTER_FILE, &format!("inventories.hosts.{host}.{}[{i}]", kind.plural()), name)?;
-                }
+            for (kind, i, name) in inv.entries() {
+                check_name(DATACENTER_FILE, &DatacenterDoc::inventory_field(host, kind, i), name)?;
             }
         }
         Ok(doc)
@@ -216,15 +189,15 @@ impl DatacenterDoc {
         let bad = |why: &str| DocumentError::invalid(DATACENTER_FILE, "conf", format!("{:?} {why}", self.conf));
         let rest = self
             .conf
-            .strip_prefix("datacenter-configuration/")
+            .strip_prefix(refs::CONFIGURATION_NAMESPACE)
             .ok_or_else(|| bad("must start with \"datacenter-configuration/\""))?;
         let parts: Vec<&str> = rest.split('/').collect();
-        if parts.iter().any(|p| p.is_empty() || !valid_ref_component(p)) {
+        if parts.iter().any(|p| p.is_empty() || !refs::valid_component(p)) {
             return Err(bad("is not a valid ref name"));
         }
         match parts.as_slice() {
-            [name] => Ok(format!("refs/heads/datacenter-configuration/{name}")),
-            [name, version] => Ok(format!("refs/tags/datacenter-configuration/{name}/{version}")),
+            [name] => Ok(format!("{}{name}", refs::CONFIGURATION_BRANCHES)),
+            [name, version] => Ok(format!("{}{name}/{version}", refs::CONFIGURATION_TAGS)),
             _ => Err(bad("must be datacenter-configuration/<name> or datacenter-configuration/<name>/<version>")),
         }
     }
@@ -283,20 +256,10 @@ fn check_ref_component(file: &'static str, field: &str, value: &str) -> Result<(
     if value.is_empty() {
         return Err(DocumentError::invalid(file, field, "must not be empty"));
     }
-    if !value.split('/').all(valid_ref_component) {
+    if !value.split('/').all(refs::valid_component) {
         return Err(DocumentError::invalid(file, field, format!("{value:?} is not a valid git ref name")));
     }
     Ok(())
-}
-
-/// The part of git's `check-ref-format` rules that applies to one path component.
-fn valid_ref_component(c: &str) -> bool {
-    !c.is_empty()
-        && !c.starts_with('.')
-        && !c.ends_with(".lock")
-        && !c.contains("..")
-        && !c.contains("@{")
-        && !c.bytes().any(|b| b < 0x20 || b == 0x7f || b" ~^:?*[\\".contains(&b))
 }
 
 /// JSON Schema of `datacenter.json`, as checked in under `schemas/json/`.
@@ -307,35 +270,6 @@ pub fn datacenter_schema() -> serde_json::Value {
 /// JSON Schema of `datacenter-configuration.json`, as checked in under `schemas/json/`.
 pub fn configuration_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(DatacenterConfiguration)).expect("a schema serializes to JSON")
-}
-
-/// Where the branches of the datacenter-configurations live.
-pub const CONFIGURATION_BRANCHES: &str = "refs/heads/datacenter-configuration/";
-/// Where the versions (tags) of the datacenter-configurations live.
-pub const CONFIGURATION_TAGS: &str = "refs/tags/datacenter-configuration/";
-/// Where the datacenters' documents live, one branch per datacenter.
-pub const DATACENTER_BRANCHES: &str = "refs/heads/datacenters/";
-
-impl Kind {
-    /// The prefix of the branches of `<kind>s/<name>`: `refs/heads/<kind>s/<name>/`.
-    pub fn branch_prefix(self, name: &str) -> String {
-        format!("refs/heads/{}/{name}/", self.plural())
-    }
-
-    /// The prefix of the tags of `<kind>s/<name>`: `refs/tags/<kind>s/<name>/`.
-    pub fn tag_prefix(self, name: &str) -> String {
-        format!("refs/tags/{}/{name}/", self.plural())
-    }
-
-    /// The kind and name a branch or tag of a pinned tree belongs to:
-    /// `refs/tags/services/web/v1` is service `web`'s.
-    pub fn of_ref(ref_name: &str) -> Option<(Kind, &str)> {
-        let rest = ref_name.strip_prefix("refs/heads/").or_else(|| ref_name.strip_prefix("refs/tags/"))?;
-        Kind::ALL.into_iter().find_map(|kind| {
-            let (name, version) = rest.strip_prefix(kind.plural())?.strip_prefix('/')?.split_once('/')?;
-            (!name.is_empty() && !version.is_empty()).then_some((kind, name))
-        })
-    }
 }
 
 impl Pin {
@@ -367,18 +301,6 @@ impl DatacenterDoc {
     pub fn inventory_field(host: &str, kind: Kind, index: usize) -> String {
         format!("inventories.hosts.{host}.{}[{index}]", kind.plural())
     }
-
-    /// The `conf` value that names a datacenter-configuration ref, the inverse of
-    /// [`DatacenterDoc::conf_ref`]: `refs/tags/datacenter-configuration/big/v1` is
-    /// `datacenter-configuration/big/v1`. `None` for any other ref.
-    pub fn conf_naming(ref_name: &str) -> Option<String> {
-        let (rest, parts) = match ref_name.strip_prefix(CONFIGURATION_BRANCHES) {
-            Some(name) => (name, 1),
-            None => (ref_name.strip_prefix(CONFIGURATION_TAGS)?, 2),
-        };
-        let valid = rest.split('/').count() == parts && rest.split('/').all(valid_ref_component);
-        valid.then(|| format!("datacenter-configuration/{rest}"))
-    }
 }
 
 #[cfg(test)]
@@ -405,10 +327,10 @@ mod reference_tests {
     fn conf_naming_is_the_inverse_of_conf_ref() {
         for conf in ["datacenter-configuration/big", "datacenter-configuration/big/v1.1"] {
             let doc = DatacenterDoc { conf: conf.into(), inventories: Inventories::default() };
-            assert_eq!(DatacenterDoc::conf_naming(&doc.conf_ref().expect("valid")).as_deref(), Some(conf));
+            assert_eq!(refs::conf_naming(&doc.conf_ref().expect("valid")).as_deref(), Some(conf));
         }
-        assert_eq!(DatacenterDoc::conf_naming("refs/heads/datacenter-configuration/a/b"), None);
-        assert_eq!(DatacenterDoc::conf_naming("refs/heads/services/web/master"), None);
+        assert_eq!(refs::conf_naming("refs/heads/datacenter-configuration/a/b"), None);
+        assert_eq!(refs::conf_naming("refs/heads/services/web/master"), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::document::{HostInventory, Kind};
+use crate::kind::ServiceId;
 
 /// Version of the wire format written by this build.
 pub const WIRE_VERSION: u16 = 1;
@@ -280,6 +281,69 @@ pub const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(2
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+impl ServiceUpdate {
+    /// The JetStream dedup id of this update, published by the relay's sync `cause`
+    /// (`e17`, `e12-15`, `boot<ms>`): `<dc>/<kind>/<name>/<from>..<to>@<cause>`, with
+    /// `none` for no `from` and `removed` for no `to`.
+    pub fn dedup_id(&self, cause: &str) -> String {
+        let from = self.from.as_deref().unwrap_or("none");
+        let to = self.to.as_deref().unwrap_or("removed");
+        format!("{}/{}/{}/{from}..{to}@{cause}", self.dc, self.kind, self.name)
+    }
+
+    /// The dedup id of the snapshot published along with this update.
+    pub fn snapshot_dedup_id(&self, cause: &str) -> String {
+        format!("{}/snapshot", self.dedup_id(cause))
+    }
+}
+
+impl ServiceHead {
+    /// The JetStream dedup id of this head in datacenter `dc`, published by the relay's
+    /// sync `cause`: `<dc>/<kind>/<name>/head/<commit or removed>@<cause>`.
+    pub fn dedup_id(&self, dc: &str, cause: &str) -> String {
+        let commit = self.commit.as_deref().unwrap_or("removed");
+        format!("{dc}/{}/{}/head/{commit}@{cause}", self.kind, self.name)
+    }
+
+    /// The value of the service's key in the configuration index: `<branch>/<commit>`;
+    /// `None` once removed.
+    pub fn index_value(&self) -> Option<String> {
+        self.commit.as_ref().map(|commit| format!("{}/{commit}", self.branch))
+    }
+}
+
+impl Inventory {
+    /// The JetStream dedup id of this inventory, published by the relay's sync `cause`.
+    pub fn dedup_id(&self, cause: &str) -> String {
+        format!("{}/inventory@{cause}", self.dc)
+    }
+}
+
+impl ErrorEvent {
+    /// The JetStream dedup id of this error event, published by the relay's sync
+    /// `cause`: one per distinct message per cause.
+    pub fn dedup_id(&self, cause: &str) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.message.hash(&mut hasher);
+        format!("{}/error/{cause}/{:016x}", self.dc, hasher.finish())
+    }
+}
+
+/// Messages about one service, application or device.
+macro_rules! about_a_service {
+    ($($message:ty),*) => {$(
+        impl $message {
+            /// The service this message is about.
+            pub fn service(&self) -> ServiceId {
+                ServiceId::new(self.kind, self.name.clone())
+            }
+        }
+    )*};
+}
+
+about_a_service!(ServiceUpdate, ServiceHead, HostStatus);
 
 #[cfg(test)]
 mod tests {

@@ -134,6 +134,15 @@ pub fn state_stream(dc: &str) -> String {
     format!("CONFCAST_DC_{}_STATE", encode_token(dc))
 }
 
+/// The datacenter whose state stream `stream` may be, the inverse of [`state_stream`].
+/// A name of that shape can also be the update stream of a datacenter whose name ends
+/// in `_STATE`: confirm with the stream's subjects ([`state_stream_subjects`]).
+pub fn state_stream_datacenter(stream: &str) -> Option<String> {
+    let token = stream.strip_prefix("CONFCAST_DC_")?.strip_suffix("_STATE")?;
+    let dc = decode_token(token).ok()?;
+    (state_stream(&dc) == stream).then_some(dc)
+}
+
 /// Subject of a commit event for `ref_name`.
 pub fn commit_subject(ref_name: &str) -> String {
     format!("{COMMITS_PREFIX}.{}", encode_token(ref_name))
@@ -270,6 +279,15 @@ mod tests {
             index_key("dc1", Kind::Service, "service0", "latest"),
             "confcast/dc1/configurations/services/service0/latest"
         );
+    }
+
+    #[test]
+    fn state_streams_name_their_datacenter() {
+        for dc in ["dc1", "eu west", "a_STATE"] {
+            assert_eq!(state_stream_datacenter(&state_stream(dc)).as_deref(), Some(dc));
+        }
+        assert_eq!(state_stream_datacenter(&updates_stream("dc1")), None);
+        assert_eq!(state_stream_datacenter("KV_confcast-index"), None);
     }
 
     proptest! {
