@@ -1,9 +1,9 @@
+// Over 500 lines with its unit tests; the client itself is under 500: one concern, kept whole.
 //! A small client of Consul's K/V HTTP API, for the relay's copy of the configuration
 //! index in Consul (see [`index`]).
 //!
-//! It speaks only what the index needs — `GET /v1/kv/<key>` (single key, `?recurse`,
-//! `?keys`, `?raw`, blocking with `?index=&wait=`), `PUT` with `?cas=`, `DELETE` with
-//! `?recurse` or `?cas=`, and `PUT /v1/txn` — and keeps values as bytes end to end
+//! It speaks only what the index needs — `GET /v1/kv/<prefix>?recurse` and
+//! `PUT /v1/txn` with `cas` and `delete-cas` — and keeps values as bytes end to end
 //! (base64 in JSON, as Consul encodes them). Limits Consul enforces are checked before
 //! anything is sent: values up to [`MAX_VALUE_BYTES`], transactions up to
 //! [`MAX_TXN_OPS`] operations and [`MAX_TXN_BODY_BYTES`] of JSON.
@@ -28,23 +28,25 @@ pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 pub const MAX_TXN_OPS: usize = 64;
 /// Consul's default `txn_max_req_len`: the largest `/v1/txn` request body.
 pub const MAX_TXN_BODY_BYTES: usize = 512 * 1024;
-/// Consul caps a blocking query's wait at ten minutes.
-pub const MAX_WAIT: Duration = Duration::from_secs(600);
-/// How long a request that is not a blocking query may take, connection included.
+/// How long a request may take, connection included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a URL does not parse.
+type UrlError = <reqwest::Url as std::str::FromStr>::Err;
 
 /// A failure talking to Consul, naming the request that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
     /// The request did not get an HTTP answer (connection refused, timeout, ...).
-    #[error("consul {method} {path}: {message}")]
+    #[error("consul {method} {path}")]
     Transport {
         /// HTTP method.
         method: Method,
         /// URL path (no query, no host).
         path: String,
-        /// What went wrong.
-        message: String,
+        /// What went wrong (the URL left out).
+        #[source]
+        source: reqwest::Error,
     },
     /// Consul answered with an error status.
     #[error("consul {method} {path}: HTTP {status}: {message}")]
@@ -58,15 +60,35 @@ pub enum ConsulError {
         /// Consul's message (the response body, shortened).
         message: String,
     },
-    /// Consul answered 2xx with a body that is not what its API documents.
-    #[error("consul {method} {path}: unexpected response: {message}")]
-    Response {
+    /// Consul answered 2xx (or 409) with a body that is not the JSON its API documents.
+    #[error("consul {method} {path}: unexpected response")]
+    Json {
         /// HTTP method.
         method: Method,
         /// URL path.
         path: String,
-        /// What is wrong with it.
-        message: String,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Consul answered with a value that is not base64.
+    #[error("consul {method} {path}: unexpected response: value of {key} is not base64")]
+    Base64 {
+        /// HTTP method.
+        method: Method,
+        /// URL path.
+        path: String,
+        /// The key.
+        key: String,
+        /// Why it does not decode.
+        #[source]
+        source: base64::DecodeError,
+    },
+    /// Consul rolled a transaction back without saying why.
+    #[error("consul PUT {path}: unexpected response: 409 without errors")]
+    RolledBackWithoutErrors {
+        /// URL path.
+        path: String,
     },
     /// A value is larger than Consul accepts; nothing was sent.
     #[error("value of consul key {key} is {bytes} bytes, over Consul's limit of {MAX_VALUE_BYTES} bytes; not sent")]
@@ -98,21 +120,48 @@ pub enum ConsulError {
         /// Consul's reasons.
         what: String,
     },
-    /// The Consul URL cannot be used.
-    #[error("consul URL {url:?}: {message}")]
+    /// The Consul URL does not parse.
+    #[error("consul URL {url:?}")]
     Url {
         /// The URL as given.
         url: String,
-        /// What is wrong with it.
-        message: String,
+        /// Why.
+        #[source]
+        source: UrlError,
     },
-    /// The token file cannot be read or holds no usable token.
-    #[error("consul token file {path}: {message}")]
+    /// The Consul URL cannot be used: `problem` says why.
+    #[error("consul URL {url:?}: {problem}")]
+    UnusableUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// The HTTP client cannot be built.
+    #[error("consul URL {url:?}")]
+    HttpClient {
+        /// The URL as given.
+        url: String,
+        /// What the HTTP client said.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The token file cannot be read.
+    #[error("consul token file {}", path.display())]
     TokenFile {
         /// The file.
         path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file holds no usable token: `problem` says why.
+    #[error("consul token file {}: {problem}", path.display())]
+    BadToken {
+        /// The file.
+        path: PathBuf,
         /// What is wrong.
-        message: String,
+        problem: &'static str,
     },
 }
 
@@ -123,8 +172,18 @@ impl ConsulError {
         match self {
             ConsulError::Transport { .. } => true,
             ConsulError::Status { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS,
-            ConsulError::Response { .. } | ConsulError::Conflict { .. } => true,
-            _ => false,
+            ConsulError::Json { .. }
+            | ConsulError::Base64 { .. }
+            | ConsulError::RolledBackWithoutErrors { .. }
+            | ConsulError::Conflict { .. } => true,
+            ConsulError::ValueTooLarge { .. }
+            | ConsulError::TooManyOps { .. }
+            | ConsulError::TxnTooLarge { .. }
+            | ConsulError::Url { .. }
+            | ConsulError::UnusableUrl { .. }
+            | ConsulError::HttpClient { .. }
+            | ConsulError::TokenFile { .. }
+            | ConsulError::BadToken { .. } => false,
         }
     }
 }
@@ -137,14 +196,15 @@ impl Token {
     /// Reads a token from a file (surrounding white space ignored), as `consul` itself
     /// does with `-token-file`.
     pub fn from_file(path: &Path) -> Result<Token, ConsulError> {
-        let fail = |message: String| ConsulError::TokenFile { path: path.to_owned(), message };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let bad = |problem| ConsulError::BadToken { path: path.to_owned(), problem };
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConsulError::TokenFile { path: path.to_owned(), source })?;
         let token = text.trim();
         if token.is_empty() {
-            return Err(fail("the file is empty".to_owned()));
+            return Err(bad("the file is empty"));
         }
         if HeaderValue::from_str(token).is_err() || token.contains(char::is_whitespace) {
-            return Err(fail("the token contains characters an HTTP header cannot carry".to_owned()));
+            return Err(bad("the token contains characters an HTTP header cannot carry"));
         }
         Ok(Token(token.to_owned()))
     }
@@ -163,45 +223,14 @@ pub struct Entry {
     pub key: String,
     /// The value's bytes (empty when Consul has none).
     pub value: Vec<u8>,
-    /// Opaque flags.
-    pub flags: u64,
-    /// Index of the write that created the key.
-    pub create_index: u64,
     /// Index of the last write that changed it: the `cas` a writer must present.
     pub modify_index: u64,
-    /// How many times a lock on it was acquired.
-    pub lock_index: u64,
 }
 
-/// A read result with Consul's `X-Consul-Index`, to pass to the next blocking query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Indexed<T> {
-    /// What was read.
-    pub value: T,
-    /// The `X-Consul-Index` header.
-    pub index: u64,
-}
-
-/// Makes a read a blocking query: it returns once Consul's index for what is read
-/// passes `index`, or after `wait`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Blocking {
-    /// The `X-Consul-Index` of the previous answer.
-    pub index: u64,
-    /// The longest the query may wait (Consul caps it at [`MAX_WAIT`]).
-    pub wait: Duration,
-}
-
-/// One operation of a `/v1/txn` transaction (the K/V verbs the relay uses).
+/// One operation of a `/v1/txn` transaction: the check-and-set verbs the index writes
+/// with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOp {
-    /// `set`: write the value.
-    Set {
-        /// Key.
-        key: String,
-        /// Value.
-        value: Vec<u8>,
-    },
     /// `cas`: write the value if the key's modify index is `index` (0: if it does not exist).
     Cas {
         /// Key.
@@ -211,23 +240,6 @@ pub enum TxnOp {
         /// Expected modify index.
         index: u64,
     },
-    /// `get`: read the key; the transaction fails if it does not exist.
-    Get {
-        /// Key.
-        key: String,
-    },
-    /// `check-index`: fail the transaction unless the key's modify index is `index`.
-    CheckIndex {
-        /// Key.
-        key: String,
-        /// Expected modify index.
-        index: u64,
-    },
-    /// `delete`: remove the key (nothing if absent).
-    Delete {
-        /// Key.
-        key: String,
-    },
     /// `delete-cas`: remove the key if its modify index is `index`.
     DeleteCas {
         /// Key.
@@ -235,37 +247,22 @@ pub enum TxnOp {
         /// Expected modify index.
         index: u64,
     },
-    /// `delete-tree`: remove every key under a prefix.
-    DeleteTree {
-        /// Prefix.
-        prefix: String,
-    },
 }
 
 impl TxnOp {
-    /// The key (or prefix) the operation acts on.
+    /// The key the operation acts on.
     pub fn key(&self) -> &str {
         match self {
-            TxnOp::Set { key, .. }
-            | TxnOp::Cas { key, .. }
-            | TxnOp::Get { key }
-            | TxnOp::CheckIndex { key, .. }
-            | TxnOp::Delete { key }
-            | TxnOp::DeleteCas { key, .. } => key,
-            TxnOp::DeleteTree { prefix } => prefix,
+            TxnOp::Cas { key, .. } | TxnOp::DeleteCas { key, .. } => key,
         }
     }
 
     fn to_wire(&self) -> WireOp<'_> {
-        let b64 = |v: &[u8]| Some(base64::engine::general_purpose::STANDARD.encode(v));
         let (verb, value, index) = match self {
-            TxnOp::Set { value, .. } => ("set", b64(value), None),
-            TxnOp::Cas { value, index, .. } => ("cas", b64(value), Some(*index)),
-            TxnOp::Get { .. } => ("get", None, None),
-            TxnOp::CheckIndex { index, .. } => ("check-index", None, Some(*index)),
-            TxnOp::Delete { .. } => ("delete", None, None),
-            TxnOp::DeleteCas { index, .. } => ("delete-cas", None, Some(*index)),
-            TxnOp::DeleteTree { .. } => ("delete-tree", None, None),
+            TxnOp::Cas { value, index, .. } => {
+                ("cas", Some(base64::engine::general_purpose::STANDARD.encode(value)), *index)
+            }
+            TxnOp::DeleteCas { index, .. } => ("delete-cas", None, *index),
         };
         WireOp { kv: WireKv { verb, key: self.key(), value, index } }
     }
@@ -284,8 +281,7 @@ struct WireKv<'a> {
     key: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     value: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<u64>,
+    index: u64,
 }
 
 /// The JSON shape of a K/V entry.
@@ -296,31 +292,18 @@ struct WireEntry {
     #[serde(default)]
     value: Option<String>,
     #[serde(default)]
-    flags: u64,
-    #[serde(default)]
-    create_index: u64,
-    #[serde(default)]
     modify_index: u64,
-    #[serde(default)]
-    lock_index: u64,
 }
 
 impl WireEntry {
-    fn decode(self) -> Result<Entry, String> {
+    fn decode(self, method: Method, path: &str) -> Result<Entry, ConsulError> {
         let value = match self.value {
-            Some(text) => base64::engine::general_purpose::STANDARD
-                .decode(text.as_bytes())
-                .map_err(|e| format!("value of {} is not base64: {e}", self.key))?,
+            Some(text) => base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).map_err(|source| {
+                ConsulError::Base64 { method, path: path.to_owned(), key: self.key.clone(), source }
+            })?,
             None => Vec::new(),
         };
-        Ok(Entry {
-            key: self.key,
-            value,
-            flags: self.flags,
-            create_index: self.create_index,
-            modify_index: self.modify_index,
-            lock_index: self.lock_index,
-        })
+        Ok(Entry { key: self.key, value, modify_index: self.modify_index })
     }
 }
 
@@ -352,8 +335,8 @@ pub struct TxnFailure {
 /// What a transaction did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOutcome {
-    /// Applied as a whole. One entry per operation that returns one (every verb but the
-    /// deletes), in order; values are empty except for `get`.
+    /// Applied as a whole. One entry per `cas` (deletes return none), in order, with its
+    /// new modify index; values are empty.
     Committed(Vec<Entry>),
     /// Nothing applied (HTTP 409): the operations that failed.
     RolledBack(Vec<TxnFailure>),
@@ -377,23 +360,24 @@ impl Client {
     /// A client of the Consul at `url` (`http(s)://host:port`; a bare `host:port` means
     /// `http://`), sending `token` with every request.
     pub fn new(url: &str, token: Option<Token>) -> Result<Client, ConsulError> {
-        let fail = |message: String| ConsulError::Url { url: url.to_owned(), message };
+        let unusable = |problem| ConsulError::UnusableUrl { url: url.to_owned(), problem };
         let with_scheme = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
-        let parsed = reqwest::Url::parse(&with_scheme).map_err(|e| fail(e.to_string()))?;
+        let parsed =
+            reqwest::Url::parse(&with_scheme).map_err(|source| ConsulError::Url { url: url.to_owned(), source })?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(fail("only http and https are supported".to_owned()));
+            return Err(unusable("only http and https are supported"));
         }
         if parsed.query().is_some() || parsed.fragment().is_some() {
-            return Err(fail("a query or fragment has no meaning here".to_owned()));
+            return Err(unusable("a query or fragment has no meaning here"));
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(fail("credentials go in --consul-token-file, not in the URL".to_owned()));
+            return Err(unusable("credentials go in --consul-token-file, not in the URL"));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("confcast-relay/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|source| ConsulError::HttpClient { url: url.to_owned(), source })?;
         Ok(Client { http, base: parsed.as_str().trim_end_matches('/').to_owned(), token })
     }
 
@@ -402,89 +386,19 @@ impl Client {
         &self.base
     }
 
-    /// `GET /v1/kv/<key>`: the entry, or `None` (404).
-    pub async fn get(&self, key: &str, blocking: Option<Blocking>) -> Result<Indexed<Option<Entry>>, ConsulError> {
-        let path = kv_path(key);
-        let read = self.read(&path, &[], blocking).await?;
-        let value = match read.body {
-            Some(body) => decode_entries(&path, &body)?.pop(),
-            None => None,
-        };
-        Ok(Indexed { value, index: read.index })
-    }
-
-    /// `GET /v1/kv/<key>?raw`: the value's bytes as stored, or `None` (404).
-    pub async fn get_raw(
-        &self,
-        key: &str,
-        blocking: Option<Blocking>,
-    ) -> Result<Indexed<Option<Vec<u8>>>, ConsulError> {
-        let read = self.read(&kv_path(key), &[("raw", None)], blocking).await?;
-        Ok(Indexed { value: read.body, index: read.index })
-    }
-
     /// `GET /v1/kv/<prefix>?recurse`: every entry under `prefix` (none: empty).
-    pub async fn list(&self, prefix: &str, blocking: Option<Blocking>) -> Result<Indexed<Vec<Entry>>, ConsulError> {
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Entry>, ConsulError> {
         let path = kv_path(prefix);
-        let read = self.read(&path, &[("recurse", None)], blocking).await?;
-        let value = match read.body {
-            Some(body) => decode_entries(&path, &body)?,
-            None => Vec::new(),
-        };
-        Ok(Indexed { value, index: read.index })
-    }
-
-    /// `GET /v1/kv/<prefix>?keys[&separator=]`: the keys under `prefix`, rolled up at
-    /// `separator` if given (none: empty).
-    pub async fn keys(
-        &self,
-        prefix: &str,
-        separator: Option<&str>,
-        blocking: Option<Blocking>,
-    ) -> Result<Indexed<Vec<String>>, ConsulError> {
-        let path = kv_path(prefix);
-        let mut query = vec![("keys", None)];
-        if let Some(separator) = separator {
-            query.push(("separator", Some(separator.to_owned())));
+        let (status, body) = self.send(Method::GET, &path, "?recurse", None).await?;
+        match status {
+            StatusCode::OK => {
+                let json = |source| ConsulError::Json { method: Method::GET, path: path.clone(), source };
+                let wire: Vec<WireEntry> = serde_json::from_slice(&body).map_err(json)?;
+                wire.into_iter().map(|w| w.decode(Method::GET, &path)).collect()
+            }
+            StatusCode::NOT_FOUND => Ok(Vec::new()),
+            status => Err(status_error(Method::GET, &path, status, &body)),
         }
-        let read = self.read(&path, &query, blocking).await?;
-        let value = match read.body {
-            Some(body) => serde_json::from_slice(&body).map_err(|e| ConsulError::Response {
-                method: Method::GET,
-                path: path.clone(),
-                message: format!("not a list of keys: {e}"),
-            })?,
-            None => Vec::new(),
-        };
-        Ok(Indexed { value, index: read.index })
-    }
-
-    /// `PUT /v1/kv/<key>[?cas=]`: writes `value`. With `cas`, only if the key's modify
-    /// index is `cas` (0: only if the key does not exist); returns whether it was written.
-    pub async fn put(&self, key: &str, value: &[u8], cas: Option<u64>) -> Result<bool, ConsulError> {
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(ConsulError::ValueTooLarge { key: key.to_owned(), bytes: value.len() });
-        }
-        let path = kv_path(key);
-        let query: Vec<(&str, Option<String>)> = cas.map(|c| ("cas", Some(c.to_string()))).into_iter().collect();
-        let body = self.write(Method::PUT, &path, &query, value.to_vec()).await?;
-        parse_bool(Method::PUT, &path, &body)
-    }
-
-    /// `DELETE /v1/kv/<key>[?cas=]`: removes the key. With `cas`, only if its modify index
-    /// is `cas`; returns whether it was removed (true without `cas`, even if it was absent).
-    pub async fn delete(&self, key: &str, cas: Option<u64>) -> Result<bool, ConsulError> {
-        let path = kv_path(key);
-        let query: Vec<(&str, Option<String>)> = cas.map(|c| ("cas", Some(c.to_string()))).into_iter().collect();
-        let body = self.write(Method::DELETE, &path, &query, Vec::new()).await?;
-        parse_bool(Method::DELETE, &path, &body)
-    }
-
-    /// `DELETE /v1/kv/<prefix>?recurse`: removes every key under `prefix`.
-    pub async fn delete_tree(&self, prefix: &str) -> Result<(), ConsulError> {
-        let path = kv_path(prefix);
-        let body = self.write(Method::DELETE, &path, &[("recurse", None)], Vec::new()).await?;
-        parse_bool(Method::DELETE, &path, &body).map(|_| ())
     }
 
     /// `PUT /v1/txn`: applies `ops` all together or not at all. Refuses, without sending,
@@ -492,105 +406,43 @@ impl Client {
     /// over [`MAX_TXN_BODY_BYTES`].
     pub async fn txn(&self, ops: &[TxnOp]) -> Result<TxnOutcome, ConsulError> {
         let path = "/v1/txn".to_owned();
-        let body = txn_body(ops)?;
-        let (status, response) = self.send(Method::PUT, &path, &[], Some(body), REQUEST_TIMEOUT).await?;
-        let bad = |message: String| ConsulError::Response { method: Method::PUT, path: path.clone(), message };
-        match status {
-            StatusCode::OK | StatusCode::CONFLICT => {
-                let parsed: WireTxnResponse = serde_json::from_slice(&response.body)
-                    .map_err(|e| bad(format!("not a transaction result: {e}")))?;
-                if status == StatusCode::CONFLICT {
-                    let errors = parsed.errors.unwrap_or_default();
-                    if errors.is_empty() {
-                        return Err(bad("409 without errors".to_owned()));
-                    }
-                    return Ok(TxnOutcome::RolledBack(errors));
-                }
-                let mut entries = Vec::new();
-                for result in parsed.results.unwrap_or_default() {
-                    if let Some(kv) = result.kv {
-                        entries.push(kv.decode().map_err(bad)?);
-                    }
-                }
-                Ok(TxnOutcome::Committed(entries))
+        let (status, response) = self.send(Method::PUT, &path, "", Some(txn_body(ops)?)).await?;
+        if status != StatusCode::OK && status != StatusCode::CONFLICT {
+            return Err(status_error(Method::PUT, &path, status, &response));
+        }
+        let json = |source| ConsulError::Json { method: Method::PUT, path: path.clone(), source };
+        let parsed: WireTxnResponse = serde_json::from_slice(&response).map_err(json)?;
+        if status == StatusCode::CONFLICT {
+            let errors = parsed.errors.unwrap_or_default();
+            if errors.is_empty() {
+                return Err(ConsulError::RolledBackWithoutErrors { path });
             }
-            status => Err(status_error(Method::PUT, &path, status, &response.body)),
+            return Ok(TxnOutcome::RolledBack(errors));
         }
-    }
-
-    /// A GET; `None` body for 404 (Consul still sends its index then).
-    async fn read(
-        &self,
-        path: &str,
-        query: &[(&str, Option<String>)],
-        blocking: Option<Blocking>,
-    ) -> Result<Read, ConsulError> {
-        let mut query = query.to_vec();
-        let mut timeout = REQUEST_TIMEOUT;
-        if let Some(blocking) = blocking {
-            let wait = blocking.wait.min(MAX_WAIT);
-            query.push(("index", Some(blocking.index.to_string())));
-            query.push(("wait", Some(format!("{}ms", wait.as_millis().max(1)))));
-            // Consul adds up to wait/16 of jitter before it answers.
-            timeout += wait + wait / 16;
-        }
-        let (status, response) = self.send(Method::GET, path, &query, None, timeout).await?;
-        let index = match response.index {
-            Some(index) => index,
-            None if status.is_success() || status == StatusCode::NOT_FOUND => {
-                return Err(ConsulError::Response {
-                    method: Method::GET,
-                    path: path.to_owned(),
-                    message: "no X-Consul-Index header".to_owned(),
-                })
+        let mut entries = Vec::new();
+        for result in parsed.results.unwrap_or_default() {
+            if let Some(kv) = result.kv {
+                entries.push(kv.decode(Method::PUT, &path)?);
             }
-            None => 0,
-        };
-        match status {
-            StatusCode::OK => Ok(Read { body: Some(response.body), index }),
-            StatusCode::NOT_FOUND => Ok(Read { body: None, index }),
-            status => Err(status_error(Method::GET, path, status, &response.body)),
         }
+        Ok(TxnOutcome::Committed(entries))
     }
 
-    /// A PUT or DELETE on `/v1/kv/`: the body of a 200 answer.
-    async fn write(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[(&str, Option<String>)],
-        body: Vec<u8>,
-    ) -> Result<Vec<u8>, ConsulError> {
-        let (status, response) = self.send(method.clone(), path, query, Some(body), REQUEST_TIMEOUT).await?;
-        if status != StatusCode::OK {
-            return Err(status_error(method, path, status, &response.body));
-        }
-        Ok(response.body)
-    }
-
+    /// Sends one request; its status and body.
     async fn send(
         &self,
         method: Method,
         path: &str,
-        query: &[(&str, Option<String>)],
+        query: &str,
         body: Option<Vec<u8>>,
-        timeout: Duration,
-    ) -> Result<(StatusCode, Response), ConsulError> {
+    ) -> Result<(StatusCode, Vec<u8>), ConsulError> {
         let transport = |e: reqwest::Error| ConsulError::Transport {
             method: method.clone(),
             path: path.to_owned(),
-            message: error_chain(&e.without_url()),
+            source: e.without_url(),
         };
-        let mut url = format!("{}{path}", self.base);
-        for (i, (name, value)) in query.iter().enumerate() {
-            url.push(if i == 0 { '?' } else { '&' });
-            url.push_str(name);
-            if let Some(value) = value {
-                url.push('=');
-                url.push_str(&percent_encode(value, false));
-            }
-        }
-        let mut request = self.http.request(method.clone(), url).timeout(timeout);
+        let url = format!("{}{path}{query}", self.base);
+        let mut request = self.http.request(method.clone(), url).timeout(REQUEST_TIMEOUT);
         if let Some(token) = &self.token {
             let mut value = HeaderValue::from_str(&token.0).expect("checked when the token was read");
             value.set_sensitive(true);
@@ -601,21 +453,9 @@ impl Client {
         }
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
-        let index =
-            response.headers().get("X-Consul-Index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         let body = response.bytes().await.map_err(transport)?.to_vec();
-        Ok((status, Response { index, body }))
+        Ok((status, body))
     }
-}
-
-struct Read {
-    body: Option<Vec<u8>>,
-    index: u64,
-}
-
-struct Response {
-    index: Option<u64>,
-    body: Vec<u8>,
 }
 
 /// The JSON body of a transaction, within Consul's limits.
@@ -624,7 +464,7 @@ fn txn_body(ops: &[TxnOp]) -> Result<Vec<u8>, ConsulError> {
         return Err(ConsulError::TooManyOps { ops: ops.len() });
     }
     for op in ops {
-        if let TxnOp::Set { key, value } | TxnOp::Cas { key, value, .. } = op {
+        if let TxnOp::Cas { key, value, .. } = op {
             if value.len() > MAX_VALUE_BYTES {
                 return Err(ConsulError::ValueTooLarge { key: key.clone(), bytes: value.len() });
             }
@@ -642,24 +482,6 @@ fn txn_body(ops: &[TxnOp]) -> Result<Vec<u8>, ConsulError> {
 /// writes, which need no JSON escaping; an estimate otherwise).
 pub fn txn_op_bytes(op: &TxnOp) -> usize {
     serde_json::to_vec(&op.to_wire()).map(|v| v.len() + 1).unwrap_or(usize::MAX)
-}
-
-fn decode_entries(path: &str, body: &[u8]) -> Result<Vec<Entry>, ConsulError> {
-    let bad = |message: String| ConsulError::Response { method: Method::GET, path: path.to_owned(), message };
-    let wire: Vec<WireEntry> = serde_json::from_slice(body).map_err(|e| bad(format!("not a list of entries: {e}")))?;
-    wire.into_iter().map(|w| w.decode().map_err(bad)).collect()
-}
-
-fn parse_bool(method: Method, path: &str, body: &[u8]) -> Result<bool, ConsulError> {
-    match std::str::from_utf8(body).map(str::trim) {
-        Ok("true") => Ok(true),
-        Ok("false") => Ok(false),
-        _ => Err(ConsulError::Response {
-            method,
-            path: path.to_owned(),
-            message: format!("expected true or false, got {:?}", shorten(body)),
-        }),
-    }
 }
 
 fn status_error(method: Method, path: &str, status: StatusCode, body: &[u8]) -> ConsulError {
@@ -682,27 +504,11 @@ fn shorten(body: &[u8]) -> String {
     }
 }
 
-/// An error and its causes on one line (reqwest's own message is only the outermost).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// `/v1/kv/<key>` with the key percent-encoded (its `/` kept).
 fn kv_path(key: &str) -> String {
-    format!("/v1/kv/{}", percent_encode(key, true))
-}
-
-fn percent_encode(text: &str, keep_slash: bool) -> String {
-    let mut out = String::with_capacity(text.len());
-    for &b in text.as_bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (keep_slash && b == b'/') {
+    let mut out = String::from("/v1/kv/");
+    for &b in key.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -726,7 +532,7 @@ mod tests {
 
     #[test]
     fn transactions_are_refused_before_sending_when_over_consul_limits() {
-        let op = |i: usize| TxnOp::Set { key: format!("k{i}"), value: vec![b'x'; 10] };
+        let op = |i: usize| TxnOp::Cas { key: format!("k{i}"), value: vec![b'x'; 10], index: 0 };
         let ops: Vec<TxnOp> = (0..MAX_TXN_OPS).map(op).collect();
         assert!(txn_body(&ops).is_ok());
         let ops: Vec<TxnOp> = (0..=MAX_TXN_OPS).map(op).collect();
@@ -736,8 +542,9 @@ mod tests {
             matches!(txn_body(&big), Err(ConsulError::ValueTooLarge { bytes, .. }) if bytes == MAX_VALUE_BYTES + 1)
         );
         // Two values under the value limit whose base64 together exceeds the body limit.
-        let two: Vec<TxnOp> =
-            (0..2).map(|i| TxnOp::Set { key: format!("k{i}"), value: vec![1; MAX_VALUE_BYTES / 2] }).collect();
+        let two: Vec<TxnOp> = (0..2)
+            .map(|i| TxnOp::Cas { key: format!("k{i}"), value: vec![1; MAX_VALUE_BYTES / 2], index: 0 })
+            .collect();
         assert!(matches!(txn_body(&two), Err(ConsulError::TxnTooLarge { .. })));
     }
 
@@ -746,7 +553,7 @@ mod tests {
         let ops = [
             TxnOp::Cas { key: "a".into(), value: vec![0, 255, b'\n'], index: 7 },
             TxnOp::DeleteCas { key: "b".into(), index: 3 },
-            TxnOp::Delete { key: "c".into() },
+            TxnOp::Cas { key: "c".into(), value: Vec::new(), index: 0 },
         ];
         let body: serde_json::Value = serde_json::from_slice(&txn_body(&ops).expect("body")).expect("json");
         assert_eq!(
@@ -754,7 +561,7 @@ mod tests {
             serde_json::json!([
                 { "KV": { "Verb": "cas", "Key": "a", "Value": "AP8K", "Index": 7 } },
                 { "KV": { "Verb": "delete-cas", "Key": "b", "Index": 3 } },
-                { "KV": { "Verb": "delete", "Key": "c" } },
+                { "KV": { "Verb": "cas", "Key": "c", "Value": "", "Index": 0 } },
             ])
         );
         let total: usize = ops.iter().map(txn_op_bytes).sum();
@@ -774,16 +581,16 @@ mod tests {
         assert!(!format!("{client:?}").contains("s3cr3t"));
         assert!(format!("{client:?}").contains("http://127.0.0.1:8500"));
         std::fs::write(&path, "\n").expect("write");
-        assert!(matches!(Token::from_file(&path), Err(ConsulError::TokenFile { .. })));
+        assert!(matches!(Token::from_file(&path), Err(ConsulError::BadToken { .. })));
         assert!(matches!(Token::from_file(&dir.path().join("missing")), Err(ConsulError::TokenFile { .. })));
     }
 
     #[test]
     fn urls_are_checked() {
         assert!(Client::new("https://consul.example:8501/", None).is_ok());
-        assert!(matches!(Client::new("ftp://x", None), Err(ConsulError::Url { .. })));
-        assert!(matches!(Client::new("http://user:pw@x", None), Err(ConsulError::Url { .. })));
-        assert!(matches!(Client::new("http://x/?dc=a", None), Err(ConsulError::Url { .. })));
+        assert!(matches!(Client::new("ftp://x", None), Err(ConsulError::UnusableUrl { .. })));
+        assert!(matches!(Client::new("http://user:pw@x", None), Err(ConsulError::UnusableUrl { .. })));
+        assert!(matches!(Client::new("http://x/?dc=a", None), Err(ConsulError::UnusableUrl { .. })));
     }
 
     #[test]

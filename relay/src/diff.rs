@@ -14,7 +14,7 @@ pub struct Item {
     /// Its mode.
     pub mode: FileMode,
     /// Its blob id.
-    pub blob: [u8; 20],
+    pub blob: gix::ObjectId,
 }
 
 /// Every blob of a tree by its full path (raw bytes).
@@ -93,7 +93,7 @@ mod tests {
     use super::*;
 
     fn item(b: u8, mode: FileMode) -> Item {
-        Item { mode, blob: [b; 20] }
+        Item { mode, blob: gix::ObjectId::from([b; 20]) }
     }
 
     fn listing(items: &[(&str, Item)]) -> Listing {

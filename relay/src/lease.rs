@@ -15,13 +15,11 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use confcast_schemas::subject;
+use confcast_schemas::retry::Warnings;
+use confcast_schemas::{streams, subject};
 use tokio_util::sync::CancellationToken;
 
-use crate::publish::BusError;
-
-/// K/V bucket holding one lease per datacenter.
-pub const LEASES_BUCKET: &str = "confcast-leases";
+use crate::error::BusError;
 
 /// A datacenter's lease, held or wanted by this relay.
 #[derive(Debug, Clone)]
@@ -42,16 +40,8 @@ impl Lease {
         ttl: Duration,
         replicas: usize,
     ) -> Result<Lease, BusError> {
-        let config = kv::Config {
-            bucket: LEASES_BUCKET.to_owned(),
-            description: "confcast: which relay handles each datacenter".to_owned(),
-            max_age: ttl,
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas.max(1),
-            ..Default::default()
-        };
-        let store = crate::publish::key_value(js, "lease bucket", config).await?;
+        let config = kv::Config { num_replicas: replicas.max(1), ..streams::leases(ttl) };
+        let store = crate::bus::key_value(js, "lease bucket", config).await?;
         Ok(Lease { store, key: format!("relay.{}", subject::encode_token(dc)), holder, ttl })
     }
 
@@ -63,7 +53,7 @@ impl Lease {
     /// Waits until this relay holds the lease; returns its revision, or `None` on shutdown.
     pub async fn acquire(&self, shutdown: &CancellationToken) -> Option<u64> {
         let mut announced = false;
-        let mut warnings = crate::retry::Warnings::default();
+        let mut warnings = Warnings::default();
         loop {
             match self.store.create(&self.key, Bytes::from(self.holder.clone())).await {
                 Ok(revision) => return Some(revision),

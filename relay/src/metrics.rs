@@ -1,12 +1,15 @@
 //! What a relay tells its operator about itself: Prometheus metrics and `/healthz` on
 //! `--listen`, and readiness (for systemd's `Type=notify`).
 //!
-//! The loop in [`crate::run`] counts as it goes: commit events taken from the commit
-//! stream, fetches from the master (time and pack bytes), updates and error events
-//! published, failed syncs; it sets whether it holds the datacenter's lease and when it
-//! last synced. `relay --listen ADDR` serves them in the OpenMetrics text format that
-//! Prometheus scrapes.
+//! The relay counts as it goes: commit events taken from the commit stream
+//! ([`crate::events`]), fetches from the master (time, and pack bytes as measured by
+//! [`fetched_bytes`]), updates and error events published, failed syncs
+//! ([`crate::sync`]); the lease loop ([`crate::server`]) sets whether it holds the
+//! datacenter's lease, and the sync when it last synced. `relay --listen ADDR` serves
+//! them in the OpenMetrics text format that Prometheus scrapes.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -151,6 +154,25 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, shu
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!(error = %e, "the metrics listener failed");
     }
+}
+
+/// The pack files of the mirror and their sizes.
+pub(crate) fn packs(dir: &std::path::Path) -> BTreeMap<OsString, u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return BTreeMap::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .filter_map(|e| Some((e.file_name(), e.metadata().ok()?.len())))
+        .collect()
+}
+
+/// Bytes a fetch added to the mirror: the sizes of its new packs. When a pack went away
+/// the mirror was repacked during the fetch, and its own share cannot be told: 0.
+pub(crate) fn fetched_bytes(before: &BTreeMap<OsString, u64>, after: &BTreeMap<OsString, u64>) -> u64 {
+    if before.keys().any(|name| !after.contains_key(name)) {
+        return 0;
+    }
+    after.iter().filter(|(name, _)| !before.contains_key(*name)).map(|(_, size)| size).sum()
 }
 
 #[cfg(test)]

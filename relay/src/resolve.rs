@@ -1,4 +1,4 @@
-//! Resolution: what a datacenter runs, as `{ (kind, name) → (ref, commit) }`.
+//! Resolution: what a datacenter runs, as `{ service → (ref, commit) }`.
 //!
 //! `refs/heads/datacenters/<dc>` → `datacenter.json` → `conf` → the configuration's
 //! pins → each pin's branch head or tag. Pure logic over [`RefSource`], so it is tested
@@ -7,14 +7,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use confcast_schemas::document::{HostInventory, CONFIGURATION_FILE, DATACENTER_FILE};
-use confcast_schemas::{DatacenterConfiguration, DatacenterDoc, DocumentError, Kind};
+use confcast_schemas::{refs, DatacenterConfiguration, DatacenterDoc, DocumentError, Kind, ServiceId};
+use gix::ObjectId;
+
+use crate::mirror::MirrorError;
 
 /// Read access to the refs and files the resolution needs.
 pub trait RefSource {
     /// The commit a ref points at (annotated tags peeled), if the ref exists.
-    fn commit_of(&self, ref_name: &str) -> Result<Option<String>, String>;
+    fn commit_of(&self, ref_name: &str) -> Result<Option<ObjectId>, MirrorError>;
     /// A file at the root of a commit's tree, if present.
-    fn root_file(&self, commit: &str, file: &str) -> Result<Option<Vec<u8>>, String>;
+    fn root_file(&self, commit: &ObjectId, file: &str) -> Result<Option<Vec<u8>>, MirrorError>;
 }
 
 /// Where one service of the datacenter resolves to.
@@ -27,7 +30,7 @@ pub struct Target {
     /// Tag named by the pin, or `latest`.
     pub version: String,
     /// The commit it resolves to.
-    pub commit: String,
+    pub commit: ObjectId,
 }
 
 /// A complete, good resolution (individual pins may still be unresolvable).
@@ -36,15 +39,15 @@ pub struct Resolution {
     /// The configuration ref the datacenter follows.
     pub conf_ref: String,
     /// Services that resolved.
-    pub targets: BTreeMap<(Kind, String), Target>,
+    pub targets: BTreeMap<ServiceId, Target>,
     /// Pins whose ref does not exist: these keep what was last published.
-    pub unresolved: BTreeMap<(Kind, String), String>,
+    pub unresolved: BTreeMap<ServiceId, String>,
     /// Hosts and what they run.
     pub hosts: BTreeMap<String, HostInventory>,
 }
 
 /// Why a datacenter cannot be resolved at all; the last good resolution stays.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     /// `refs/heads/datacenters/<dc>` does not exist.
     #[error("{0} does not exist on the master")]
@@ -74,8 +77,8 @@ pub enum ResolveError {
         conf_ref: String,
     },
     /// Reading the mirror failed.
-    #[error("reading the mirror: {0}")]
-    Mirror(String),
+    #[error("reading the mirror")]
+    Mirror(#[from] MirrorError),
 }
 
 impl ResolveError {
@@ -87,7 +90,7 @@ impl ResolveError {
 
 /// A resolution attempt and the refs it depends on, known even when it failed, so the
 /// relay knows which pushes can change it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Resolved {
     /// Every ref read or named along the way.
     pub watched: BTreeSet<String>,
@@ -97,7 +100,7 @@ pub struct Resolved {
 
 /// The ref holding a datacenter's document.
 pub fn datacenter_ref(dc: &str) -> String {
-    format!("refs/heads/datacenters/{dc}")
+    format!("{}{dc}", refs::DATACENTER_BRANCHES)
 }
 
 /// Resolves datacenter `dc` from `source`.
@@ -108,10 +111,10 @@ pub fn resolve(dc: &str, source: &impl RefSource) -> Resolved {
 }
 
 fn read_document(source: &impl RefSource, ref_name: &str, file: &'static str) -> Result<Option<Vec<u8>>, ResolveError> {
-    let Some(commit) = source.commit_of(ref_name).map_err(ResolveError::Mirror)? else {
+    let Some(commit) = source.commit_of(ref_name)? else {
         return Ok(None);
     };
-    match source.root_file(&commit, file).map_err(ResolveError::Mirror)? {
+    match source.root_file(&commit, file)? {
         Some(bytes) => Ok(Some(bytes)),
         None => Err(ResolveError::MissingDocument { ref_name: ref_name.to_owned(), file }),
     }
@@ -139,14 +142,14 @@ fn resolve_into(dc: &str, source: &impl RefSource, watched: &mut BTreeSet<String
         for pin in conf.pins(kind) {
             let ref_name = pin.ref_name(kind);
             watched.insert(ref_name.clone());
-            match source.commit_of(&ref_name).map_err(ResolveError::Mirror)? {
+            match source.commit_of(&ref_name)? {
                 Some(commit) => {
                     let target =
                         Target { ref_name, branch: pin.branch.clone(), version: pin.version().to_owned(), commit };
-                    targets.insert((kind, pin.name.clone()), target);
+                    targets.insert(ServiceId::new(kind, pin.name.clone()), target);
                 }
                 None => {
-                    unresolved.insert((kind, pin.name.clone()), ref_name);
+                    unresolved.insert(ServiceId::new(kind, pin.name.clone()), ref_name);
                 }
             }
         }
@@ -158,29 +161,36 @@ fn resolve_into(dc: &str, source: &impl RefSource, watched: &mut BTreeSet<String
 pub(crate) mod tests {
     use super::*;
 
+    /// A commit id named for what it stands for (`s0-v1`): the name's bytes, padded.
+    pub(crate) fn commit(name: &str) -> ObjectId {
+        let mut bytes = [0u8; 20];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        ObjectId::from(bytes)
+    }
+
     /// A map-backed [`RefSource`]: `refs` maps ref → commit, `files` (commit, file) → bytes.
     #[derive(Default)]
     pub(crate) struct Fake {
-        pub(crate) refs: BTreeMap<String, String>,
-        pub(crate) files: BTreeMap<(String, String), Vec<u8>>,
+        pub(crate) refs: BTreeMap<String, ObjectId>,
+        pub(crate) files: BTreeMap<(ObjectId, String), Vec<u8>>,
     }
 
     impl Fake {
-        pub(crate) fn with(mut self, ref_name: &str, commit: &str, file: Option<(&str, &str)>) -> Self {
-            self.refs.insert(ref_name.into(), commit.into());
-            if let Some((name, body)) = file {
-                self.files.insert((commit.into(), name.into()), body.as_bytes().to_vec());
+        pub(crate) fn with(mut self, ref_name: &str, name: &str, file: Option<(&str, &str)>) -> Self {
+            self.refs.insert(ref_name.into(), commit(name));
+            if let Some((file, body)) = file {
+                self.files.insert((commit(name), file.into()), body.as_bytes().to_vec());
             }
             self
         }
     }
 
     impl RefSource for Fake {
-        fn commit_of(&self, ref_name: &str) -> Result<Option<String>, String> {
-            Ok(self.refs.get(ref_name).cloned())
+        fn commit_of(&self, ref_name: &str) -> Result<Option<ObjectId>, MirrorError> {
+            Ok(self.refs.get(ref_name).copied())
         }
-        fn root_file(&self, commit: &str, file: &str) -> Result<Option<Vec<u8>>, String> {
-            Ok(self.files.get(&(commit.to_owned(), file.to_owned())).cloned())
+        fn root_file(&self, commit: &ObjectId, file: &str) -> Result<Option<Vec<u8>>, MirrorError> {
+            Ok(self.files.get(&(*commit, file.to_owned())).cloned())
         }
     }
 
@@ -213,10 +223,10 @@ pub(crate) mod tests {
         let resolved = resolve("dc1", &master());
         let res = resolved.outcome.expect("resolves");
         assert_eq!(res.conf_ref, "refs/tags/datacenter-configuration/big/v1");
-        assert_eq!(res.targets[&(Kind::Service, "s0".into())].commit, "s0-v1", "tag pin, not the branch head");
-        assert_eq!(res.targets[&(Kind::Service, "s0".into())].version, "v1.0");
-        assert_eq!(res.targets[&(Kind::Service, "s1".into())].commit, "s1-head", "latest follows the branch");
-        assert_eq!(res.unresolved[&(Kind::Application, "app".into())], "refs/heads/applications/app/main");
+        assert_eq!(res.targets[&ServiceId::service("s0")].commit, commit("s0-v1"), "tag pin, not the branch head");
+        assert_eq!(res.targets[&ServiceId::service("s0")].version, "v1.0");
+        assert_eq!(res.targets[&ServiceId::service("s1")].commit, commit("s1-head"), "latest follows the branch");
+        assert_eq!(res.unresolved[&ServiceId::new(Kind::Application, "app")], "refs/heads/applications/app/main");
         assert!(resolved.watched.contains("refs/heads/applications/app/main"), "a missing pin is still watched");
         assert!(!resolved.watched.contains("refs/heads/services/s0/master"), "the branch of a tag pin is not watched");
         assert_eq!(res.hosts["h"].services, vec!["s0".to_owned()]);
@@ -236,7 +246,7 @@ pub(crate) mod tests {
                 Some((CONFIGURATION_FILE, r#"{"services":[{"name":"s0","branch":"master"}]}"#)),
             );
         let res = resolve("dc2", &fake).outcome.expect("resolves");
-        assert_eq!(res.targets[&(Kind::Service, "s0".into())].commit, "s0-head");
+        assert_eq!(res.targets[&ServiceId::service("s0")].commit, commit("s0-head"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use confcast_relay::consul::{Blocking, Client, ConsulError, Token, TxnOp, TxnOutcome, MAX_VALUE_BYTES};
+use confcast_relay::consul::{Client, ConsulError, Token, TxnOp, TxnOutcome, MAX_VALUE_BYTES};
 use confcast_tests::consul::ConsulDouble;
 use confcast_tests::{wait_for, Master, NatsServer, Relay, Subscriber};
 use serde_json::{json, Value};
@@ -271,43 +271,45 @@ async fn the_double_enforces_its_token() {
 async fn the_client_keeps_bytes_and_speaks_consuls_api() {
     let mut consul = ConsulDouble::start();
     let client = Client::new(&consul.url(), None).expect("client");
+    let cas = |key: &str, value: &[u8], index: u64| TxnOp::Cas { key: key.into(), value: value.to_vec(), index };
+    let committed = |outcome: TxnOutcome| match outcome {
+        TxnOutcome::Committed(results) => results,
+        TxnOutcome::RolledBack(failures) => panic!("rolled back: {failures:?}"),
+    };
     let every_byte: Vec<u8> = (0..=255u8).collect();
-    assert!(client.put("bin/all", &every_byte, None).await.expect("put"));
-    assert_eq!(client.get_raw("bin/all", None).await.expect("raw").value, Some(every_byte.clone()));
-    let entry = client.get("bin/all", None).await.expect("get").value.expect("entry");
-    assert_eq!((entry.value.as_slice(), entry.create_index, entry.modify_index), (every_byte.as_slice(), 1, 1));
-    let missing = client.get("bin/none", None).await.expect("get");
-    assert_eq!((missing.value, missing.index), (None, 1));
-    assert!(client.put("bin/empty", b"", None).await.expect("put"));
-    assert_eq!(client.get("bin/empty", None).await.expect("get").value.map(|e| e.value), Some(Vec::new()));
-    client.put("bin/sub/x", b"x", None).await.expect("put");
-    let listed = client.list("bin/", None).await.expect("list");
-    assert_eq!(listed.value.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["bin/all", "bin/empty", "bin/sub/x"]);
-    assert!(client.list("nothing/", None).await.expect("list").value.is_empty());
-    assert_eq!(client.keys("bin/", Some("/"), None).await.expect("keys").value, ["bin/all", "bin/empty", "bin/sub/"]);
+    committed(client.txn(&[cas("bin/all", &every_byte, 0)]).await.expect("txn"));
+    assert_eq!(get(&consul, "/v1/kv/bin/all?raw").await.body, every_byte);
+    let listed = client.list("bin/").await.expect("list");
+    let entry = listed[0].clone();
+    assert_eq!((entry.value.as_slice(), entry.modify_index), (every_byte.as_slice(), 1));
+    assert_eq!(get(&consul, "/v1/kv/bin/all").await.json()[0]["CreateIndex"], 1);
+    let missing = get(&consul, "/v1/kv/bin/none").await;
+    assert_eq!((missing.status, missing.index), (404, Some(1)));
+    committed(client.txn(&[cas("bin/empty", b"", 0)]).await.expect("txn"));
+    committed(client.txn(&[cas("bin/sub/x", b"x", 0)]).await.expect("txn"));
+    let listed = client.list("bin/").await.expect("list");
+    assert_eq!(listed.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["bin/all", "bin/empty", "bin/sub/x"]);
+    assert_eq!(listed[1].value, Vec::<u8>::new());
+    assert!(client.list("nothing/").await.expect("list").is_empty());
+    assert_eq!(get(&consul, "/v1/kv/bin/?keys&separator=/").await.json(), json!(["bin/all", "bin/empty", "bin/sub/"]));
 
     // Check-and-set.
-    assert!(!client.put("bin/all", b"x", Some(0)).await.expect("cas"), "exists already");
-    assert!(!client.put("bin/all", b"x", Some(99)).await.expect("cas"), "stale");
-    assert!(client.put("bin/all", b"x", Some(entry.modify_index)).await.expect("cas"));
-    assert!(!client.delete("bin/all", Some(entry.modify_index)).await.expect("delete"), "stale");
-    client.delete_tree("bin/").await.expect("delete tree");
+    let rolled_back = |outcome: TxnOutcome| matches!(outcome, TxnOutcome::RolledBack(_));
+    assert!(rolled_back(client.txn(&[cas("bin/all", b"x", 0)]).await.expect("cas")), "exists already");
+    assert!(rolled_back(client.txn(&[cas("bin/all", b"x", 99)]).await.expect("cas")), "stale");
+    committed(client.txn(&[cas("bin/all", b"x", entry.modify_index)]).await.expect("cas"));
+    let stale = TxnOp::DeleteCas { key: "bin/all".into(), index: entry.modify_index };
+    assert!(rolled_back(client.txn(&[stale]).await.expect("delete")), "stale");
+    assert_eq!(delete(&consul, "/v1/kv/bin/?recurse").await.text(), "true");
     assert!(consul.tree("bin/").is_empty());
 
     // Transactions.
-    let outcome = client
-        .txn(&[
-            TxnOp::Cas { key: "t/a".into(), value: vec![0, 159, 146, 150], index: 0 },
-            TxnOp::Set { key: "t/b".into(), value: b"b".to_vec() },
-        ])
-        .await
-        .expect("txn");
-    let TxnOutcome::Committed(results) = outcome else { panic!("rolled back: {outcome:?}") };
+    let results = committed(client.txn(&[cas("t/a", &[0, 159, 146, 150], 0), cas("t/b", b"b", 0)]).await.expect("txn"));
     assert_eq!(results.len(), 2);
-    let a = results[0].modify_index;
+    let (a, b) = (results[0].modify_index, results[1].modify_index);
     assert_eq!(consul.value("t/a"), Some(vec![0, 159, 146, 150]), "non-UTF-8 bytes survive");
     let outcome = client
-        .txn(&[TxnOp::Delete { key: "t/b".into() }, TxnOp::DeleteCas { key: "t/a".into(), index: a + 1 }])
+        .txn(&[TxnOp::DeleteCas { key: "t/b".into(), index: b }, TxnOp::DeleteCas { key: "t/a".into(), index: a + 1 }])
         .await
         .expect("txn");
     let TxnOutcome::RolledBack(failures) = outcome else { panic!("applied: {outcome:?}") };
@@ -318,44 +320,44 @@ async fn the_client_keeps_bytes_and_speaks_consuls_api() {
 
     // Limits are checked before anything is sent.
     let sent = consul.requests().len();
-    let too_big = client.put("big", &vec![0; MAX_VALUE_BYTES + 1], None).await;
+    let too_big = client.txn(&[cas("big", &vec![0; MAX_VALUE_BYTES + 1], 0)]).await;
     assert!(matches!(too_big, Err(ConsulError::ValueTooLarge { .. })), "{too_big:?}");
-    let ops: Vec<TxnOp> = (0..65).map(|i| TxnOp::Delete { key: format!("k{i}") }).collect();
+    let ops: Vec<TxnOp> = (0..65).map(|i| TxnOp::DeleteCas { key: format!("k{i}"), index: 1 }).collect();
     assert!(matches!(client.txn(&ops).await, Err(ConsulError::TooManyOps { ops: 65 })));
     assert_eq!(consul.requests().len(), sent, "refused requests never reach Consul");
 
-    // A blocking query wakes up on a write.
-    let current = client.get("t/a", None).await.expect("get").index;
-    let watcher = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client.get("t/a", Some(Blocking { index: current, wait: Duration::from_secs(20) })).await
-        })
-    };
+    // A blocking query of a reader wakes up on the client's write.
+    let current = get(&consul, "/v1/kv/t/a").await.index.expect("index");
+    let url = consul.url();
+    let watcher = tokio::spawn(async move {
+        call(reqwest::Method::GET, format!("{url}/v1/kv/t/a?raw&index={current}&wait=20s"), Vec::new(), None).await
+    });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    client.put("t/a", b"changed", None).await.expect("put");
-    let woke = tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("woke").expect("task").expect("get");
-    assert_eq!(woke.value.map(|e| e.value), Some(b"changed".to_vec()));
-    assert!(woke.index > current);
+    committed(client.txn(&[cas("t/a", b"changed", a)]).await.expect("txn"));
+    let woke = tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("woke").expect("task");
+    assert_eq!(woke.body, b"changed");
+    assert!(woke.index.expect("index") > current);
 
     // Errors name the request and carry Consul's message; only outages are transient.
     consul.stop();
-    let down = client.get("t/a", None).await.expect_err("consul is down");
+    let down = client.list("t/").await.expect_err("consul is down");
     assert!(down.is_transient(), "{down}");
-    assert!(down.to_string().contains("GET /v1/kv/t/a"), "{down}");
+    assert!(down.to_string().contains("GET /v1/kv/t/"), "{down}");
     consul.restart();
-    assert_eq!(client.get_raw("t/a", None).await.expect("back").value, Some(b"changed".to_vec()), "same data");
+    let back = client.list("t/").await.expect("back");
+    assert_eq!(back.iter().find(|e| e.key == "t/a").map(|e| e.value.clone()), Some(b"changed".to_vec()), "same data");
 
     let locked = ConsulDouble::start_with_token(Some("tok-123"));
     let anonymous = Client::new(&locked.url(), None).expect("client");
-    let refused = anonymous.put("k", b"v", None).await.expect_err("no token");
+    let refused = anonymous.txn(&[cas("k", b"v", 0)]).await.expect_err("no token");
     assert!(!refused.is_transient());
-    assert!(refused.to_string().contains("PUT /v1/kv/k: HTTP 403 Forbidden: Permission denied"), "{refused}");
+    assert!(refused.to_string().contains("PUT /v1/txn: HTTP 403 Forbidden: Permission denied"), "{refused}");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("token"), "tok-123\n").expect("token file");
     let token = Token::from_file(&dir.path().join("token")).expect("token");
     let authorized = Client::new(&locked.url(), Some(token)).expect("client");
-    assert!(authorized.put("k", b"v", None).await.expect("put"));
+    committed(authorized.txn(&[cas("k", b"v", 0)]).await.expect("txn"));
+    assert_eq!(locked.text("k").as_deref(), Some("v"));
     assert!(!format!("{authorized:?}").contains("tok-123"));
 }
 
@@ -384,10 +386,9 @@ fn the_relay_keeps_the_index_in_consul_with_transactions() {
     // Left over from an earlier life of this datacenter, and another datacenter's key.
     let ghost = "confcast/dc1/configurations/services/ghost/latest";
     let other = "confcast/dc9/configurations/services/service0/latest";
-    let client = Client::new(&consul.url(), None).expect("client");
     block_on(async {
-        client.put(ghost, b"master/0000", None).await.expect("put");
-        client.put(other, b"master/9999", None).await.expect("put");
+        assert_eq!(put(&consul, &format!("/v1/kv/{ghost}"), "master/0000").await.text(), "true");
+        assert_eq!(put(&consul, &format!("/v1/kv/{other}"), "master/9999").await.text(), "true");
     });
     let by_test = consul.requests().len();
     let relay = relay_with_consul(&nats, &master, "dc1", &consul, &[]);
@@ -457,13 +458,12 @@ fn a_blocking_query_on_the_key_wakes_up_when_a_push_changes_it() {
     wait_value(&consul, KEY, Some(&format!("master/{first}")));
 
     // What consul-template and Nomad's `template` do: read, then block on the index.
-    let client = Client::new(&consul.url(), None).expect("client");
-    let index = block_on(client.get(KEY, None)).expect("get").index;
+    let index = block_on(get(&consul, &format!("/v1/kv/{KEY}"))).index.expect("index");
     let watcher = std::thread::spawn({
-        let client = client.clone();
+        let url = format!("{}/v1/kv/{KEY}?index={index}&wait=60s", consul.url());
         move || {
             let started = Instant::now();
-            let answer = block_on(client.get(KEY, Some(Blocking { index, wait: Duration::from_secs(60) })));
+            let answer = block_on(call(reqwest::Method::GET, url, Vec::new(), None));
             (answer, started.elapsed())
         }
     });
@@ -472,9 +472,11 @@ fn a_blocking_query_on_the_key_wakes_up_when_a_push_changes_it() {
     let pushed = Instant::now();
     let second = master.on("services/service0/master").write("app.conf", "2\n").commit_push("second").commit;
     let (answer, waited) = watcher.join().expect("watcher");
-    let answer = answer.expect("blocking get");
-    assert_eq!(answer.value.map(|e| e.value), Some(format!("master/{second}").into_bytes()));
-    assert!(answer.index > index);
+    assert_eq!(answer.status, 200, "blocking get: {}", answer.text());
+    let value = answer.json()[0]["Value"].as_str().map(str::to_owned).expect("a value");
+    let value = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value).expect("base64");
+    assert_eq!(value, format!("master/{second}").into_bytes());
+    assert!(answer.index.expect("index") > index);
     assert!(waited < Duration::from_secs(30), "woke after {waited:?}");
     eprintln!("push to Consul blocking query wake-up: {:?}", pushed.elapsed());
 }

@@ -114,7 +114,6 @@ impl IndexWriter {
                                     };
                                     written.set += 1;
                                 }
-                                _ => {}
                             }
                         }
                     }
@@ -139,8 +138,8 @@ impl IndexWriter {
     }
 
     async fn read(&self) -> Result<BTreeMap<String, (Vec<u8>, u64)>, ConsulError> {
-        let listed = self.client.list(&self.prefix, None).await?;
-        Ok(listed.value.into_iter().map(|e| (e.key, (e.value, e.modify_index))).collect())
+        let listed = self.client.list(&self.prefix).await?;
+        Ok(listed.into_iter().map(|e| (e.key, (e.value, e.modify_index))).collect())
     }
 }
 
@@ -289,10 +288,11 @@ async fn keep(mut writer: IndexWriter, mut wanted: watch::Receiver<Option<Desire
             Err(e) => {
                 writer.known = None;
                 retry = true;
+                let error = confcast_schemas::process::error_chain(&e);
                 if e.is_transient() {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "consul index not updated; NATS publishing goes on");
+                    tracing::warn!(%error, retry_in = ?backoff, "consul index not updated; NATS publishing goes on");
                 } else {
-                    tracing::error!(error = %e, retry_in = ?backoff, "consul refuses the index; NATS publishing goes on");
+                    tracing::error!(%error, retry_in = ?backoff, "consul refuses the index; NATS publishing goes on");
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

@@ -1,0 +1,191 @@
+//! A service's new state, prepared from the mirror: the update (the diff from the
+//! commit last published for it, or the whole tree when the mirror no longer has that
+//! commit) and the snapshot (always the whole tree), with the contents too large to
+//! travel inline set apart for the blob store. A tree that would write outside its
+//! service's directory is refused ([`BadTree`]). Blocking: reads the mirror, so the
+//! relay runs it off the async runtime.
+
+use std::collections::BTreeMap;
+
+use confcast_schemas::message::now_ms;
+use confcast_schemas::path::{self, PathError};
+use confcast_schemas::{ChangeKind, Entry, FileMode, ServiceHead, ServiceId, ServiceUpdate, WIRE_VERSION};
+use gix::ObjectId;
+use serde_bytes::ByteBuf;
+
+use crate::bus::{blob_object, INLINE_LIMIT};
+use crate::cause::Cause;
+use crate::diff::{diff, Item, Listing};
+use crate::mirror::{Mirror, MirrorError};
+use crate::resolve::Target;
+
+/// A service's new state, ready to publish.
+pub(crate) struct Prepared {
+    /// What hosts that follow the service apply.
+    pub(crate) update: ServiceUpdate,
+    /// What a host that resyncs starts from.
+    pub(crate) snapshot: ServiceUpdate,
+    /// Contents too large to travel inline: (blob id, bytes).
+    pub(crate) large: Vec<(ObjectId, Vec<u8>)>,
+}
+
+/// Why a service's new state cannot be prepared.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PrepareError {
+    /// The mirror could not be read: retried.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    /// The tree is unsafe: never published, reported.
+    #[error(transparent)]
+    BadTree(Box<BadTree>),
+}
+
+impl From<BadTree> for PrepareError {
+    fn from(bad: BadTree) -> Self {
+        PrepareError::BadTree(Box::new(bad))
+    }
+}
+
+/// A tree with a path or a link that leaves its service's directory.
+#[derive(Debug, thiserror::Error)]
+#[error("{} {:?} at {commit} ({ref_name}): {source}; not published", service.kind, service.name)]
+pub(crate) struct BadTree {
+    /// The service.
+    pub(crate) service: ServiceId,
+    /// The commit whose tree it is.
+    pub(crate) commit: ObjectId,
+    /// The ref it was resolved through.
+    ref_name: String,
+    /// What is wrong.
+    #[source]
+    source: PathError,
+}
+
+/// Builds the diff from the last published commit, and the full snapshot, of one
+/// service. Blocking: reads the mirror.
+pub(crate) fn prepare(
+    mirror: &Mirror,
+    dc: &str,
+    cause: &Cause,
+    service: &ServiceId,
+    target: &Target,
+    head: Option<&ServiceHead>,
+) -> Result<Prepared, PrepareError> {
+    let new = mirror.listing(&target.commit)?;
+    let tree = mirror.tree_of(&target.commit)?;
+    let bad =
+        |source| BadTree { service: service.clone(), commit: target.commit, ref_name: target.ref_name.clone(), source };
+    let links = checked_links(mirror, &new, bad)?;
+    // Diff against what was last published, if the mirror still has it; otherwise
+    // (a new service, or a mirror rebuilt from scratch) the update is a full tree.
+    let base = head
+        .and_then(|h| h.commit.as_deref())
+        .and_then(|commit| ObjectId::from_hex(commit.as_bytes()).ok())
+        .and_then(|commit| mirror.listing(&commit).ok().map(|listing| (commit, listing)));
+    let (from, changes) = match &base {
+        Some((commit, old)) => (Some(commit.to_string()), diff(old, &new)),
+        None => (None, diff(&Listing::new(), &new)),
+    };
+    let mut contents = Contents { mirror, links, large: Vec::new() };
+    let mut entries = Vec::with_capacity(changes.len());
+    for c in &changes {
+        entries.push(contents.entry(&c.path, c.kind, c.item, c.from_path.clone())?);
+    }
+    let snapshot_entries = if from.is_none() {
+        entries.clone()
+    } else {
+        let mut all = Vec::with_capacity(new.len());
+        for (p, item) in &new {
+            all.push(contents.entry(p, ChangeKind::Add, Some(*item), None)?);
+        }
+        all
+    };
+    let update = ServiceUpdate {
+        v: WIRE_VERSION,
+        dc: dc.to_owned(),
+        kind: service.kind,
+        name: service.name.clone(),
+        ref_name: target.ref_name.clone(),
+        branch: target.branch.clone(),
+        version: target.version.clone(),
+        snapshot: from.is_none(),
+        from,
+        to: Some(target.commit.to_string()),
+        tree: Some(tree.to_string()),
+        entries,
+        event_seq: cause.event_seq,
+        pushed_at_ms: cause.pushed_at_ms,
+        published_at_ms: now_ms(),
+    };
+    let snapshot = ServiceUpdate { from: None, snapshot: true, entries: snapshot_entries, ..update.clone() };
+    Ok(Prepared { update, snapshot, large: contents.large })
+}
+
+/// Checks that no path of the tree leaves it, and that no link does. Containment is a
+/// property of the whole tree (a link can leave through another one), so every link
+/// is gathered first and judged once; files need only their path. Returns the links'
+/// targets by blob, read on the way.
+fn checked_links(
+    mirror: &Mirror,
+    listing: &Listing,
+    bad: impl Fn(PathError) -> BadTree,
+) -> Result<BTreeMap<ObjectId, Vec<u8>>, PrepareError> {
+    let mut contents = BTreeMap::new();
+    let mut links = path::Links::new();
+    for (p, item) in listing {
+        path::check_relative(p).map_err(&bad)?;
+        if item.mode == FileMode::Symlink {
+            let link = mirror.blob(&item.blob)?;
+            links.insert(p.clone(), link.clone());
+            contents.insert(item.blob, link);
+        }
+    }
+    links.check().map_err(&bad)?;
+    Ok(contents)
+}
+
+/// The contents of the entries of one service's update and snapshot.
+struct Contents<'a> {
+    mirror: &'a Mirror,
+    /// Contents already read (the links').
+    links: BTreeMap<ObjectId, Vec<u8>>,
+    /// Contents that go to the blob store, each once.
+    large: Vec<(ObjectId, Vec<u8>)>,
+}
+
+impl Contents<'_> {
+    /// The entry of one change: added and modified files carry their content inline, or
+    /// name it in the blob store when it is larger than [`INLINE_LIMIT`].
+    fn entry(
+        &mut self,
+        path: &[u8],
+        change: ChangeKind,
+        item: Option<Item>,
+        from_path: Option<Vec<u8>>,
+    ) -> Result<Entry, MirrorError> {
+        let (mut content, mut object) = (None, None);
+        if let (Some(item), ChangeKind::Add | ChangeKind::Modify) = (item, change) {
+            let bytes = match self.links.get(&item.blob) {
+                Some(bytes) => bytes.clone(),
+                None => self.mirror.blob(&item.blob)?,
+            };
+            if bytes.len() > INLINE_LIMIT {
+                object = Some(blob_object(&item.blob));
+                if !self.large.iter().any(|(blob, _)| *blob == item.blob) {
+                    self.large.push((item.blob, bytes));
+                }
+            } else {
+                content = Some(ByteBuf::from(bytes));
+            }
+        }
+        Ok(Entry {
+            path: ByteBuf::from(path.to_vec()),
+            change,
+            mode: item.map(|i| i.mode),
+            blob: item.map(|i| i.blob.to_string()),
+            content,
+            object,
+            from_path: from_path.map(ByteBuf::from),
+        })
+    }
+}
