@@ -18,7 +18,7 @@
 
 use confcast_schemas::{
     path::{self, Links},
-    Kind,
+    refs, Kind,
 };
 use git2::{Oid, Repository, Tree, TreeEntry};
 
@@ -31,7 +31,7 @@ const SYMLINK: i32 = 0o120000;
 
 /// Whether a ref holds a configuration tree that hosts materialize.
 pub fn holds_tree(ref_name: &str) -> bool {
-    let Some(rest) = ref_name.strip_prefix("refs/heads/").or_else(|| ref_name.strip_prefix("refs/tags/")) else {
+    let Some(rest) = refs::short_name(ref_name) else {
         return false;
     };
     Kind::ALL.iter().any(|kind| rest.strip_prefix(kind.plural()).is_some_and(|name| name.starts_with('/')))

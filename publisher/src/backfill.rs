@@ -5,11 +5,11 @@ use std::path::Path;
 
 use confcast_schemas::{message::now_ms, CommitEvent, WIRE_VERSION};
 
-use crate::install::{git, repo_name, InstallError};
+use crate::git::{git, GitError};
 
-/// One event per ref of `repo`, as if each ref had just been created.
-pub fn current_refs(repo: &Path) -> Result<Vec<CommitEvent>, InstallError> {
-    let name = repo_name(repo)?;
+/// One event per ref of `repo`, as if each ref had just been created, in the name of
+/// `repo_name`.
+pub fn current_refs(repo: &Path, repo_name: &str) -> Result<Vec<CommitEvent>, GitError> {
     let listing = git(repo, &["for-each-ref", "--format=%(objectname) %(refname)"])?;
     let now = now_ms();
     Ok(listing
@@ -17,7 +17,7 @@ pub fn current_refs(repo: &Path) -> Result<Vec<CommitEvent>, InstallError> {
         .filter_map(|line| line.split_once(' '))
         .map(|(oid, ref_name)| CommitEvent {
             v: WIRE_VERSION,
-            repo: name.clone(),
+            repo: repo_name.to_owned(),
             ref_name: ref_name.to_owned(),
             old: None,
             new: Some(oid.to_owned()),

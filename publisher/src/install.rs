@@ -2,9 +2,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::config_keys;
+use confcast_schemas::connect::NatsAuth;
+
+use crate::git::{git, GitError};
+use crate::settings::{auth_config, config_keys, default_repo_name, GitConfig};
 
 /// Marks the hook scripts older versions of confcast wrote, so re-installing may
 /// overwrite them while a foreign hook is never clobbered silently.
@@ -26,7 +28,7 @@ pub struct InstallOptions {
     /// Replicas of the commit stream, recorded as `confcast.replicas`.
     pub replicas: usize,
     /// NATS credentials of the hooks; their paths are recorded (`confcast.nats*`).
-    pub nats_auth: crate::NatsAuth,
+    pub nats_auth: NatsAuth,
     /// Seconds the post-receive hook waits for the rollout (`confcast.waitRollout`):
     /// `Some(0)` removes the setting, `None` leaves it as it is.
     pub wait_rollout_secs: Option<u64>,
@@ -35,9 +37,12 @@ pub struct InstallOptions {
 /// Why installation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    /// `git` failed or the path is not a repository.
-    #[error("{0}")]
-    Git(String),
+    /// `git` failed.
+    #[error(transparent)]
+    Git(#[from] GitError),
+    /// The path is a repository with a work tree.
+    #[error("{} is not a bare repository", .0.display())]
+    NotBare(PathBuf),
     /// A hook binary is missing.
     #[error("hook binary {0} not found (build the confcast-hooks crate, or pass --bin-dir)")]
     MissingBinary(PathBuf),
@@ -45,39 +50,34 @@ pub enum InstallError {
     #[error("{0} exists and was not installed by confcast; pass --force to replace it")]
     ForeignHook(PathBuf),
     /// Writing a hook failed.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The error.
+        #[source]
         source: std::io::Error,
     },
-}
-
-pub(crate) fn git(repo: &Path, args: &[&str]) -> Result<String, InstallError> {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(args)
-        .output()
-        .map_err(|e| InstallError::Git(format!("running git: {e}")))?;
-    if !out.status.success() {
-        return Err(InstallError::Git(format!(
-            "git {} in {}: {}",
-            args.join(" "),
-            repo.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    /// A credentials file given on the command line cannot be found.
+    #[error("{flag} {}", path.display())]
+    CredentialFile {
+        /// The flag that named it.
+        flag: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Why it cannot be used.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Installs both hooks and records the settings; returns the hook paths written.
 pub fn install_hooks(options: &InstallOptions) -> Result<Vec<PathBuf>, InstallError> {
     let repo = &options.repo;
     if git(repo, &["rev-parse", "--is-bare-repository"])? != "true" {
-        return Err(InstallError::Git(format!("{} is not a bare repository", repo.display())));
+        return Err(InstallError::NotBare(repo.clone()));
     }
+    let config = GitConfig::read(repo)?;
     let hooks_dir = PathBuf::from(git(repo, &["rev-parse", "--path-format=absolute", "--git-path", "hooks"])?);
     fs::create_dir_all(&hooks_dir).map_err(|source| InstallError::Io { path: hooks_dir.clone(), source })?;
 
@@ -88,7 +88,7 @@ pub fn install_hooks(options: &InstallOptions) -> Result<Vec<PathBuf>, InstallEr
         .canonicalize()
         .map_err(|_| InstallError::MissingBinary(options.bin_dir.join("post-receive")))?;
     let mut ours_in = vec![bin_dir.clone()];
-    ours_in.extend(config_value(repo, config_keys::HOOKS_DIR).map(PathBuf::from));
+    ours_in.extend(config.get(config_keys::HOOKS_DIR).map(PathBuf::from));
     let mut written = Vec::new();
     for name in ["post-receive", "pre-receive"] {
         let binary = bin_dir.join(name);
@@ -114,22 +114,22 @@ pub fn install_hooks(options: &InstallOptions) -> Result<Vec<PathBuf>, InstallEr
 
     let name = match &options.repo_name {
         Some(name) => name.clone(),
-        None => crate::default_repo_name(repo),
+        None => default_repo_name(repo),
     };
     git(repo, &["config", config_keys::NATS, &options.nats_url])?;
     git(repo, &["config", config_keys::REPO, &name])?;
     git(repo, &["config", config_keys::REPLICAS, &options.replicas.max(1).to_string()])?;
     // Re-installing replaces the credentials: none recorded earlier survives.
     for key in config_keys::NATS_AUTH {
-        if config_value(repo, key).is_some() {
+        if config.get(key).is_some() {
             git(repo, &["config", "--unset-all", key])?;
         }
     }
-    for (key, value) in crate::auth_config(&options.nats_auth) {
+    for (key, value) in auth_config(&options.nats_auth) {
         git(repo, &["config", key, &value])?;
     }
     match options.wait_rollout_secs {
-        Some(0) if config_value(repo, config_keys::WAIT_ROLLOUT).is_some() => {
+        Some(0) if config.get(config_keys::WAIT_ROLLOUT).is_some() => {
             git(repo, &["config", "--unset-all", config_keys::WAIT_ROLLOUT])?;
         }
         Some(0) | None => {}
@@ -150,26 +150,29 @@ fn is_ours(hook: &Path, name: &str, dirs: &[PathBuf]) -> bool {
     }
 }
 
-/// Reads a `confcast.*` setting of the repository, if set.
-pub fn config_value(repo: &Path, key: &str) -> Option<String> {
-    git(repo, &["config", "--get", key]).ok().filter(|v| !v.is_empty())
-}
-
-/// The repository's git directory, absolute.
-pub fn git_dir(repo: &Path) -> Result<PathBuf, InstallError> {
-    Ok(PathBuf::from(git(repo, &["rev-parse", "--path-format=absolute", "--git-dir"])?))
-}
-
-/// The repository's recorded name, or its directory name.
-pub fn repo_name(repo: &Path) -> Result<String, InstallError> {
-    match config_value(repo, config_keys::REPO) {
-        Some(name) => Ok(name),
-        None => Ok(crate::default_repo_name(repo)),
+/// `auth` with every file made absolute (and checked to exist): the hooks run in the
+/// master's directory.
+pub fn absolute_paths(mut auth: NatsAuth) -> Result<NatsAuth, InstallError> {
+    for (flag, path) in [
+        ("--nats-creds", &mut auth.creds),
+        ("--nats-nkey", &mut auth.nkey),
+        ("--nats-password-file", &mut auth.password_file),
+        ("--nats-token-file", &mut auth.token_file),
+        ("--nats-tls-ca", &mut auth.tls_ca),
+        ("--nats-tls-cert", &mut auth.tls_cert),
+        ("--nats-tls-key", &mut auth.tls_key),
+    ] {
+        if let Some(p) = path {
+            *p = p.canonicalize().map_err(|source| InstallError::CredentialFile { flag, path: p.clone(), source })?;
+        }
     }
+    Ok(auth)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+
     use super::*;
 
     fn setup() -> (tempfile::TempDir, InstallOptions) {
@@ -189,7 +192,7 @@ mod tests {
             bin_dir,
             force: false,
             replicas: 1,
-            nats_auth: crate::NatsAuth::default(),
+            nats_auth: NatsAuth::default(),
             wait_rollout_secs: None,
         };
         (dir, options)
@@ -216,8 +219,8 @@ mod tests {
         let hook = options.repo.join("hooks/post-receive");
         assert_eq!(fs::read_link(&hook).expect("link"), newer.canonicalize().expect("bin2").join("post-receive"));
         assert_eq!(
-            config_value(&options.repo, "receive.advertisePushOptions").as_deref(),
-            Some("true"),
+            git(&options.repo, &["config", "--get", "receive.advertisePushOptions"]).expect("set"),
+            "true",
             "pushes can carry confcast's push options"
         );
     }

@@ -12,13 +12,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use confcast_publisher::{
-    auth_from_config, backfill, config_keys, connect, default_spool_dir, drain, ensure_commit_stream, install,
-    publish_event, status, NatsAuth, Spool,
-};
+use confcast_publisher::keygen::{keygen, KeygenError};
+use confcast_publisher::rollout::{Target, Verdict};
+use confcast_publisher::screen::{self, Screen};
+use confcast_publisher::status::{self, StatusRequest};
+use confcast_publisher::{backfill, bus, drain, install, publish_event, NatsAuth, Settings, Spool};
 use confcast_schemas::process::{self, LogFormat, EXIT_FAILED, EXIT_OK, EXIT_UNABLE};
-
-mod progress;
 
 /// Publishes the master repository's ref updates as commit events on NATS JetStream.
 #[derive(Debug, clap::Parser)]
@@ -140,46 +139,6 @@ enum Command {
     },
 }
 
-fn nats_url(repo: &std::path::Path, flag: Option<String>) -> String {
-    flag.or_else(|| install::config_value(repo, config_keys::NATS))
-        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned())
-}
-
-/// The credentials given on the command line, else the hooks' own.
-fn auth_of(repo: &std::path::Path, flags: NatsAuth) -> NatsAuth {
-    if flags.is_empty() {
-        auth_from_config(|key| install::config_value(repo, key))
-    } else {
-        flags
-    }
-}
-
-fn spool_of(repo: &std::path::Path) -> anyhow::Result<Spool> {
-    let dir = match install::config_value(repo, config_keys::SPOOL_DIR) {
-        Some(dir) => PathBuf::from(dir),
-        None => default_spool_dir(&install::git_dir(repo)?),
-    };
-    Ok(Spool::new(dir))
-}
-
-/// Copies of the commit stream when it is created (`confcast.replicas`, default 1).
-fn replicas_of(repo: &std::path::Path) -> usize {
-    install::config_value(repo, config_keys::REPLICAS).and_then(|r| r.parse().ok()).unwrap_or(1)
-}
-
-async fn jetstream(
-    url: &str,
-    auth: &NatsAuth,
-    timeout: Duration,
-    replicas: usize,
-) -> anyhow::Result<async_nats::jetstream::Context> {
-    let js = async_nats::jetstream::new(connect(url, auth, timeout).await?);
-    tokio::time::timeout(timeout, ensure_commit_stream(&js, replicas))
-        .await
-        .context("creating the commit stream timed out")??;
-    Ok(js)
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli: Cli = process::parse_args("publisher");
@@ -191,7 +150,15 @@ async fn main() -> ExitCode {
             Some(Ok(secs)) => secs,
             Some(Err(e)) => return fail(format, Failure::Unable(e)),
         };
-        return status(&target, &nats, dcs, domains, Duration::from_secs(timeout), &nats_auth, format).await;
+        let request = StatusRequest {
+            target: Target::parse(&target),
+            nats_url: nats,
+            auth: nats_auth,
+            dcs,
+            domains,
+            timeout: Duration::from_secs(timeout),
+        };
+        return status(&request, format).await;
     }
     match run(cli.command).await {
         Ok(()) => process::exit(EXIT_OK),
@@ -247,85 +214,20 @@ fn renamed_secs(old: &str, new: &str) -> Option<anyhow::Result<u64>> {
 
 /// `publisher status`: 0 complete, 1 not complete in time or concerning nobody, 2 when
 /// the bus cannot be read or a datacenter asked for is unknown.
-async fn status(
-    target: &str,
-    url: &str,
-    dcs: Vec<String>,
-    domains: bool,
-    timeout: Duration,
-    auth: &NatsAuth,
-    format: LogFormat,
-) -> ExitCode {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let target = status::Target::parse(target);
-    let label = target.to_string();
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let mut screen = progress::Screen::new(tty);
-    let rollout = async {
-        let client = connect(url, auth, timeout.min(Duration::from_secs(10))).await?;
-        let js = async_nats::jetstream::new(client.clone());
-        let dcs = if dcs.is_empty() { status::datacenters(&js).await? } else { dcs };
-        if dcs.is_empty() {
-            anyhow::bail!(
-                "no datacenter on {}: no relay has published there",
-                confcast_schemas::connect::redact_url(url)
-            );
-        }
-        // What the refs were last pushed to tells a commit on its way from one that
-        // concerns nobody; only a commit needs it.
-        let pushed = match &target {
-            status::Target::Commit(_) => status::pushed(&js, timeout.min(Duration::from_secs(10))).await,
-            _ => status::Pushed::default(),
-        };
-        let contexts: Vec<(String, async_nats::jetstream::Context)> = dcs
-            .into_iter()
-            .map(|dc| {
-                let js = if domains { async_nats::jetstream::with_domain(client.clone(), &dc) } else { js.clone() };
-                (dc, js)
-            })
-            .collect();
-        let rollout = status::watch_pushed(&contexts, std::slice::from_ref(&target), &pushed, deadline, |r| {
-            screen.show(r, &label)
-        })
-        .await?;
-        Ok((rollout, pushed))
-    }
-    .await;
+async fn status(request: &StatusRequest, format: LogFormat) -> ExitCode {
+    let label = request.target.to_string();
+    let mut screen = Screen::new(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    let followed = status::follow(request, |rollout| screen.show(rollout, &label)).await;
     screen.finish();
-    let (rollout, pushed) = match rollout {
-        Ok(rollout) => rollout,
-        Err(e) => return fail(format, Failure::Unable(e)),
+    let followed = match followed {
+        Ok(followed) => followed,
+        Err(e) => return fail(format, Failure::Unable(e.into())),
     };
-    let (failed, pending) = rollout.counts();
-    match rollout.verdict() {
-        status::Verdict::Complete => {
-            println!("rollout of {label} complete");
-            process::exit(EXIT_OK)
-        }
-        status::Verdict::NothingAffected => {
-            match &target {
-                status::Target::Commit(prefix) if pushed.known => {
-                    let refs: Vec<&str> = pushed.refs_at(prefix).map(|(r, _)| r).collect();
-                    if refs.is_empty() {
-                        println!(
-                            "commit {label} is unknown: no datacenter has published it, and no ref was last pushed to it"
-                        );
-                    } else {
-                        println!("no datacenter follows {}, where {label} was pushed", refs.join(", "));
-                    }
-                }
-                _ => println!("no datacenter follows {label}"),
-            }
-            process::exit(EXIT_FAILED)
-        }
-        status::Verdict::InProgress => {
-            println!(
-                "rollout of {label} not complete after {}s: {failed} host(s) failed, {pending} pending",
-                timeout.as_secs()
-            );
-            process::exit(EXIT_FAILED)
-        }
-    }
+    println!("{}", screen::conclusion(&request.target, &followed, request.timeout));
+    process::exit(match followed.rollout.verdict() {
+        Verdict::Complete => EXIT_OK,
+        Verdict::NothingAffected | Verdict::InProgress => EXIT_FAILED,
+    })
 }
 
 async fn run(command: Command) -> Result<(), Failure> {
@@ -341,8 +243,6 @@ async fn run(command: Command) -> Result<(), Failure> {
                 Some(secs) => Some(secs),
                 None => renamed_secs("CONFCAST_WAIT_ROLLOUT", "CONFCAST_WAIT_ROLLOUT_SECS").transpose().unable()?,
             };
-            // The hooks run in the master's directory: record absolute paths.
-            let nats_auth = absolute_paths(nats_auth).unable()?;
             let bin_dir = match bin_dir {
                 Some(dir) => dir,
                 None => std::env::current_exe()
@@ -350,29 +250,26 @@ async fn run(command: Command) -> Result<(), Failure> {
                     .and_then(|exe| exe.parent().map(ToOwned::to_owned).context("binary has no directory"))
                     .unable()?,
             };
-            let written = install::install_hooks(&install::InstallOptions {
+            let options = install::InstallOptions {
                 repo,
                 nats_url: nats,
                 repo_name,
                 bin_dir,
                 force,
                 replicas,
-                nats_auth,
+                nats_auth: install::absolute_paths(nats_auth).unable()?,
                 wait_rollout_secs,
-            })
-            .unable()?;
-            for hook in written {
+            };
+            for hook in install::install_hooks(&options).unable()? {
                 println!("installed {}", hook.display());
             }
         }
         Command::Drain { repo, nats, timeout_secs, nats_auth } => {
-            let url = nats_url(&repo, nats);
-            let spool = spool_of(&repo).unable()?;
-            let replicas = replicas_of(&repo);
-            let js = jetstream(&url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs), replicas)
-                .await
-                .unable()?;
-            let drained = drain(&js, &spool, replicas).await.context("draining the spool")?;
+            let settings = Settings::read(&repo).unable()?;
+            let spool = Spool::new(&settings.spool_dir);
+            let bus = settings.bus_with(nats, nats_auth);
+            let js = bus::open(&bus, Duration::from_secs(timeout_secs)).await.unable()?;
+            let drained = drain(&js, &spool, bus.replicas).await.context("draining the spool")?;
             println!(
                 "published {} spooled event(s) ({} already stored), {} left, {} quarantined",
                 drained.published,
@@ -381,34 +278,20 @@ async fn run(command: Command) -> Result<(), Failure> {
                 drained.quarantined
             );
         }
-        Command::Keygen { file } => {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let signer = confcast_schemas::sign::Signer::generate();
-            let seed = signer.seed().context("encoding the seed")?;
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&file)
-                .with_context(|| format!("{}", file.display()))
-                .unable()?;
-            out.write_all(format!("{seed}\n").as_bytes())
-                .and_then(|()| out.sync_all())
-                .with_context(|| format!("{}", file.display()))?;
-            println!("{}", signer.public_key());
-        }
+        Command::Keygen { file } => match keygen(&file) {
+            Ok(public_key) => println!("{public_key}"),
+            Err(e @ KeygenError::Create { .. }) => return Err(Failure::Unable(e.into())),
+            Err(e) => return Err(Failure::Failed(e.into())),
+        },
         Command::Backfill { repo, nats, timeout_secs, nats_auth } => {
-            let url = nats_url(&repo, nats);
-            let events = backfill::current_refs(&repo).unable()?;
-            let replicas = replicas_of(&repo);
-            let js = jetstream(&url, &auth_of(&repo, nats_auth), Duration::from_secs(timeout_secs), replicas)
-                .await
-                .unable()?;
+            let settings = Settings::read(&repo).unable()?;
+            let events = backfill::current_refs(&repo, &settings.repo_name).unable()?;
+            let bus = settings.bus_with(nats, nats_auth);
+            let js = bus::open(&bus, Duration::from_secs(timeout_secs)).await.unable()?;
             let mut failed = 0;
             for event in &events {
-                if let Err(e) = publish_event(&js, event, replicas).await {
-                    eprintln!("publisher: {}: {e}", event.ref_name);
+                if let Err(e) = publish_event(&js, event, bus.replicas).await {
+                    eprintln!("publisher: {}: {}", event.ref_name, process::error_chain(&e));
                     failed += 1;
                 }
             }
@@ -419,22 +302,4 @@ async fn run(command: Command) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-/// `auth` with every file made absolute (and checked to exist).
-fn absolute_paths(mut auth: NatsAuth) -> anyhow::Result<NatsAuth> {
-    for (flag, path) in [
-        ("--nats-creds", &mut auth.creds),
-        ("--nats-nkey", &mut auth.nkey),
-        ("--nats-password-file", &mut auth.password_file),
-        ("--nats-token-file", &mut auth.token_file),
-        ("--nats-tls-ca", &mut auth.tls_ca),
-        ("--nats-tls-cert", &mut auth.tls_cert),
-        ("--nats-tls-key", &mut auth.tls_key),
-    ] {
-        if let Some(p) = path {
-            *p = p.canonicalize().with_context(|| format!("{flag} {}", p.display()))?;
-        }
-    }
-    Ok(auth)
 }

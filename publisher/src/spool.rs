@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_nats::jetstream;
 use confcast_schemas::{decode, encode, CommitEvent};
 
-use crate::bus::publish_event;
+use crate::bus::{publish_event, BusError};
 
 /// Failures of the spool itself (disk, not bus).
 #[derive(Debug, thiserror::Error)]
@@ -27,12 +27,13 @@ pub enum SpoolError {
         source: std::io::Error,
     },
     /// A spooled event could not be published; it stays in the spool.
-    #[error("publishing spooled event {path}: {reason}")]
+    #[error("publishing spooled event {path}")]
     Publish {
         /// The spooled file.
         path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: BusError,
     },
 }
 
@@ -132,7 +133,7 @@ pub async fn drain(js: &jetstream::Context, spool: &Spool, replicas: usize) -> R
         };
         let duplicate = publish_event(js, &event, replicas)
             .await
-            .map_err(|e| SpoolError::Publish { path: path.clone(), reason: e.to_string() })?;
+            .map_err(|source| SpoolError::Publish { path: path.clone(), source })?;
         fs::remove_file(&path).map_err(io(&path))?;
         drained.published += 1;
         drained.duplicates += usize::from(duplicate);

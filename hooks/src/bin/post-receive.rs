@@ -10,7 +10,7 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use confcast_hooks::{announcement_lines, commit_events, parse_updates, wait_rollout, Settings};
+use confcast_hooks::{announcement_lines, commit_events, parse_updates, settings, wait_rollout};
 
 /// What `post-receive --help` says.
 const HELP: &str = "git post-receive hook of a confcast master: announces every pushed ref update on NATS \
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let settings = Settings::from_repo(&repo);
+    let settings = settings(&repo);
     let events = commit_events(&repo, &settings.repo_name, &updates);
     let count = events.len();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let outcome =
+    let (outcome, client) =
         runtime.block_on(confcast_publisher::announce(&settings.bus, &settings.spool_dir, events, settings.timeout));
     match &outcome.error {
         None => eprintln!("confcast: announced {count} ref update(s)"),
@@ -62,9 +62,10 @@ fn main() -> ExitCode {
         eprintln!("{line}");
     }
     // Waiting for hosts is opt-in: the push returns only when this hook does. Nothing
-    // to wait for when the events did not reach the bus.
-    if let (Some(wait), None) = (settings.wait_rollout, &outcome.error) {
-        for line in runtime.block_on(wait_rollout(&settings, &updates, wait)) {
+    // to wait for when the events did not reach the bus. The rollout is read on the
+    // connection the events went through: one connection per push.
+    if let (Some(wait), None, Some(client)) = (settings.wait_rollout, &outcome.error, &client) {
+        for line in runtime.block_on(wait_rollout(client, &settings, &updates, wait)) {
             eprintln!("{line}");
         }
     }

@@ -13,10 +13,7 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use confcast_hooks::{
-    cross_refs::{self, PushOptions},
-    parse_updates, validate,
-};
+use confcast_hooks::{cross_refs, parse_updates, push_options::PushOptions, validate};
 
 /// What `pre-receive --help` says.
 const HELP: &str = "git pre-receive hook of a confcast master: refuses a push (exit 1, nothing changed) whose \

@@ -1,4 +1,6 @@
 use super::*;
+use crate::push_options::ALLOW_UNPIN;
+use crate::suggest::nearest;
 
 const DC1: &str = "refs/heads/datacenters/dc1";
 const CONF: &str = "refs/heads/datacenter-configuration/web";

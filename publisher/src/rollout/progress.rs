@@ -1,0 +1,261 @@
+//! Where a rollout stands, computed from what was seen on the bus: plain data in, plain
+//! data out, no I/O.
+
+use std::collections::BTreeMap;
+
+use confcast_schemas::{HostStatus, ServiceHead, ServiceId};
+
+use super::pushed::Pushed;
+use super::target::Target;
+
+/// What was seen on the bus of one datacenter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The relay's head of every service.
+    pub heads: BTreeMap<ServiceId, ServiceHead>,
+    /// The latest report of every host, per service.
+    pub hosts: BTreeMap<ServiceId, BTreeMap<String, HostStatus>>,
+}
+
+impl Observed {
+    /// Records a head.
+    pub fn head(&mut self, head: ServiceHead) {
+        self.heads.insert(head.service(), head);
+    }
+
+    /// Records a host's report.
+    pub fn status(&mut self, status: HostStatus) {
+        let id = status.service();
+        self.hosts.entry(id).or_default().insert(status.host.clone(), status);
+    }
+}
+
+/// Where one host stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostState {
+    /// At the target commit, applied and told with success.
+    Done,
+    /// Not there yet, with the commit it has in place.
+    Pending {
+        /// The host's commit, if it has one.
+        at: Option<String>,
+    },
+    /// It reported a failure: an update it could not apply, or an `--exec` that failed.
+    Failed {
+        /// The host's commit, when it is not the target.
+        at: Option<String>,
+        /// What went wrong, short.
+        reason: String,
+    },
+}
+
+/// One host of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostProgress {
+    /// Host id.
+    pub host: String,
+    /// Where it stands.
+    pub state: HostState,
+}
+
+/// One affected service of a datacenter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceProgress {
+    /// The service, application or device.
+    pub service: ServiceId,
+    /// The commit its hosts must reach.
+    pub commit: String,
+    /// The relay's head when it has not published `commit` yet.
+    pub relay_at: Option<String>,
+    /// Its hosts, by id.
+    pub hosts: Vec<HostProgress>,
+}
+
+/// One datacenter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DcProgress {
+    /// Datacenter id.
+    pub dc: String,
+    /// The services the target concerns there (none: not affected).
+    pub services: Vec<ServiceProgress>,
+}
+
+impl DcProgress {
+    pub(crate) fn hosts(&self) -> impl Iterator<Item = &HostProgress> {
+        self.services.iter().flat_map(|s| s.hosts.iter())
+    }
+
+    /// Hosts (per affected service) in all.
+    pub fn total(&self) -> usize {
+        self.hosts().count()
+    }
+
+    /// Hosts at the target with a good status.
+    pub fn done(&self) -> usize {
+        self.hosts().filter(|h| h.state == HostState::Done).count()
+    }
+
+    /// Whether the datacenter is affected at all.
+    pub fn affected(&self) -> bool {
+        !self.services.is_empty()
+    }
+
+    /// Affected, and every host there is done. A service no host reports for counts as
+    /// done: there is nobody to wait for.
+    pub fn complete(&self) -> bool {
+        self.affected() && self.services.iter().all(|s| s.relay_at.is_none()) && self.done() == self.total()
+    }
+}
+
+/// The whole rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// Every datacenter looked at, by id.
+    pub dcs: Vec<DcProgress>,
+}
+
+/// Whether a rollout is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every host of every affected service in every affected datacenter is at the
+    /// target with a good status.
+    Complete,
+    /// Some host is pending or failed.
+    InProgress,
+    /// No datacenter (yet) runs anything the target concerns.
+    NothingAffected,
+}
+
+impl Rollout {
+    /// Where the rollout stands.
+    pub fn verdict(&self) -> Verdict {
+        let affected: Vec<&DcProgress> = self.dcs.iter().filter(|d| d.affected()).collect();
+        if affected.is_empty() {
+            Verdict::NothingAffected
+        } else if affected.iter().all(|d| d.complete()) {
+            Verdict::Complete
+        } else {
+            Verdict::InProgress
+        }
+    }
+
+    /// Hosts (per service) failed and pending, over every datacenter.
+    pub fn counts(&self) -> (usize, usize) {
+        let hosts = || self.dcs.iter().flat_map(|d| d.hosts());
+        let failed = hosts().filter(|h| matches!(h.state, HostState::Failed { .. })).count();
+        let pending = hosts().filter(|h| matches!(h.state, HostState::Pending { .. })).count();
+        (failed, pending)
+    }
+}
+
+/// The commit every affected service must reach, per datacenter: service → target
+/// commit.
+fn affected(
+    targets: &[Target],
+    observed: &Observed,
+    commit_refs: &BTreeMap<String, String>,
+) -> BTreeMap<ServiceId, String> {
+    let mut out = BTreeMap::new();
+    for (key, head) in &observed.heads {
+        for target in targets {
+            let want = match target {
+                Target::Commit(prefix) => match &head.commit {
+                    Some(c) if c.starts_with(prefix.as_str()) => Some(c.clone()),
+                    // Not published here yet, but the same ref was published elsewhere
+                    // at the target: this datacenter's relay is on its way.
+                    _ => commit_refs.get(&head.ref_name).cloned(),
+                },
+                Target::Ref(_) if target.follows_ref(&head.ref_name) => head.commit.clone(),
+                Target::RefAt { commit, old, .. } if target.follows_ref(&head.ref_name) => {
+                    match &head.commit {
+                        // A later push moved the ref on: its hosts go there instead.
+                        Some(c) if c != commit && Some(c) != old.as_ref() => Some(c.clone()),
+                        _ => Some(commit.clone()),
+                    }
+                }
+                _ => None,
+            };
+            if let Some(want) = want {
+                out.insert(key.clone(), want);
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Why a host failed, short: `exec exited 1`, or the error it reported.
+fn failure(status: &HostStatus) -> String {
+    if let Some(code) = status.exec_status.filter(|c| *c != 0) {
+        return format!("exec exited {code}");
+    }
+    let error = status.error.as_deref().unwrap_or("reported a failure").trim();
+    // The subscriber words a failed command as `--exec exited with exit status: N`.
+    if let Some(code) = error.strip_prefix("--exec exited with exit status: ") {
+        return format!("exec exited {code}");
+    }
+    error.trim_start_matches("--").to_owned()
+}
+
+pub(crate) fn host_state(status: &HostStatus, commit: &str) -> HostState {
+    let at_target = status.commit.as_deref() == Some(commit);
+    match (at_target, status.ok) {
+        (true, true) => HostState::Done,
+        (true, false) => HostState::Failed { at: None, reason: failure(status) },
+        (false, false) => HostState::Failed { at: status.commit.clone(), reason: failure(status) },
+        (false, true) => HostState::Pending { at: status.commit.clone() },
+    }
+}
+
+/// Computes the rollout of `targets` over every datacenter in `observed`.
+pub fn progress(targets: &[Target], observed: &BTreeMap<String, Observed>) -> Rollout {
+    progress_pushed(targets, observed, &Pushed::default())
+}
+
+/// [`progress`], knowing what the refs were last pushed to: a datacenter that follows a
+/// ref last pushed to a target commit is on its way there, even before its relay got it.
+pub fn progress_pushed(targets: &[Target], observed: &BTreeMap<String, Observed>, pushed: &Pushed) -> Rollout {
+    let commit_refs = commit_refs(targets, observed, pushed);
+    let dcs = observed
+        .iter()
+        .map(|(dc, seen)| {
+            let services = affected(targets, seen, &commit_refs)
+                .into_iter()
+                .map(|(service, commit)| service_progress(seen, service, commit))
+                .collect();
+            DcProgress { dc: dc.clone(), services }
+        })
+        .collect();
+    Rollout { dcs }
+}
+
+/// Refs whose relay somewhere published a commit the targets name, or that were last
+/// pushed to it, with that commit: the same ref in every datacenter is affected, even
+/// before its relay gets there.
+fn commit_refs(targets: &[Target], observed: &BTreeMap<String, Observed>, pushed: &Pushed) -> BTreeMap<String, String> {
+    let mut commit_refs = BTreeMap::new();
+    for target in targets {
+        if let Target::Commit(prefix) = target {
+            commit_refs.extend(pushed.refs_at(prefix).map(|(r, c)| (r.to_owned(), c.to_owned())));
+            for head in observed.values().flat_map(|o| o.heads.values()) {
+                if let Some(c) = head.commit.as_ref().filter(|c| c.starts_with(prefix.as_str())) {
+                    commit_refs.insert(head.ref_name.clone(), c.clone());
+                }
+            }
+        }
+    }
+    commit_refs
+}
+
+/// Where the hosts of `service` stand in one datacenter, on their way to `commit`.
+fn service_progress(seen: &Observed, service: ServiceId, commit: String) -> ServiceProgress {
+    let relay_at = seen.heads.get(&service).and_then(|h| h.commit.clone()).filter(|c| *c != commit);
+    let hosts = seen
+        .hosts
+        .get(&service)
+        .map(|hosts| {
+            hosts.values().map(|s| HostProgress { host: s.host.clone(), state: host_state(s, &commit) }).collect()
+        })
+        .unwrap_or_default();
+    ServiceProgress { service, commit, relay_at, hosts }
+}
