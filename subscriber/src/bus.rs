@@ -5,32 +5,71 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_nats::jetstream::{self, object_store, stream::LastRawMessageErrorKind};
-use confcast_schemas::sign::{Verifier, EXPECTED_SEQUENCE_HEADER, SIGNATURE_HEADER};
-use confcast_schemas::{decode, subject, Inventory, Kind, ServiceHead, ServiceUpdate};
+use confcast_schemas::message::DecodeError;
+use confcast_schemas::sign::{SignatureError, Verifier, EXPECTED_SEQUENCE_HEADER, SIGNATURE_HEADER};
+use confcast_schemas::{decode, subject, Inventory, ServiceHead, ServiceId, ServiceUpdate};
 use tokio::io::AsyncReadExt;
 use tokio::sync::OnceCell;
 
 use crate::materialize::Objects;
 
-/// A failure reading from the bus; all are transient or the message's fault, and the
-/// caller decides which by context.
+/// A failure reading from the bus: the bus's fault (transient, tried again later) or
+/// the message's ([`ReadError::Forged`], never applied however often it is read).
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {message}")]
-pub struct ReadError {
-    what: &'static str,
-    message: String,
+pub enum ReadError {
+    /// The message is not signed by a trusted key.
+    #[error("refused: {subject}: {source}")]
+    Forged {
+        /// Where it was published.
+        subject: String,
+        /// What is wrong with its signature.
+        #[source]
+        source: SignatureError,
+    },
+    /// The datacenter's state stream cannot be opened.
+    #[error("state stream: {0}")]
+    StateStream(#[source] jetstream::context::GetStreamError),
+    /// The last message on a subject of the state stream cannot be read.
+    #[error("state stream: {0}")]
+    LastMessage(#[source] jetstream::stream::LastRawMessageError),
+    /// The datacenter's object store cannot be opened.
+    #[error("blob store: {0}")]
+    BlobStore(#[source] jetstream::context::ObjectStoreError),
+    /// A content kept in the object store cannot be read.
+    #[error("reading object {name}: {source}")]
+    Object {
+        /// The object.
+        name: String,
+        /// Why.
+        #[source]
+        source: ObjectError,
+    },
+    /// A message is not what its subject says it holds.
+    #[error("{what}: {source}")]
+    Decode {
+        /// What it should be (`snapshot`, `head`, `inventory`).
+        what: &'static str,
+        /// Why it is not.
+        #[source]
+        source: DecodeError,
+    },
 }
 
-const FORGED: &str = "refused";
+/// Why an object of the store cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The store does not give it.
+    #[error(transparent)]
+    Get(#[from] object_store::GetError),
+    /// Its content breaks off.
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+}
 
 impl ReadError {
-    pub(crate) fn new(what: &'static str, e: impl std::fmt::Display) -> Self {
-        ReadError { what, message: e.to_string() }
-    }
-
     /// The message is not signed by a trusted key: never applied, however often it is read.
     pub fn is_forged(&self) -> bool {
-        self.what == FORGED
+        matches!(self, ReadError::Forged { .. })
     }
 }
 
@@ -68,18 +107,16 @@ impl Reader {
     async fn blobs(&self) -> Result<&object_store::ObjectStore, ReadError> {
         self.blobs
             .get_or_try_init(|| async {
-                self.js
-                    .get_object_store(subject::blobs_bucket(&self.dc))
-                    .await
-                    .map_err(|e| ReadError::new("blob store", e))
+                self.js.get_object_store(subject::blobs_bucket(&self.dc)).await.map_err(ReadError::BlobStore)
             })
             .await
     }
 
     async fn object(&self, name: &str) -> Result<Vec<u8>, ReadError> {
-        let mut object = self.blobs().await?.get(name).await.map_err(|e| ReadError::new("reading object", e))?;
+        let failed = |source: ObjectError| ReadError::Object { name: name.to_owned(), source };
+        let mut object = self.blobs().await?.get(name).await.map_err(|e| failed(e.into()))?;
         let mut bytes = Vec::new();
-        object.read_to_end(&mut bytes).await.map_err(|e| ReadError::new("reading object", e))?;
+        object.read_to_end(&mut bytes).await.map_err(|e| failed(e.into()))?;
         Ok(bytes)
     }
 
@@ -98,33 +135,32 @@ impl Reader {
         let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
         self.verifier
             .verify(subject, header(EXPECTED_SEQUENCE_HEADER), &payload, header(SIGNATURE_HEADER))
-            .map_err(|e| ReadError { what: FORGED, message: format!("{subject}: {e}") })?;
+            .map_err(|source| ReadError::Forged { subject: subject.to_owned(), source })?;
         Ok(payload)
     }
 
     async fn last_on(&self, subject: &str) -> Result<Option<Vec<u8>>, ReadError> {
-        let stream =
-            self.js.get_stream(subject::state_stream(&self.dc)).await.map_err(|e| ReadError::new("state stream", e))?;
+        let stream = self.js.get_stream(subject::state_stream(&self.dc)).await.map_err(ReadError::StateStream)?;
         match stream.get_last_raw_message_by_subject(subject).await {
             Ok(message) => Ok(Some(self.payload(subject, Some(&message.headers), &message.payload).await?)),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(ReadError::new("state stream", e)),
+            Err(e) => Err(ReadError::LastMessage(e)),
         }
     }
 
     /// The latest full snapshot of a service, if the relay published one.
-    pub async fn snapshot(&self, kind: Kind, name: &str) -> Result<Option<ServiceUpdate>, ReadError> {
-        match self.last_on(&subject::snapshot_subject(&self.dc, kind, name)).await? {
-            Some(bytes) => Ok(Some(decode(&bytes).map_err(|e| ReadError::new("snapshot", e))?)),
+    pub async fn snapshot(&self, id: &ServiceId) -> Result<Option<ServiceUpdate>, ReadError> {
+        match self.last_on(&subject::snapshot_subject(&self.dc, id.kind, &id.name)).await? {
+            Some(bytes) => Ok(Some(decoded("snapshot", &bytes)?)),
             None => Ok(None),
         }
     }
 
     /// The last head the relay published for a service: small, and enough to tell
     /// whether the datacenter publishes it (a commit) or removed it (none).
-    pub async fn head(&self, kind: Kind, name: &str) -> Result<Option<ServiceHead>, ReadError> {
-        match self.last_on(&subject::head_subject(&self.dc, kind, name)).await? {
-            Some(bytes) => Ok(Some(decode(&bytes).map_err(|e| ReadError::new("head", e))?)),
+    pub async fn head(&self, id: &ServiceId) -> Result<Option<ServiceHead>, ReadError> {
+        match self.last_on(&subject::head_subject(&self.dc, id.kind, &id.name)).await? {
+            Some(bytes) => Ok(Some(decoded("head", &bytes)?)),
             None => Ok(None),
         }
     }
@@ -132,7 +168,7 @@ impl Reader {
     /// The datacenter's inventory, if the relay published one.
     pub async fn inventory(&self) -> Result<Option<Inventory>, ReadError> {
         match self.last_on(&subject::inventory_subject(&self.dc)).await? {
-            Some(bytes) => Ok(Some(decode(&bytes).map_err(|e| ReadError::new("inventory", e))?)),
+            Some(bytes) => Ok(Some(decoded("inventory", &bytes)?)),
             None => Ok(None),
         }
     }
@@ -146,4 +182,12 @@ impl Reader {
         }
         Ok(objects)
     }
+}
+
+/// `bytes` decoded as the `what` they should be.
+fn decoded<T: serde::de::DeserializeOwned + confcast_schemas::message::Versioned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, ReadError> {
+    decode(bytes).map_err(|source| ReadError::Decode { what, source })
 }

@@ -4,7 +4,8 @@
 //!
 //! * [`watch_local`] asks the host's subscriber (`subscriber --listen`, TCP or unix
 //!   socket) with blocking queries, so it sees exactly the files the host applied and
-//!   verified, and costs nothing while nothing changes;
+//!   verified, and costs nothing while nothing changes; the answers are the API's own
+//!   types ([`crate::api::types`]);
 //! * [`watch_nats`] reads straight from the datacenter's NATS, for an application
 //!   without a subscriber beside it: it follows the service's head, reads each new
 //!   snapshot, checks its signature (when given trusted keys) and its git tree id, and
@@ -34,17 +35,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::{self, consumer, context::GetStreamError, stream::ConsumerError};
 use base64::Engine as _;
 use bytes::Bytes;
-use confcast_schemas::sign::Verifier;
-use confcast_schemas::{decode, subject, FileMode, Kind, ServiceHead, ServiceUpdate};
+use confcast_schemas::message::DecodeError;
+use confcast_schemas::sign::{SignatureError, Verifier};
+use confcast_schemas::{decode, subject, FileMode, Kind, ServiceHead, ServiceId, ServiceUpdate};
 use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use serde_json::Value;
 
-use crate::bus::Reader;
-use crate::serve::{Listen, INDEX_HEADER};
+use crate::api::{Listen, Service, TreeFile, INDEX_HEADER};
+use crate::bus::{ReadError, Reader};
 
 /// One file of a service's tree.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,12 +96,133 @@ pub struct ServiceConfig {
 /// Why a watch could not read the configuration this time.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The local service or NATS could not be reached.
-    #[error("{0}")]
-    Unreachable(String),
-    /// It answered something this client cannot use.
-    #[error("{0}")]
-    Invalid(String),
+    /// The local service could not be reached.
+    #[error("{listen:?}: {source}")]
+    Connect {
+        /// Where it serves.
+        listen: Listen,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The exchange with the local service broke off.
+    #[error("{listen:?}: {source}")]
+    Exchange {
+        /// Where it serves.
+        listen: Listen,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The service's name makes no request.
+    #[error("{path}: {source}")]
+    Request {
+        /// The path asked for.
+        path: String,
+        /// Why it is not one.
+        #[source]
+        source: hyper::http::Error,
+    },
+    /// The local service answered with an error.
+    #[error("{path}: HTTP {status}: {body}")]
+    Refused {
+        /// The path asked for.
+        path: String,
+        /// The HTTP status.
+        status: u16,
+        /// The answer, as sent.
+        body: String,
+    },
+    /// Its answer is not a service.
+    #[error("{path}: {source}")]
+    Answer {
+        /// The path asked for.
+        path: String,
+        /// Why it does not read as one.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Its answer lists no files.
+    #[error("the local service's answer has no valid files")]
+    NoFiles,
+    /// A binary file of its answer does not decode.
+    #[error("the local service's answer has no valid base64 for {path}")]
+    Base64 {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: base64::DecodeError,
+    },
+    /// The trusted keys given are not keys.
+    #[error(transparent)]
+    TrustedKeys(SignatureError),
+    /// The datacenter's state stream could not be found.
+    #[error("datacenter {dc}: {source}")]
+    StateStream {
+        /// The datacenter.
+        dc: String,
+        /// Why.
+        #[source]
+        source: GetStreamError,
+    },
+    /// The service's head could not be followed.
+    #[error("datacenter {dc}: {source}")]
+    Consumer {
+        /// The datacenter.
+        dc: String,
+        /// Why.
+        #[source]
+        source: ConsumerError,
+    },
+    /// The head's messages could not be read.
+    #[error("datacenter {dc}: {source}")]
+    Messages {
+        /// The datacenter.
+        dc: String,
+        /// Why.
+        #[source]
+        source: consumer::StreamError,
+    },
+    /// Following the head broke off.
+    #[error("following the head of {name}: {source}")]
+    Follow {
+        /// The service.
+        name: String,
+        /// Why.
+        #[source]
+        source: consumer::pull::OrderedError,
+    },
+    /// A message could not be read, or is not signed by a trusted key.
+    #[error(transparent)]
+    Read(ReadError),
+    /// A head does not decode.
+    #[error(transparent)]
+    Decode(DecodeError),
+    /// The service has a head but no snapshot.
+    #[error("no snapshot of {kind} {name}")]
+    NoSnapshot {
+        /// Its kind.
+        kind: Kind,
+        /// Its name.
+        name: String,
+    },
+    /// A file's content is not in the object store.
+    #[error("object {0} missing")]
+    MissingObject(String),
+    /// A file of the snapshot carries no content.
+    #[error("an entry without content")]
+    NoContent,
+    /// The snapshot's files are not the tree it names.
+    #[error("snapshot of {name} hashes to tree {found}, not {}", expected.as_deref().unwrap_or("-"))]
+    TreeMismatch {
+        /// The service.
+        name: String,
+        /// What the files hash to.
+        found: String,
+        /// The tree the snapshot names.
+        expected: Option<String>,
+    },
 }
 
 /// How long a blocking query to the local service waits for a change.
@@ -121,9 +244,9 @@ pub fn watch_local(listen: Listen, service: &str) -> impl Stream<Item = Result<S
                 };
                 match get(&listen, &path).await {
                     Ok((200, new_index, body)) => {
-                        let parsed = serde_json::from_slice::<Value>(&body)
-                            .map_err(|e| ClientError::Invalid(format!("{path}: {e}")))
-                            .and_then(|v| from_local(&v));
+                        let parsed = serde_json::from_slice::<Service>(&body)
+                            .map_err(|source| ClientError::Answer { path, source })
+                            .and_then(from_local);
                         index = new_index.or(index);
                         match parsed {
                             // A change the application has already seen (exec status, say):
@@ -137,9 +260,9 @@ pub fn watch_local(listen: Listen, service: &str) -> impl Stream<Item = Result<S
                         }
                     }
                     Ok((status, _, body)) => {
-                        let message = format!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&body).trim());
+                        let body = String::from_utf8_lossy(&body).trim().to_owned();
                         tokio::time::sleep(RETRY).await;
-                        return Some((Err(ClientError::Unreachable(message)), (listen, service, None, seen)));
+                        return Some((Err(ClientError::Refused { path, status, body }), (listen, service, None, seen)));
                     }
                     Err(e) => {
                         tokio::time::sleep(RETRY).await;
@@ -153,25 +276,20 @@ pub fn watch_local(listen: Listen, service: &str) -> impl Stream<Item = Result<S
 
 /// One GET to the local service: status, `X-Confcast-Index`, body.
 async fn get(listen: &Listen, path: &str) -> Result<(u16, Option<u64>, Bytes), ClientError> {
-    let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable(format!("{listen:?}: {e}"));
+    let connect = |source| ClientError::Connect { listen: listen.clone(), source };
+    let exchange = |source| ClientError::Exchange { listen: listen.clone(), source };
     let request = hyper::Request::get(path)
         .header(hyper::header::HOST, "localhost")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        .map_err(|source| ClientError::Request { path: path.to_owned(), source })?;
     let response = match listen {
-        Listen::Tcp(addr) => {
-            let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| unreachable(&e))?;
-            send(stream, request).await
-        }
-        Listen::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| unreachable(&e))?;
-            send(stream, request).await
-        }
+        Listen::Tcp(addr) => send(tokio::net::TcpStream::connect(addr).await.map_err(connect)?, request).await,
+        Listen::Unix(path) => send(tokio::net::UnixStream::connect(path).await.map_err(connect)?, request).await,
     }
-    .map_err(|e| unreachable(&e))?;
+    .map_err(exchange)?;
     let status = response.status().as_u16();
     let index = response.headers().get(INDEX_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-    let body = response.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
+    let body = response.into_body().collect().await.map_err(exchange)?.to_bytes();
     Ok((status, index, body))
 }
 
@@ -187,32 +305,26 @@ where
     sender.send_request(request).await
 }
 
-fn from_local(body: &Value) -> Result<ServiceConfig, ClientError> {
-    let invalid = |what: &str| ClientError::Invalid(format!("the local service's answer has no valid {what}"));
-    let text = |key: &str| body.get(key).and_then(Value::as_str).map(str::to_owned);
-    let kind = match body.get("kind").and_then(Value::as_str) {
-        Some(k) => Kind::ALL.into_iter().find(|kind| kind.as_str() == k).ok_or_else(|| invalid("kind"))?,
-        None => return Err(invalid("kind")),
-    };
+/// The configuration in the local API's answer about one service.
+fn from_local(answer: Service) -> Result<ServiceConfig, ClientError> {
     let mut files = BTreeMap::new();
-    for (path, file) in body.get("files").and_then(Value::as_object).ok_or_else(|| invalid("files"))? {
-        let file = if let Some(text) = file.get("text").and_then(Value::as_str) {
-            File::Text { text: text.to_owned(), document: file.get("document").cloned() }
-        } else if let Some(target) = file.get("symlink").and_then(Value::as_str) {
-            File::Symlink(target.to_owned())
-        } else if let Some(data) = file.get("base64").and_then(Value::as_str) {
-            File::Binary(base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| invalid("base64"))?)
-        } else {
-            return Err(invalid("file"));
+    for (path, file) in answer.files.ok_or(ClientError::NoFiles)? {
+        let file = match file {
+            TreeFile::Text { text, document, .. } => File::Text { text, document },
+            TreeFile::Symlink { symlink } => File::Symlink(symlink),
+            TreeFile::Binary { base64 } => match base64::engine::general_purpose::STANDARD.decode(base64) {
+                Ok(bytes) => File::Binary(bytes),
+                Err(source) => return Err(ClientError::Base64 { path, source }),
+            },
         };
-        files.insert(path.clone(), file);
+        files.insert(path, file);
     }
     Ok(ServiceConfig {
-        kind,
-        name: text("name").ok_or_else(|| invalid("name"))?,
-        commit: text("commit"),
-        tree: text("tree"),
-        ref_name: text("ref").unwrap_or_default(),
+        kind: answer.kind,
+        name: answer.name,
+        commit: answer.commit,
+        tree: answer.tree,
+        ref_name: answer.ref_name,
         files,
     })
 }
@@ -230,7 +342,7 @@ pub fn watch_nats(
     let js = jetstream::new(client);
     let (dc, name) = (dc.to_owned(), name.to_owned());
     futures::stream::once(async move {
-        let verifier = verifier.map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let verifier = verifier.map_err(ClientError::TrustedKeys)?;
         let reader = Reader::new(js.clone(), &dc).with_verifier(verifier);
         Ok::<_, ClientError>((js, reader, dc, name))
     })
@@ -265,8 +377,8 @@ fn heads(
                 let next = messages.as_mut()?.next().await;
                 let message = match next {
                     Some(Ok(message)) => message,
-                    Some(Err(e)) => {
-                        let e = ClientError::Unreachable(format!("following the head of {name}: {e}"));
+                    Some(Err(source)) => {
+                        let e = ClientError::Follow { name: name.clone(), source };
                         return Some((Err(e), (js, reader, dc, name, None, seen)));
                     }
                     None => {
@@ -274,12 +386,7 @@ fn heads(
                         continue;
                     }
                 };
-                let subject = message.subject.to_string();
-                let head = match reader.payload(&subject, message.headers.as_ref(), &message.payload).await {
-                    Ok(bytes) => decode::<ServiceHead>(&bytes).map_err(|e| ClientError::Invalid(e.to_string())),
-                    Err(e) => Err(ClientError::Invalid(e.to_string())),
-                };
-                let head = match head {
+                let head = match read_head(&reader, &message).await {
                     Ok(head) => head,
                     Err(e) => return Some((Err(e), (js, reader, dc, name, messages, seen))),
                 };
@@ -306,14 +413,25 @@ fn heads(
     )
 }
 
+/// The head in `message`, its signature checked.
+async fn read_head(reader: &Reader, message: &async_nats::Message) -> Result<ServiceHead, ClientError> {
+    let bytes = reader
+        .payload(message.subject.as_str(), message.headers.as_ref(), &message.payload)
+        .await
+        .map_err(ClientError::Read)?;
+    decode::<ServiceHead>(&bytes).map_err(ClientError::Decode)
+}
+
 async fn follow_head(
     js: &jetstream::Context,
     dc: &str,
     kind: Kind,
     name: &str,
 ) -> Result<consumer::pull::Ordered, ClientError> {
-    let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable(format!("datacenter {dc}: {e}"));
-    let stream = js.get_stream(subject::state_stream(dc)).await.map_err(|e| unreachable(&e))?;
+    let stream = js
+        .get_stream(subject::state_stream(dc))
+        .await
+        .map_err(|source| ClientError::StateStream { dc: dc.to_owned(), source })?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: subject::head_subject(dc, kind, name),
@@ -321,18 +439,18 @@ async fn follow_head(
             ..Default::default()
         })
         .await
-        .map_err(|e| unreachable(&e))?;
-    consumer.messages().await.map_err(|e| unreachable(&e))
+        .map_err(|source| ClientError::Consumer { dc: dc.to_owned(), source })?;
+    consumer.messages().await.map_err(|source| ClientError::Messages { dc: dc.to_owned(), source })
 }
 
 /// The service's latest snapshot, with its contents, checked against its tree id.
 async fn snapshot(reader: &Reader, kind: Kind, name: &str) -> Result<ServiceConfig, ClientError> {
     let update: ServiceUpdate = reader
-        .snapshot(kind, name)
+        .snapshot(&ServiceId::new(kind, name))
         .await
-        .map_err(|e| ClientError::Unreachable(e.to_string()))?
-        .ok_or_else(|| ClientError::Invalid(format!("no snapshot of {kind} {name}")))?;
-    let objects = reader.objects(&update).await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        .map_err(ClientError::Read)?
+        .ok_or_else(|| ClientError::NoSnapshot { kind, name: name.to_owned() })?;
+    let objects = reader.objects(&update).await.map_err(ClientError::Read)?;
     let mut files = BTreeMap::new();
     let mut manifest = crate::tree_hash::Manifest::new();
     for entry in &update.entries {
@@ -340,9 +458,9 @@ async fn snapshot(reader: &Reader, kind: Kind, name: &str) -> Result<ServiceConf
         let bytes = match (&entry.content, &entry.object) {
             (Some(content), _) => content.to_vec(),
             (None, Some(object)) => {
-                objects.get(object).cloned().ok_or_else(|| ClientError::Invalid(format!("object {object} missing")))?
+                objects.get(object).cloned().ok_or_else(|| ClientError::MissingObject(object.clone()))?
             }
-            (None, None) => return Err(ClientError::Invalid("an entry without content".into())),
+            (None, None) => return Err(ClientError::NoContent),
         };
         manifest.insert(entry.path.to_vec(), (mode.git_mode(), crate::tree_hash::blob_id(&bytes)));
         let path = String::from_utf8_lossy(&entry.path).into_owned();
@@ -356,10 +474,7 @@ async fn snapshot(reader: &Reader, kind: Kind, name: &str) -> Result<ServiceConf
     }
     let tree = crate::tree_hash::tree_id_of(&manifest);
     if update.tree.as_deref() != Some(tree.as_str()) {
-        return Err(ClientError::Invalid(format!(
-            "snapshot of {name} hashes to tree {tree}, not {}",
-            update.tree.as_deref().unwrap_or("-")
-        )));
+        return Err(ClientError::TreeMismatch { name: name.to_owned(), found: tree, expected: update.tree });
     }
     Ok(ServiceConfig {
         kind,

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use confcast_schemas::Kind;
+use confcast_schemas::ServiceId;
 
 pub use crate::schedule::Failure;
 use nix::sys::signal::{kill, Signal};
@@ -32,10 +32,8 @@ pub struct Notify {
 /// The change being announced.
 #[derive(Debug, Clone)]
 pub struct Change<'a> {
-    /// Kind of the service.
-    pub kind: Kind,
-    /// Its name.
-    pub name: &'a str,
+    /// The service.
+    pub service: &'a ServiceId,
     /// The commit now in place (`None`: removed).
     pub commit: Option<&'a str>,
     /// The ref it came from.
@@ -53,8 +51,8 @@ pub async fn notify(notify: &Notify, change: &Change<'_>) -> Result<Option<i32>,
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(cmd)
-            .env("CONFCAST_SERVICE", change.name)
-            .env("CONFCAST_KIND", change.kind.as_str())
+            .env("CONFCAST_SERVICE", &change.service.name)
+            .env("CONFCAST_KIND", change.service.kind.as_str())
             .env("CONFCAST_COMMIT", change.commit.unwrap_or(""))
             .env("CONFCAST_REF", change.ref_name)
             .env("CONFCAST_DIR", change.dir)
@@ -65,8 +63,8 @@ pub async fn notify(notify: &Notify, change: &Change<'_>) -> Result<Option<i32>,
             .spawn()
             .map_err(|e| fail(format!("cannot run --exec: {e}")))?;
         let output: Vec<_> = [
-            child.stdout.take().map(|out| tokio::spawn(log_lines(out, change.name.to_owned(), "stdout"))),
-            child.stderr.take().map(|err| tokio::spawn(log_lines(err, change.name.to_owned(), "stderr"))),
+            child.stdout.take().map(|out| tokio::spawn(log_lines(out, change.service.name.clone(), "stdout"))),
+            child.stderr.take().map(|err| tokio::spawn(log_lines(err, change.service.name.clone(), "stderr"))),
         ]
         .into_iter()
         .flatten()
@@ -182,13 +180,8 @@ mod tests {
             signal: None,
             timeout: Duration::from_secs(5),
         };
-        let change = Change {
-            kind: Kind::Service,
-            name: "s0",
-            commit: Some("abc"),
-            ref_name: "refs/heads/x",
-            dir: Path::new("/d/s0"),
-        };
+        let s0 = ServiceId::service("s0");
+        let change = Change { service: &s0, commit: Some("abc"), ref_name: "refs/heads/x", dir: Path::new("/d/s0") };
         assert_eq!(notify(&notify_ok, &change).await, Ok(Some(0)));
         assert_eq!(std::fs::read_to_string(&out).expect("ran"), "s0 abc refs/heads/x /d/s0\n");
         let failing = Notify { exec: Some("exit 3".into()), ..notify_ok.clone() };
@@ -231,8 +224,8 @@ mod tests {
             signal: None,
             timeout: Duration::from_secs(5),
         };
-        let change =
-            Change { kind: Kind::Service, name: "web", commit: Some("abc"), ref_name: "r", dir: Path::new("/d/web") };
+        let web = ServiceId::service("web");
+        let change = Change { service: &web, commit: Some("abc"), ref_name: "r", dir: Path::new("/d/web") };
         assert_eq!(notify(&config, &change).await, Ok(Some(0)));
         let text = captured.text();
         let lines: Vec<&str> = text.lines().collect();

@@ -1,30 +1,42 @@
 //! The subscriber of one host (the seed's *Conf-Local*).
 //!
-//! It follows its services' updates on the datacenter's stream ([`run`]), builds each
-//! new tree beside the current one and switches to it atomically after verifying its
-//! git tree id ([`materialize`], [`tree_hash`]), remembers where it stands on local disk
-//! ([`state`]), tells the host's processes ([`exec`], when: [`schedule`]) and serves what it applied as JSON
-//! on localhost ([`serve`]). Applications watch their configuration with [`client`].
+//! It follows its services' updates on the datacenter's stream ([`host`], with what
+//! it needs in [`config`]), applies each ([`apply`]): builds the new tree beside the
+//! current one and switches to it atomically after verifying its git tree id
+//! ([`materialize`], [`tree_hash`]), and remembers where it stands on local disk
+//! ([`position`]). It tells the host's processes ([`exec`]; when: [`schedule`], from the
+//! host: [`execs`]), re-hashes what it applied ([`integrity`]), reports to its
+//! datacenter ([`report`]) and serves what it applied as JSON on localhost ([`api`],
+//! sharing [`live`]). Applications watch their configuration with [`client`].
 //!
-//! Which services it follows, and when one leaves the host, is [`selection`]; one
-//! subscriber per state directory, [`lock`]; what it does and says while NATS or the
-//! datacenter's relay is not there, [`waiting`].
+//! Which services it follows, and when one leaves the host, is [`selection`] (with
+//! `--host`, read from the datacenter's [`inventory`]); what it reads from the bus
+//! besides its stream, [`bus`]; one subscriber per state directory, [`lock`]; what it
+//! does and says while the datacenter's relay is not there, [`waiting`].
 
+pub mod api;
+pub mod apply;
 pub mod beneath;
 pub mod bus;
 pub mod client;
+pub mod config;
 pub mod exec;
+pub mod execs;
+pub mod host;
+pub mod integrity;
+pub mod inventory;
 pub mod live;
 pub mod lock;
 pub mod materialize;
 pub mod perms;
-pub mod run;
+pub mod position;
+pub mod report;
 pub mod schedule;
 pub mod selection;
-pub mod serve;
-pub mod state;
 pub mod tree_hash;
 pub mod waiting;
 
-pub use run::{run, verify, Config, SubscriberError};
+pub use config::Config;
+pub use host::{run, SubscriberError};
+pub use integrity::verify;
 pub use selection::Selection;

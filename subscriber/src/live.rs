@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use confcast_schemas::message::now_ms;
+use confcast_schemas::ServiceId;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -29,6 +30,13 @@ pub struct ServiceLive {
 pub struct ServiceLabel {
     /// `<kind>/<name>`.
     pub service: String,
+}
+
+impl ServiceLabel {
+    /// The label of `id`.
+    pub fn of(id: &ServiceId) -> ServiceLabel {
+        ServiceLabel { service: id.to_string() }
+    }
 }
 
 /// Labels of the error counter.
@@ -118,23 +126,23 @@ impl Default for Live {
 }
 
 impl Live {
-    /// Updates the service `key` (`<kind>/<name>`); moves the change index if that
-    /// changed anything, so blocking queries wake for real changes only.
-    pub fn update(&self, key: &str, change: impl FnOnce(&mut ServiceLive)) {
-        self.update_if(key, false, change);
+    /// Updates the service `id`; moves the change index if that changed anything, so
+    /// blocking queries wake for real changes only.
+    pub fn update(&self, id: &ServiceId, change: impl FnOnce(&mut ServiceLive)) {
+        self.update_if(id, false, change);
     }
 
-    /// A new commit (or a removal) of `key` is in place: its exec has not run yet.
-    pub fn applied(&self, key: &str) {
-        self.update_if(key, true, |live| {
+    /// A new commit (or a removal) of `id` is in place: its exec has not run yet.
+    pub fn applied(&self, id: &ServiceId) {
+        self.update_if(id, true, |live| {
             live.error = None;
             live.exec_status = None;
         });
     }
 
-    fn update_if(&self, key: &str, always: bool, change: impl FnOnce(&mut ServiceLive)) {
+    fn update_if(&self, id: &ServiceId, always: bool, change: impl FnOnce(&mut ServiceLive)) {
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = services.entry(key.to_owned()).or_default();
+        let entry = services.entry(id.to_string()).or_default();
         let before = entry.clone();
         change(entry);
         if !always && *entry == before && before.index != 0 {
@@ -146,7 +154,8 @@ impl Live {
         self.index.send_replace(index);
     }
 
-    /// The service's last outcome, if anything happened to it since start.
+    /// The last outcome of the service `key` (its id as text, `service/web`, as the
+    /// local API names it), if anything happened to it since start.
     pub fn service(&self, key: &str) -> Option<ServiceLive> {
         self.services.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
@@ -170,13 +179,13 @@ mod tests {
     fn the_index_grows_with_every_change_and_names_the_service() {
         let live = Live::default();
         let before = live.index();
-        live.update("service/a", |s| s.error = Some("bad".into()));
+        live.update(&ServiceId::service("a"), |s| s.error = Some("bad".into()));
         let a = live.service("service/a").expect("a");
         assert!(a.index > before && a.index == live.index());
-        live.update("service/b", |s| s.exec_status = Some(0));
+        live.update(&ServiceId::service("b"), |s| s.exec_status = Some(0));
         assert!(live.index() > a.index);
         let b = live.index();
-        live.update("service/b", |s| s.exec_status = Some(0));
+        live.update(&ServiceId::service("b"), |s| s.exec_status = Some(0));
         assert_eq!(live.index(), b, "reporting the same again is no change");
         assert_eq!(live.service("service/a").map(|s| s.index), Some(a.index), "b's change leaves a's index");
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use confcast_schemas::process::{self, LogFormat, EXIT_FAILED, EXIT_OK, EXIT_UNABLE};
-use confcast_schemas::Kind;
+use confcast_schemas::{Kind, ServiceId};
 use confcast_subscriber::exec::{parse_signal, Notify};
 use confcast_subscriber::{Config, Selection, SubscriberError};
 use tokio_util::sync::CancellationToken;
@@ -69,7 +69,7 @@ struct Cli {
     /// unix socket path: /healthz, /v1/services, /v1/services/<name>,
     /// /v1/services/<name>/files/<path>.
     #[arg(long, env = "CONFCAST_LISTEN")]
-    listen: Option<confcast_subscriber::serve::Listen>,
+    listen: Option<confcast_subscriber::api::Listen>,
     /// Allow `--listen` on a TCP address other hosts can reach (the API has no
     /// authentication and serves every file, secrets included).
     #[arg(long, env = "CONFCAST_LISTEN_REMOTE")]
@@ -173,44 +173,64 @@ async fn main() -> ExitCode {
                 }
                 process::exit(if intact { EXIT_OK } else { EXIT_FAILED })
             }
-            Err(e) => refuse(format, "subscriber verify", e.to_string()),
+            Err(e) => refuse(format, "subscriber verify", e),
         };
     }
+    let config = match config(cli) {
+        Ok(config) => config,
+        Err(problem) => return refuse(format, "subscriber", problem),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(confcast_schemas::process::shutdown_on_signals(shutdown.clone()));
+    match confcast_subscriber::run(config, shutdown).await {
+        Ok(()) => process::exit(EXIT_OK),
+        // What is wrong with the configuration, found as the subscriber starts.
+        Err(
+            e @ (SubscriberError::Auth(_)
+            | SubscriberError::TrustedKey(_)
+            | SubscriberError::Listen(_)
+            | SubscriberError::Selection(_)
+            | SubscriberError::StateDir(_)),
+        ) => process::cannot_start("subscriber", format, &e),
+        Err(e) => {
+            tracing::error!(error = %process::error_chain(&e), "subscriber failed");
+            process::exit(EXIT_FAILED)
+        }
+    }
+}
+
+/// The subscriber's configuration from its flags, or what is wrong with them.
+fn config(cli: Cli) -> Result<Config, String> {
     let (Some(dc), Some(dir)) = (cli.dc.clone(), cli.dir.clone()) else {
-        return refuse(format, "subscriber", "--dc and --dir are required");
+        return Err("--dc and --dir are required".to_owned());
     };
     let signal = match cli.signal.as_deref().map(parse_signal).transpose() {
         Ok(signal) => signal,
-        Err(e) => return refuse(format, "subscriber", format!("--signal: {e}")),
+        Err(e) => return Err(format!("--signal: {e}")),
     };
     let selection = match &cli.host {
         Some(host) => Selection::Host(host.clone()),
         None => Selection::Services(
             [(Kind::Service, &cli.service), (Kind::Application, &cli.application), (Kind::Device, &cli.device)]
                 .into_iter()
-                .flat_map(|(kind, names)| names.iter().map(move |n| (kind, n.clone())))
+                .flat_map(|(kind, names)| names.iter().map(move |n| ServiceId::new(kind, n)))
                 .collect(),
         ),
     };
-    let perms = match cli.perms.parse() {
-        Ok(perms) => perms,
-        Err(e) => return refuse(format, "subscriber", e),
-    };
-    let listen_options = confcast_subscriber::serve::ListenOptions {
+    let perms = cli.perms.parse()?;
+    let listen_options = confcast_subscriber::api::ListenOptions {
         remote: cli.listen_remote,
         socket_mode: match cli.listen_mode.as_deref().map(confcast_subscriber::perms::parse_mode).transpose() {
             Ok(mode) => mode,
-            Err(e) => return refuse(format, "subscriber", format!("--listen-mode: {e}")),
+            Err(e) => return Err(format!("--listen-mode: {e}")),
         },
         socket_group: match cli.listen_group.as_deref().map(confcast_subscriber::perms::parse_group).transpose() {
             Ok(group) => group,
-            Err(e) => return refuse(format, "subscriber", format!("--listen-group: {e}")),
+            Err(e) => return Err(format!("--listen-group: {e}")),
         },
     };
     if let Some(listen) = &cli.listen {
-        if let Err(e) = listen.check(cli.listen_remote) {
-            return refuse(format, "subscriber", e);
-        }
+        listen.check(cli.listen_remote).map_err(|e| e.to_string())?;
     }
     let state_dir = cli.state_dir.clone().unwrap_or_else(|| dir.join(".confcast"));
     let host_id = match (&cli.host_id, &cli.host) {
@@ -223,7 +243,7 @@ async fn main() -> ExitCode {
             Ok(text) => trusted_keys.extend(
                 text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned),
             ),
-            Err(e) => return refuse(format, "subscriber", format!("--trusted-keys-file {}: {e}", path.display())),
+            Err(e) => return Err(format!("--trusted-keys-file {}: {e}", path.display())),
         }
     }
     let splay_secs = match cli.splay_secs {
@@ -231,14 +251,14 @@ async fn main() -> ExitCode {
         None => match process::renamed_env("CONFCAST_SPLAY", "CONFCAST_SPLAY_SECS").map(|v| v.trim().parse::<f64>()) {
             None => 0.0,
             Some(Ok(secs)) => secs,
-            Some(Err(e)) => return refuse(format, "subscriber", format!("CONFCAST_SPLAY: {e}")),
+            Some(Err(e)) => return Err(format!("CONFCAST_SPLAY: {e}")),
         },
     };
     let splay = match Duration::try_from_secs_f64(splay_secs) {
         Ok(splay) => splay,
-        Err(_) => return refuse(format, "subscriber", format!("--splay-secs {splay_secs}: not a number of seconds")),
+        Err(_) => return Err(format!("--splay-secs {splay_secs}: not a number of seconds")),
     };
-    let config = Config {
+    Ok(Config {
         nats_url: cli.nats,
         dc,
         selection,
@@ -258,23 +278,8 @@ async fn main() -> ExitCode {
         trusted_keys,
         splay,
         max_parallel: (cli.max_parallel > 0).then_some(cli.max_parallel),
-    };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(confcast_schemas::process::shutdown_on_signals(shutdown.clone()));
-    match confcast_subscriber::run(config, shutdown).await {
-        Ok(()) => process::exit(EXIT_OK),
-        // What is wrong with the configuration, found as the subscriber starts.
-        Err(
-            e @ (SubscriberError::Auth(_)
-            | SubscriberError::TrustedKey(_)
-            | SubscriberError::Config(_)
-            | SubscriberError::StateDir(_)),
-        ) => process::cannot_start("subscriber", format, &e),
-        Err(e) => {
-            tracing::error!(error = %process::error_chain(&e), "subscriber failed");
-            process::exit(EXIT_FAILED)
-        }
-    }
+        flushes: Default::default(),
+    })
 }
 
 /// Says in one line why the subscriber cannot start, and exits 2.

@@ -21,17 +21,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use confcast_schemas::{subject, Kind};
+use confcast_schemas::{subject, ServiceId};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// A change whose processes are to be told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
-    /// Kind of the service.
-    pub kind: Kind,
-    /// Its name.
-    pub name: String,
+    /// The service.
+    pub service: ServiceId,
     /// The commit now in place (`None`: removed).
     pub commit: Option<String>,
     /// The ref it came from.
@@ -150,25 +148,33 @@ impl std::fmt::Debug for NatsSlots {
     }
 }
 
+/// The datacenter's exec slots cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("exec slots bucket {bucket} (the datacenter's relay creates it)")]
+pub struct SlotsError {
+    /// The bucket.
+    bucket: String,
+    /// Why.
+    #[source]
+    source: jetstream::context::KeyValueError,
+}
+
 /// How often a host waiting for a slot looks again.
 const SLOT_POLL: Duration = Duration::from_millis(200);
 
 impl NatsSlots {
     /// The slots of `dc`, `slots` per change, taken in the name of `host`.
-    pub async fn open(js: &jetstream::Context, dc: &str, slots: usize, host: &str) -> Result<NatsSlots, String> {
+    pub async fn open(js: &jetstream::Context, dc: &str, slots: usize, host: &str) -> Result<NatsSlots, SlotsError> {
         let bucket = subject::exec_slots_bucket(dc);
-        let kv = js
-            .get_key_value(&bucket)
-            .await
-            .map_err(|e| format!("exec slots bucket {bucket}: {e} (the datacenter's relay creates it)"))?;
+        let kv = js.get_key_value(&bucket).await.map_err(|source| SlotsError { bucket, source })?;
         Ok(NatsSlots { kv, slots: slots.max(1), host: host.to_owned() })
     }
 
     async fn acquire(&self, job: &Job, shutdown: &CancellationToken) -> Option<String> {
         let change = format!(
             "{}.{}.{}",
-            job.kind.as_str(),
-            subject::encode_key_segment(&job.name),
+            job.service.kind.as_str(),
+            subject::encode_key_segment(&job.service.name),
             job.commit.as_deref().unwrap_or("removed")
         );
         let mut waited = false;
@@ -177,13 +183,13 @@ impl NatsSlots {
                 let key = format!("{change}.{i}");
                 if self.kv.create(&key, self.host.clone().into_bytes().into()).await.is_ok() {
                     if waited {
-                        tracing::debug!(name = %job.name, slot = i, "got an exec slot");
+                        tracing::debug!(name = %job.service.name, slot = i, "got an exec slot");
                     }
                     return Some(key);
                 }
             }
             if !waited {
-                tracing::info!(name = %job.name, slots = self.slots, "waiting for an exec slot (--max-parallel)");
+                tracing::info!(name = %job.service.name, slots = self.slots, "waiting for an exec slot (--max-parallel)");
                 waited = true;
             }
             let jitter = Duration::from_millis(rand::random::<u64>() % 100);
@@ -203,7 +209,7 @@ impl NatsSlots {
 
 /// The workers of one subscriber.
 pub struct Scheduler {
-    workers: HashMap<(Kind, String), watch::Sender<Option<Job>>>,
+    workers: HashMap<ServiceId, watch::Sender<Option<Job>>>,
     policy: Policy,
     limit: Limit,
     runner: Runner,
@@ -233,7 +239,7 @@ impl Scheduler {
     /// the same service not yet told (submitting the same change again while it runs
     /// runs it once more afterwards). Returns at once.
     pub fn submit(&mut self, job: Job) {
-        let id = (job.kind, job.name.clone());
+        let id = job.service.clone();
         if let Some(worker) = self.workers.get(&id) {
             if worker.send(Some(job.clone())).is_ok() {
                 return;
@@ -320,8 +326,7 @@ mod tests {
 
     fn job(name: &str, commit: &str) -> Job {
         Job {
-            kind: Kind::Service,
-            name: name.to_owned(),
+            service: ServiceId::service(name),
             commit: Some(commit.to_owned()),
             ref_name: "refs/heads/services/x/master".to_owned(),
             dir: PathBuf::from("/etc/x"),

@@ -34,13 +34,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use confcast_schemas::document::HostInventory;
-use confcast_schemas::Kind;
+use confcast_schemas::{Kind, ServiceId};
 
 /// Which services this host runs.
 #[derive(Debug, Clone)]
 pub enum Selection {
     /// Named on the command line.
-    Services(Vec<(Kind, String)>),
+    Services(Vec<ServiceId>),
     /// Whatever the datacenter's inventory lists for this host.
     Host(String),
 }
@@ -52,15 +52,12 @@ impl fmt::Display for Selection {
             Selection::Host(id) => write!(f, "--host {id}"),
             Selection::Services(list) if list.is_empty() => f.write_str("nothing"),
             Selection::Services(list) => {
-                let flags: Vec<String> = list.iter().map(|(kind, name)| format!("--{kind} {name}")).collect();
+                let flags: Vec<String> = list.iter().map(|id| format!("--{} {}", id.kind, id.name)).collect();
                 f.write_str(&flags.join(" "))
             }
         }
     }
 }
-
-/// A service, application or device.
-pub type Service = (Kind, String);
 
 /// Why a service's tree is taken off this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,15 +100,15 @@ impl fmt::Display for Removal {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// The services to follow.
-    pub follow: BTreeSet<Service>,
+    pub follow: BTreeSet<ServiceId>,
     /// Services on this host that its entry dropped, consistently: to remove.
-    pub remove: BTreeSet<Service>,
+    pub remove: BTreeSet<ServiceId>,
     /// Services on this host that its entry dropped, kept because the entry cannot be
     /// trusted (see [`Plan::unknown`], [`Plan::listed`]).
-    pub held: BTreeSet<Service>,
+    pub held: BTreeSet<ServiceId>,
     /// Services the entry names that the datacenter does not publish. Followed too: one
     /// that is published later (a pin fixed) is applied.
-    pub unknown: BTreeSet<Service>,
+    pub unknown: BTreeSet<ServiceId>,
     /// Whether the inventory has an entry for this host.
     pub listed: bool,
 }
@@ -123,18 +120,13 @@ impl Plan {
     }
 }
 
-/// Every service an inventory entry names.
-pub fn named(entry: &HostInventory) -> BTreeSet<Service> {
-    Kind::ALL.iter().flat_map(|kind| entry.names(*kind).iter().map(|name| (*kind, name.clone()))).collect()
-}
-
 /// Decides what a host follows and removes, given its inventory `entry` (`None`: the
 /// host is not in the inventory), the services whose trees are on the host (`present`)
 /// and those of the entry that the datacenter publishes (`published`).
-pub fn plan(entry: Option<&HostInventory>, present: &BTreeSet<Service>, published: &BTreeSet<Service>) -> Plan {
-    let wanted = entry.map(named).unwrap_or_default();
-    let unknown: BTreeSet<Service> = wanted.difference(published).cloned().collect();
-    let dropped: BTreeSet<Service> = present.difference(&wanted).cloned().collect();
+pub fn plan(entry: Option<&HostInventory>, present: &BTreeSet<ServiceId>, published: &BTreeSet<ServiceId>) -> Plan {
+    let wanted = entry.map(HostInventory::services).unwrap_or_default();
+    let unknown: BTreeSet<ServiceId> = wanted.difference(published).cloned().collect();
+    let dropped: BTreeSet<ServiceId> = present.difference(&wanted).cloned().collect();
     let mut plan = Plan { follow: wanted, unknown, listed: entry.is_some(), ..Plan::default() };
     if plan.consistent() {
         plan.remove = dropped;
@@ -146,29 +138,45 @@ pub fn plan(entry: Option<&HostInventory>, present: &BTreeSet<Service>, publishe
 }
 
 /// `service web, application billing`.
-pub fn list(services: &BTreeSet<Service>) -> String {
-    let names: Vec<String> = services.iter().map(|(kind, name)| format!("{kind} {name}")).collect();
+pub fn list(services: &BTreeSet<ServiceId>) -> String {
+    let names: Vec<String> = services.iter().map(|id| format!("{} {}", id.kind, id.name)).collect();
     names.join(", ")
 }
 
 /// Why a followed service has nothing published, for logs and status reports.
-pub fn unpublished(kind: Kind, name: &str, dc: &str, conf_ref: Option<&str>) -> String {
+pub fn unpublished(id: &ServiceId, dc: &str, conf_ref: Option<&str>) -> String {
     let conf = conf_ref.map(|c| format!(" {c}")).unwrap_or_default();
+    let ServiceId { kind, name } = id;
     format!(
         "{kind} {name} is not published in datacenter {dc}: it is not in the datacenter's configuration{conf}, or \
          its pin does not resolve (the relay's error events say which)"
     )
 }
 
+/// A selection the host cannot follow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectionError {
+    /// The name cannot be a directory of `--dir`.
+    #[error("{} name {:?} cannot be a directory name", .0.kind, .0.name)]
+    NotADirectory(ServiceId),
+    /// Two services of different kinds would share `<dir>/<name>`.
+    #[error("{} and {} {:?} would share {:?} in --dir", .0, .1.kind, .1.name, .1.name)]
+    Shared(Kind, ServiceId),
+    /// Nothing to follow.
+    #[error("no service selected")]
+    Empty,
+}
+
 /// Refuses selections whose names cannot be directories of `--dir`, or would share one.
-pub fn check_distinct(services: &BTreeSet<Service>) -> Result<(), String> {
+pub fn check_distinct(services: &BTreeSet<ServiceId>) -> Result<(), SelectionError> {
     let mut names = BTreeMap::new();
-    for (kind, name) in services {
+    for id in services {
+        let name = &id.name;
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(format!("{kind} name {name:?} cannot be a directory name"));
+            return Err(SelectionError::NotADirectory(id.clone()));
         }
-        if let Some(other) = names.insert(name.clone(), *kind) {
-            return Err(format!("{other} and {kind} {name:?} would share {name:?} in --dir"));
+        if let Some(other) = names.insert(name.clone(), id.kind) {
+            return Err(SelectionError::Shared(other, id.clone()));
         }
     }
     Ok(())
@@ -178,8 +186,8 @@ pub fn check_distinct(services: &BTreeSet<Service>) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn set(names: &[&str]) -> BTreeSet<Service> {
-        names.iter().map(|n| (Kind::Service, (*n).to_owned())).collect()
+    fn set(names: &[&str]) -> BTreeSet<ServiceId> {
+        names.iter().map(|n| ServiceId::service(*n)).collect()
     }
 
     fn entry(names: &[&str]) -> HostInventory {
@@ -239,7 +247,8 @@ mod tests {
 
     #[test]
     fn selections_read_like_the_command_line() {
-        let services = Selection::Services(vec![(Kind::Service, "web".into()), (Kind::Application, "billing".into())]);
+        let services =
+            Selection::Services(vec![ServiceId::service("web"), ServiceId::new(Kind::Application, "billing")]);
         assert_eq!(services.to_string(), "--service web --application billing");
         assert_eq!(Selection::Host("host-a".into()).to_string(), "--host host-a");
         assert_eq!(list(&set(&["b", "a"])), "service a, service b");
@@ -249,7 +258,7 @@ mod tests {
     fn names_that_cannot_be_directories_or_collide_are_refused() {
         assert!(check_distinct(&set(&["a", "b"])).is_ok());
         assert!(check_distinct(&set(&[".."])).is_err());
-        let both: BTreeSet<Service> = [(Kind::Service, "x".into()), (Kind::Device, "x".into())].into();
-        assert!(check_distinct(&both).expect_err("shared").contains("would share"));
+        let both: BTreeSet<ServiceId> = [ServiceId::service("x"), ServiceId::new(Kind::Device, "x")].into();
+        assert!(check_distinct(&both).expect_err("shared").to_string().contains("would share"));
     }
 }

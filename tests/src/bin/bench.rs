@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use confcast_schemas::{ChangeKind, Entry, FileMode, Kind, ServiceUpdate, WIRE_VERSION};
-use confcast_subscriber::materialize::{self, Layout, Objects};
+use confcast_subscriber::materialize::{self, Layout, Materializer, Objects};
 use confcast_subscriber::tree_hash;
 use confcast_tests::{git, GitDaemon, Master, NatsServer, Relay, Subscriber};
 use serde_bytes::ByteBuf;
@@ -279,13 +279,17 @@ fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
     let root = tempfile::tempdir().expect("tempdir");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let shutdown = tokio_util::sync::CancellationToken::new();
+    // One process, as the hosts share it: trees built at once wait for one flush.
+    let flushes = materialize::Flushes::default();
     let links: Vec<std::path::PathBuf> = (0..hosts)
         .map(|h| {
             let dir = root.path().join(format!("h{h}"));
             let config = confcast_subscriber::Config {
                 nats_url: nats.url(),
                 dc: format!("dc{}", h % datacenters),
-                selection: confcast_subscriber::Selection::Services(vec![(Kind::Service, "service0".into())]),
+                selection: confcast_subscriber::Selection::Services(vec![confcast_schemas::ServiceId::service(
+                    "service0",
+                )]),
                 dir: dir.join("etc"),
                 state_dir: dir.join("state"),
                 notify: Default::default(),
@@ -298,6 +302,7 @@ fn fanout(datacenters: usize, hosts: usize, pushes: usize, t: &mut Table) {
                 trusted_keys: Vec::new(),
                 splay: Duration::ZERO,
                 max_parallel: None,
+                flushes: flushes.clone(),
             };
             runtime.spawn(confcast_subscriber::run(config, shutdown.clone()));
             dir.join("etc/service0")
@@ -599,12 +604,15 @@ fn update(from: Option<&str>, to: &str, tree: String, entries: Vec<Entry>) -> Se
 
 fn apply_cost(files: usize, rounds: usize, t: &mut Table) {
     let root = tempfile::tempdir().expect("tempdir");
-    let layout = Layout::for_service(&root.path().join("etc"), &root.path().join("state"), Kind::Service, "s");
+    let service = confcast_schemas::ServiceId::service("s");
+    let layout = Layout::for_service(&root.path().join("etc"), &root.path().join("state"), &service);
+    let materializer = Materializer::default();
     let base = synthetic(files, None, 0);
     let entries = base.iter().map(|(p, c)| entry(p, ChangeKind::Add, c)).collect();
     let c0 = format!("{:040x}", 0);
     let started = Instant::now();
-    let tree = materialize::build(&layout, None, &update(None, &c0, tree_of(&base), entries), &Objects::new())
+    let tree = materializer
+        .build(&layout, None, &update(None, &c0, tree_of(&base), entries), &Objects::new())
         .expect("snapshot");
     materialize::switch(&layout, &tree).expect("switch");
     let snapshot_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -618,10 +626,10 @@ fn apply_cost(files: usize, rounds: usize, t: &mut Table) {
         let diff =
             update(Some(&current), &commit, tree_of(&next), vec![entry(&path, ChangeKind::Modify, &next[&path])]);
         let started = Instant::now();
-        let tree = materialize::build(&layout, Some(&current), &diff, &Objects::new()).expect("apply");
+        let tree = materializer.build(&layout, Some(&current), &diff, &Objects::new()).expect("apply");
         materialize::switch(&layout, &tree).expect("switch");
         times.push(started.elapsed().as_secs_f64() * 1000.0);
-        materialize::prune(&layout);
+        materializer.prune(&layout);
         current = commit;
     }
     let (p50, _, _, max) = summary(times);

@@ -2,15 +2,17 @@
 //! it was reached at (DESIGN principle 4: no per-host state on the server).
 //!
 //! Written to a temporary file, flushed and put in place atomically after changes
-//! (see [`Position::save`]), so a crash leaves the previous or the new position, and `exec_pending` records a change whose `--exec`
-//! has not finished yet so a restart runs it.
+//! (see [`Position::save`]), so a crash leaves the previous or the new position, and
+//! `exec_pending` records a change whose `--exec` has not finished yet so a restart
+//! runs it. The file is `<state-dir>/position.json`, keyed by service as
+//! `service/web` ([`ServiceId`]'s text).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use confcast_schemas::Kind;
+use confcast_schemas::ServiceId;
 use serde::{Deserialize, Serialize};
 
 /// Where one service stands on this host.
@@ -40,49 +42,75 @@ pub struct ServiceState {
 pub struct Position {
     /// Datacenter the position belongs to; a state dir is never reused across them.
     pub dc: String,
-    /// Per service, keyed `<kind>/<name>`.
-    pub services: BTreeMap<String, ServiceState>,
+    /// Per service, keyed `<kind>/<name>` in the file.
+    pub services: BTreeMap<ServiceId, ServiceState>,
 }
 
-/// The key of a service in [`Position::services`].
-pub fn key(kind: Kind, name: &str) -> String {
-    format!("{kind}/{name}")
+/// The name of the position file in the state directory.
+pub const FILE: &str = "position.json";
+
+/// Why the position cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PositionError {
+    /// The file cannot be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The position file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a position.
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        /// The position file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The state directory is another datacenter's.
+    #[error("{} belongs to datacenter {found:?}, not {dc:?}; use another --state-dir", path.display())]
+    OtherDatacenter {
+        /// The position file.
+        path: PathBuf,
+        /// The datacenter it belongs to.
+        found: String,
+        /// The subscriber's datacenter.
+        dc: String,
+    },
 }
 
-/// The service a [`key`] names.
-pub fn parse_key(key: &str) -> Option<(Kind, String)> {
-    let (kind, name) = key.split_once('/')?;
-    let kind = Kind::ALL.into_iter().find(|k| k.as_str() == kind)?;
-    Some((kind, name.to_owned()))
+impl PositionError {
+    /// Whether there is no position file at all (nothing applied on this host yet).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, PositionError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
 }
 
 impl Position {
     /// Loads the position, or an empty one for a new host.
-    pub fn load(path: &Path, dc: &str) -> io::Result<Position> {
-        match fs::read(path) {
-            Ok(bytes) => {
-                let position: Position =
-                    serde_json::from_slice(&bytes).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
-                if position.dc != dc {
-                    return Err(io::Error::other(format!(
-                        "{} belongs to datacenter {:?}, not {dc:?}; use another --state-dir",
-                        path.display(),
-                        position.dc
-                    )));
-                }
-                Ok(position)
+    pub fn load(path: &Path, dc: &str) -> Result<Position, PositionError> {
+        match Position::load_any(path) {
+            Ok(position) if position.dc != dc => {
+                Err(PositionError::OtherDatacenter { path: path.to_owned(), found: position.dc, dc: dc.to_owned() })
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Ok(Position { dc: dc.to_owned(), services: BTreeMap::new() })
-            }
+            Ok(position) => Ok(position),
+            Err(e) if e.is_missing() => Ok(Position { dc: dc.to_owned(), services: BTreeMap::new() }),
             Err(e) => Err(e),
         }
     }
 
     /// Loads a position whatever its datacenter (for inspection).
-    pub fn load_any(path: &Path) -> io::Result<Position> {
-        let bytes = fs::read(path)?;
-        serde_json::from_slice(&bytes).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
+    pub fn load_any(path: &Path) -> Result<Position, PositionError> {
+        let bytes = fs::read(path).map_err(|source| PositionError::Io { path: path.to_owned(), source })?;
+        serde_json::from_slice(&bytes).map_err(|source| PositionError::Unreadable { path: path.to_owned(), source })
+    }
+
+    /// Where `id` stands; a service never seen stands nowhere (the default).
+    pub fn of(&self, id: &ServiceId) -> ServiceState {
+        self.services.get(id).cloned().unwrap_or_default()
     }
 
     /// Replaces the position file atomically: a crash leaves the previous position or
@@ -90,7 +118,11 @@ impl Position {
     /// reaches the disk with the file system's next commit. A position that a crash
     /// set back is safe: a link found ahead of it is caught up at start from the
     /// service's snapshot, and the stream replays from there.
-    pub fn save(&self, path: &Path) -> io::Result<()> {
+    pub fn save(&self, path: &Path) -> Result<(), PositionError> {
+        self.write(path).map_err(|source| PositionError::Io { path: path.to_owned(), source })
+    }
+
+    fn write(&self, path: &Path) -> io::Result<()> {
         let dir = path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
         fs::create_dir_all(&dir)?;
         let tmp = path.with_extension("json.tmp");
@@ -120,6 +152,8 @@ pub fn put_in_place(tmp: &Path, path: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use confcast_schemas::Kind;
+
     use super::*;
 
     #[test]
@@ -129,11 +163,12 @@ mod tests {
         let mut position = Position::load(&path, "dc1").expect("empty");
         position
             .services
-            .insert(key(Kind::Service, "s"), ServiceState { commit: Some("c".into()), seq: 7, ..Default::default() });
+            .insert(ServiceId::service("s"), ServiceState { commit: Some("c".into()), seq: 7, ..Default::default() });
+        position.services.insert(ServiceId::new(Kind::Device, "a/b"), ServiceState::default());
         position.save(&path).expect("save");
         assert_eq!(Position::load(&path, "dc1").expect("load"), position);
-        assert_eq!(parse_key(&key(Kind::Device, "a/b")), Some((Kind::Device, "a/b".to_owned())));
-        assert_eq!(parse_key("nonsense/x"), None);
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(text.contains("\"service/s\": {") && text.contains("\"device/a/b\": {"), "keys as before: {text}");
         let e = Position::load(&path, "dc2").expect_err("other dc");
         assert!(e.to_string().contains("belongs to datacenter \"dc1\""), "{e}");
     }
@@ -149,7 +184,7 @@ mod tests {
         position.save(&path).expect("second save");
         let (a, b) = (ino(&path), ino(&path.with_extension("json.tmp")));
         for seq in 1..5 {
-            position.services.insert(key(Kind::Service, "s"), ServiceState { seq, ..Default::default() });
+            position.services.insert(ServiceId::service("s"), ServiceState { seq, ..Default::default() });
             position.save(&path).expect("save");
             assert_eq!(Position::load(&path, "dc1").expect("load"), position, "the last save is what loads");
             let now = (ino(&path), ino(&path.with_extension("json.tmp")));

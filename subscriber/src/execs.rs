@@ -1,0 +1,118 @@
+//! The host's side of `--exec` and `--signal`: the scheduler that runs them off the
+//! update path ([`crate::schedule`]), the changes handed to it, and what its runs gave.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confcast_schemas::process::error_chain;
+use confcast_schemas::retry::Warnings;
+use confcast_schemas::ServiceId;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Reader;
+use crate::config::Config;
+use crate::exec::{notify, Change};
+use crate::host::{Host, SubscriberError};
+use crate::live::ServiceLabel;
+use crate::schedule::{Job, Limit, NatsSlots, Policy, Ran, Runner, Scheduler};
+
+/// The scheduler of `config`'s `--exec`, and where its runs are reported; with
+/// `--max-parallel`, once the datacenter's exec slots can be opened. `None` on shutdown.
+pub(crate) async fn scheduler(
+    config: &Config,
+    reader: &Reader,
+    shutdown: &CancellationToken,
+) -> Option<(Scheduler, UnboundedReceiver<Ran>)> {
+    let limit = match config.max_parallel {
+        None => Limit::None,
+        Some(slots) => Limit::Nats(Box::new(open_slots(config, reader, slots, shutdown).await?)),
+    };
+    let notify_config = Arc::new(config.notify.clone());
+    let runner: Runner = Arc::new(move |job: Job| {
+        let notify_config = notify_config.clone();
+        Box::pin(async move {
+            let change =
+                Change { service: &job.service, commit: job.commit.as_deref(), ref_name: &job.ref_name, dir: &job.dir };
+            notify(&notify_config, &change).await
+        })
+    });
+    let policy = Policy { splay: config.splay, ..Policy::default() };
+    Some(Scheduler::new(policy, limit, runner, shutdown.clone()))
+}
+
+/// The datacenter's exec slots, once they can be opened; `None` on shutdown.
+async fn open_slots(config: &Config, reader: &Reader, slots: usize, shutdown: &CancellationToken) -> Option<NatsSlots> {
+    let mut hint = Warnings::default();
+    loop {
+        match NatsSlots::open(reader.jetstream(), &config.dc, slots, &config.host_id).await {
+            Ok(slots) => return Some(slots),
+            Err(e) => {
+                if hint.due() {
+                    tracing::warn!(error = %error_chain(&e), "waiting for the datacenter's exec slots (--max-parallel)");
+                }
+                tokio::select! { () = tokio::time::sleep(Duration::from_secs(1)) => {}, () = shutdown.cancelled() => return None }
+            }
+        }
+    }
+}
+
+impl Host {
+    /// Hands every change whose processes have not been told yet to the scheduler,
+    /// which runs `--exec` off this path (see [`crate::schedule`]).
+    pub(crate) fn flush_execs(&mut self) {
+        for (id, state) in &self.position.services {
+            if !state.exec_pending || !self.submitted.insert(id.clone()) {
+                continue;
+            }
+            self.scheduler.submit(Job {
+                service: id.clone(),
+                dir: self.config.dir.join(&id.name),
+                commit: state.commit.clone(),
+                ref_name: state.ref_name.clone(),
+            });
+        }
+    }
+
+    /// Records a run of `--exec`: reported either way; done for good when it
+    /// succeeded for the change still in place (a failed one is retried by the
+    /// scheduler, and again after a restart).
+    pub(crate) async fn exec_done(&mut self, ran: Ran) -> Result<(), SubscriberError> {
+        let id = ran.job.service.clone();
+        let ServiceId { kind, name } = &id;
+        let commit = ran.job.commit.as_deref().unwrap_or("removed");
+        let took_ms = u64::try_from(ran.took.as_millis()).unwrap_or(u64::MAX);
+        let (error, status) = match &ran.result {
+            Ok(status) => {
+                let notify = &self.config.notify;
+                if notify.exec.is_some() {
+                    let exit_status = status.unwrap_or(0);
+                    tracing::info!(%kind, %name, %commit, exit_status, took_ms, attempt = ran.attempt, "--exec succeeded");
+                } else if notify.signal.is_some() {
+                    tracing::info!(%kind, %name, %commit, took_ms, attempt = ran.attempt, "--signal sent");
+                }
+                (None, *status)
+            }
+            Err(failure) => {
+                self.live.metrics.error("exec");
+                tracing::error!(%kind, %name, %commit, exit_status = ?failure.status, took_ms, attempt = ran.attempt, error = %failure.message, "telling the host's processes failed; retrying with backoff");
+                (Some(failure.message.clone()), failure.status)
+            }
+        };
+        if self.config.notify.exec.is_some() {
+            let label = ServiceLabel::of(&id);
+            self.live.metrics.exec_last_status.get_or_create(&label).set(i64::from(status.unwrap_or(-1)));
+        }
+        self.report(&id, ran.job.commit.clone(), error, status).await;
+        if ran.result.is_ok() {
+            if let Some(state) = self.position.services.get_mut(&id) {
+                if state.exec_pending && state.commit == ran.job.commit {
+                    state.exec_pending = false;
+                    self.submitted.remove(&id);
+                    self.save().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
