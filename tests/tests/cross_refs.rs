@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use confcast_tests::{git, wait_error, Master, NatsServer, Pushed, Relay, Subscriber};
+use confcast_tests::{git, wait_error, Datacenter, Master, NatsServer, Pushed};
 
 const DC1: &str = "refs/heads/datacenters/dc1";
 const CONF: &str = "refs/heads/datacenter-configuration/web";
@@ -20,11 +20,17 @@ const DC1_DOC: &str =
 /// order pre-receive asks for, what is named before what names it. Returns web's commit.
 fn master_with_web(nats: &NatsServer) -> (Master, String) {
     let master = Master::new(&nats.url());
+    let web = publish_web(&master);
+    (master, web)
+}
+
+/// Pushes what [`master_with_web`] describes; returns web's commit.
+fn publish_web(master: &Master) -> String {
     let web = master.on("services/web/master").write("web.conf", "v1\n").commit_push("web v1").commit;
     master.tag_push("services/web/v1");
     master.configuration("web", r#"{"services":[{"name":"web","branch":"master"}]}"#);
     master.datacenter("dc1", DC1_DOC);
-    (master, web)
+    web
 }
 
 /// Commits `json` as `file` on the local branch `branch` and pushes it, refused or not.
@@ -157,11 +163,8 @@ fn a_push_that_brings_what_it_names_is_accepted() {
 
 #[test]
 fn behind_a_bypassed_pre_receive_the_relay_keeps_the_last_good_state() {
-    let nats = NatsServer::start();
-    let (master, web) = master_with_web(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--host", "host-a"]);
-    sub.wait_exec("web", &web);
+    let dc = Datacenter::with_master(publish_web).host_flags(&["--host", "host-a"]).first_exec_of("web").start();
+    let (nats, master, sub, web) = (&dc.nats, &dc.master, &dc.host, &dc.first);
 
     let typo = r#"{"services":[{"name":"web","branch":"mastr"}]}"#;
     master.without_pre_receive(|| master.configuration("web", typo));
@@ -174,12 +177,12 @@ fn behind_a_bypassed_pre_receive_the_relay_keeps_the_last_good_state() {
         )],
     );
     assert_eq!(sub.execs().len(), 1, "nothing ran: {:?}", sub.execs());
-    sub.assert_tree(&master, "web", &web);
+    sub.assert_tree(master, "web", web);
 
     // Fixed through the door: the host follows master again.
     master.configuration("web", r#"{"services":[{"name":"web","branch":"master"}]}"#);
     let next = master.on("services/web/master").write("web.conf", "fixed\n").commit_push("after the fix").commit;
     let execs = sub.wait_exec("web", &next);
     assert_eq!(execs.len(), 2, "the host never lost web: {execs:?}");
-    sub.assert_tree(&master, "web", &next);
+    sub.assert_tree(master, "web", &next);
 }

@@ -9,11 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use confcast_tests::{wait_for, Master, NatsServer, Relay, Rng, Subscriber};
-
-fn setup(nats: &NatsServer) -> (Master, String) {
-    Master::with_service0(&nats.url())
-}
+use confcast_tests::{block_on, wait_for, Datacenter, Master, NatsServer, Relay, Rng, Subscriber};
 
 /// Makes `pushes` pushes to service0, each changing a few files.
 fn push_many(master: &Master, pushes: usize, pushed: &mut Vec<String>, mut between: impl FnMut(usize)) {
@@ -53,21 +49,19 @@ fn chaos<T: Send + 'static>(
 }
 
 fn relay_killed_during_pushes(pushes: usize) {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
-    let relay = Arc::new(Mutex::new(Relay::start(&nats.url(), "dc1", &master.bare)));
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
-    let mut pushed = vec![first];
+    let dc = Datacenter::with_service0().start();
+    let relay = Arc::new(Mutex::new(dc.relay));
+    let (master, sub) = (&dc.master, &dc.host);
+    let mut pushed = vec![dc.first];
 
     let stop = Arc::new(AtomicBool::new(false));
     let killer = chaos(relay.clone(), stop.clone(), Relay::kill, Relay::restart);
-    push_many(&master, pushes, &mut pushed, |_| thread::sleep(Duration::from_millis(5)));
+    push_many(master, pushes, &mut pushed, |_| thread::sleep(Duration::from_millis(5)));
     stop.store(true, Ordering::SeqCst);
     let kills = killer.join().expect("killer");
 
     let last = pushed.last().expect("pushed").clone();
-    let (execs, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    let (execs, duplicates) = sub.assert_converged(master, "service0", &last, &pushed);
     eprintln!(
         "relay SIGKILLed {kills} times during {pushes} pushes: converged, {execs} execs, {duplicates} duplicate execs"
     );
@@ -87,12 +81,10 @@ fn relay_sigkilled_during_200_pushes_converges() {
 }
 
 fn subscriber_killed_during_pushes(pushes: usize) {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Arc::new(Mutex::new(Subscriber::start(&nats.url(), "dc1", &["--service", "service0"])));
-    sub.lock().expect("sub").wait_exec("service0", &first);
-    let mut pushed = vec![first];
+    let dc = Datacenter::with_service0().start();
+    let sub = Arc::new(Mutex::new(dc.host));
+    let master = &dc.master;
+    let mut pushed = vec![dc.first];
 
     let stop = Arc::new(AtomicBool::new(false));
     let killer = chaos(sub.clone(), stop.clone(), Subscriber::kill, Subscriber::restart);
@@ -118,7 +110,7 @@ fn subscriber_killed_during_pushes(pushes: usize) {
             seen
         })
     };
-    push_many(&master, pushes, &mut pushed, |_| thread::sleep(Duration::from_millis(5)));
+    push_many(master, pushes, &mut pushed, |_| thread::sleep(Duration::from_millis(5)));
     stop.store(true, Ordering::SeqCst);
     let kills = killer.join().expect("killer");
     let observed = observer.join().expect("observer");
@@ -130,7 +122,7 @@ fn subscriber_killed_during_pushes(pushes: usize) {
 
     let last = pushed.last().expect("pushed").clone();
     let sub = sub.lock().expect("sub");
-    let (execs, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    let (execs, duplicates) = sub.assert_converged(master, "service0", &last, &pushed);
     eprintln!("subscriber SIGKILLed {kills} times during {pushes} pushes: converged, {execs} execs, {duplicates} duplicate execs");
     assert!(kills > 0);
     // Exec is at-least-once: a kill after exec ran but before that was recorded runs it
@@ -151,56 +143,43 @@ fn subscriber_sigkilled_during_200_pushes_converges() {
 
 #[test]
 fn nats_killed_and_restarted_during_pushes() {
-    let mut nats = NatsServer::start();
-    let (master, first) = setup(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
-    let mut pushed = vec![first];
+    let mut dc = Datacenter::with_service0().start();
+    let (master, sub) = (&dc.master, &dc.host);
+    let mut pushed = vec![dc.first.clone()];
 
     // Down for pushes 5..8: they spool (and still return in under 2 s); the first push
     // after the restart drains the spool in order before its own event.
-    push_many(&master, 12, &mut pushed, |i| match i {
-        5 => nats.stop(),
-        8 => nats.restart(),
+    push_many(master, 12, &mut pushed, |i| match i {
+        5 => dc.nats.stop(),
+        8 => dc.nats.restart(),
         _ => {}
     });
     let last = pushed.last().expect("pushed").clone();
-    let (_, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    let (_, duplicates) = sub.assert_converged(master, "service0", &last, &pushed);
     assert_eq!(duplicates, 0);
-    let spool = master.bare.join("confcast/spool");
-    let left = std::fs::read_dir(&spool)
-        .map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "event"))).count())
-        .unwrap_or(0);
-    assert_eq!(left, 0, "the spool was drained");
+    assert_eq!(master.spooled_events(), 0, "the spool was drained");
 }
 
 #[test]
 fn a_host_away_longer_than_the_stream_keeps_resyncs_from_the_snapshot() {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let mut sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
-    sub.stop();
+    let mut dc = Datacenter::with_service0().start();
+    dc.host.stop();
 
     // Keep only the last 2 updates per service, as if the host had been away for long.
-    shrink_update_stream(&nats.url(), "dc1", 2);
-    let mut pushed = vec![first];
-    push_many(&master, 10, &mut pushed, |_| {});
+    shrink_update_stream(&dc.nats.url(), "dc1", 2);
+    let mut pushed = vec![dc.first.clone()];
+    push_many(&dc.master, 10, &mut pushed, |_| {});
     let last = pushed.last().expect("pushed").clone();
-    wait_for(Duration::from_secs(20), "relay to publish the last push", || {
-        _relay.log().contains(&format!("to={last}")).then_some(())
-    });
+    dc.relay.wait_published(&last);
 
-    sub.restart();
-    let (execs, duplicates) = sub.assert_converged(&master, "service0", &last, &pushed);
+    dc.host.restart();
+    let (execs, duplicates) = dc.host.assert_converged(&dc.master, "service0", &last, &pushed);
     assert_eq!((execs, duplicates), (2, 0), "one exec at bootstrap, one for the resynced state");
-    assert!(sub.log().contains("resyncing from the snapshot"), "it resynced instead of applying a partial history");
+    assert!(dc.host.log().contains("resyncing from the snapshot"), "it resynced instead of applying a partial history");
 }
 
 fn shrink_update_stream(url: &str, dc: &str, per_subject: i64) {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(async {
+    block_on(async {
         let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("connect"));
         let mut stream = js.get_stream(confcast_schemas::subject::updates_stream(dc)).await.expect("stream");
         let mut config = stream.info().await.expect("info").config.clone();
@@ -211,7 +190,7 @@ fn shrink_update_stream(url: &str, dc: &str, per_subject: i64) {
 
 fn master_unavailable(down: Duration) {
     let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
+    let (master, first) = Master::with_service0(&nats.url());
     let mut daemon = confcast_tests::GitDaemon::start(&master.bare);
     let relay = Relay::start_url(&nats.url(), "dc1", &daemon.url("master.git"));
     let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
@@ -246,7 +225,7 @@ fn the_master_unavailable_for_30_seconds_delays_but_loses_nothing() {
 #[test]
 fn two_relays_for_one_datacenter_either_can_die() {
     let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
+    let (master, first) = Master::with_service0(&nats.url());
     let ttl = ["--lease-ttl-secs", "2"];
     let url = master.bare.display().to_string();
     let mut a = Relay::start_with(&nats.url(), "dc1", &url, &ttl);
@@ -286,13 +265,10 @@ fn two_relays_for_one_datacenter_either_can_die() {
 
 #[test]
 fn a_relay_restarted_after_a_crash_resumes_at_once() {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
-    let mut relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
-    relay.kill();
-    relay.restart();
+    let mut dc = Datacenter::with_service0().start();
+    dc.relay.kill();
+    dc.relay.restart();
+    let (nats, master, relay, sub) = (&dc.nats, &dc.master, &dc.relay, &dc.host);
     // Its lease (6 s by default) is still there; it is the same relay, so it takes it back.
     let pushed = master.on("services/service0/master").write("app.conf", "after restart\n").commit_push("after").commit;
     let started = std::time::Instant::now();

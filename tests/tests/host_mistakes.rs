@@ -7,8 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use confcast_schemas::{subject, HostStatus, Kind};
-use confcast_tests::{bin, wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{bin, host_status, wait_for, Datacenter, Master, NatsServer, Relay, Subscriber};
 
 /// `dc1`'s datacenter document with host-a's inventory entry listing `services`.
 fn dc1_with_host_a(services: &str) -> String {
@@ -18,26 +17,16 @@ fn dc1_with_host_a(services: &str) -> String {
     )
 }
 
-/// The last status host `host` of `dc1` reported for service `name`, if any.
-fn status(nats_url: &str, host: &str, name: &str) -> Option<HostStatus> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    runtime.block_on(async {
-        let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.ok()?);
-        let stream = js.get_stream(subject::status_stream("dc1")).await.ok()?;
-        let subject = subject::status_subject("dc1", host, Kind::Service, name);
-        let message = stream.get_last_raw_message_by_subject(&subject).await.ok()?;
-        confcast_schemas::decode(&message.payload).ok()
-    })
-}
-
 #[test]
 fn an_inventory_typo_never_removes_the_live_tree() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    master.datacenter("dc1", &dc1_with_host_a(r#"["service0"]"#));
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--host", "host-a"]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_master(|master| {
+        let first = master.publish_service0();
+        master.datacenter("dc1", &dc1_with_host_a(r#"["service0"]"#));
+        first
+    })
+    .host_flags(&["--host", "host-a"])
+    .start();
+    let (nats, master, sub, first) = (&dc.nats, &dc.master, &dc.host, &dc.first);
 
     // `servcie0` for `service0`, pushed past pre-receive as a bypassed hook would let it.
     master.without_pre_receive(|| master.datacenter("dc1", &dc1_with_host_a(r#"["servcie0"]"#)));
@@ -46,17 +35,17 @@ fn an_inventory_typo_never_removes_the_live_tree() {
     });
     assert!(warning.contains("does not publish") && warning.contains("keeping service service0"), "{warning}");
     let reported = wait_for(Duration::from_secs(10), "servcie0's status of host-a", || {
-        status(&nats.url(), "host-a", "servcie0").filter(|s| !s.ok)
+        host_status(&nats.url(), "dc1", "host-a", "servcie0").filter(|s| !s.ok)
     });
     let error = reported.error.unwrap_or_default();
     assert!(error.contains("not published in datacenter dc1") && error.contains("service service0"), "{error}");
-    sub.assert_tree(&master, "service0", &first);
+    sub.assert_tree(master, "service0", first);
     assert_eq!(sub.execs().len(), 1, "no exec: {:?}", sub.execs());
 
     // The kept service still takes its updates.
     let second = master.on("services/service0/master").write("app.conf", "1\n").commit_push("second").commit;
     let execs = sub.wait_exec("service0", &second);
-    sub.assert_tree(&master, "service0", &second);
+    sub.assert_tree(master, "service0", &second);
     assert_eq!(execs.len(), 2, "nothing was removed in between: {execs:?}");
 
     // An entry that explicitly lists nothing is a removal, said at WARN with its reason.
@@ -76,11 +65,8 @@ fn an_inventory_typo_never_removes_the_live_tree() {
 
 #[test]
 fn a_second_subscriber_on_a_state_directory_stops_at_once() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().start();
+    let (nats, master, sub) = (&dc.nats, &dc.master, &dc.host);
 
     let other = tempfile::tempdir().expect("tempdir");
     let mut second = Command::new(bin("subscriber"))
@@ -111,7 +97,7 @@ fn a_second_subscriber_on_a_state_directory_stops_at_once() {
     // The first one keeps working.
     let second_commit = master.on("services/service0/master").write("app.conf", "1\n").commit_push("second").commit;
     sub.wait_exec("service0", &second_commit);
-    sub.assert_tree(&master, "service0", &second_commit);
+    sub.assert_tree(master, "service0", &second_commit);
 }
 
 #[test]
@@ -150,16 +136,8 @@ fn a_datacenter_without_relay_and_an_unknown_service_are_named_once() {
 
 #[test]
 fn exec_output_and_outcome_are_in_the_log() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start_with_exec(
-        &nats.url(),
-        "dc1",
-        &["--service", "service0"],
-        "echo reloading the app; echo 'deprecated key' >&2",
-    );
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().exec_then("echo reloading the app; echo 'deprecated key' >&2").start();
+    let (nats, sub, first) = (&dc.nats, &dc.host, &dc.first);
     let done = wait_for(Duration::from_secs(10), "the exec's INFO line", || {
         sub.log().lines().find(|l| l.contains("--exec succeeded")).map(str::to_owned)
     });

@@ -9,17 +9,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use confcast_schemas::{encode, subject, ChangeKind, Entry, FileMode, Kind};
-use confcast_tests::{bin, forged_update, git, http_get, publish_raw, wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{bin, forged_update, free_port, git, http_get, publish_raw, wait_for, Datacenter, Subscriber};
 use serde_bytes::ByteBuf;
 
 /// GET over TCP: (status, body as text).
 fn get(addr: &str, path: &str) -> (u16, String) {
     let (status, body) = http_get(&mut std::net::TcpStream::connect(addr).expect("connect"), path);
     (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// The entries of a snapshot of the tree in `work` (every file and link, as git sees
@@ -56,11 +52,8 @@ fn snapshot_of(work: &Path) -> (Vec<Entry>, String) {
 
 #[test]
 fn a_forged_tree_whose_links_leave_through_one_another_is_never_applied() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().start();
+    let (nats, master, sub, first) = (&dc.nats, &dc.master, &dc.host, &dc.first);
 
     // Each link looks harmless alone; `x` leaves through `deep`. The announced tree id
     // is right, so only the containment check can refuse it.
@@ -86,7 +79,7 @@ fn a_forged_tree_whose_links_leave_through_one_another_is_never_applied() {
         assert!(line.contains(part), "{part} in {line}");
     }
     assert_eq!(sub.execs().len(), 1, "nothing ran: {:?}", sub.execs());
-    sub.assert_tree(&master, "service0", &first);
+    sub.assert_tree(master, "service0", first);
     let trees = std::fs::read_dir(sub.state_dir().join("trees/service-service0")).expect("trees");
     assert!(
         trees.filter_map(Result::ok).all(|e| !e.file_name().to_string_lossy().contains(&forged_commit)),
@@ -96,17 +89,14 @@ fn a_forged_tree_whose_links_leave_through_one_another_is_never_applied() {
     // The host goes on.
     let next = master.on("services/service0/master").write("app.conf", "real\n").commit_push("real").commit;
     sub.wait_exec("service0", &next);
-    sub.assert_tree(&master, "service0", &next);
+    sub.assert_tree(master, "service0", &next);
 }
 
 #[test]
 fn the_local_api_never_serves_a_file_from_outside_the_tree() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let addr = format!("127.0.0.1:{}", free_port());
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0", "--listen", &addr]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().host_flags(&["--service", "service0", "--listen", &addr]).start();
+    let sub = &dc.host;
     wait_for(Duration::from_secs(10), "the API", || std::net::TcpStream::connect(&addr).ok());
 
     // Someone with write access to the host alters the live tree: links out of it,
@@ -192,9 +182,6 @@ fn assert_perms(sub: &Subscriber, (uid, gid): (u32, u32)) {
 
 #[test]
 fn files_get_the_owner_and_modes_the_operator_chose_and_keep_them() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let (uid, gid) = owner_ids();
     let (uid_s, gid_s) = (uid.to_string(), gid.to_string());
     let perms = [
@@ -212,8 +199,8 @@ fn files_get_the_owner_and_modes_the_operator_chose_and_keep_them() {
     ];
     let mut args = vec!["--service", "service0", "--verify-interval-secs", "1"];
     args.extend(perms);
-    let sub = Subscriber::start(&nats.url(), "dc1", &args);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().host_flags(&args).start();
+    let (master, sub) = (&dc.master, &dc.host);
 
     let c1 = master
         .on("services/service0/master")
@@ -224,8 +211,8 @@ fn files_get_the_owner_and_modes_the_operator_chose_and_keep_them() {
         .commit_push("layout")
         .commit;
     sub.wait_exec("service0", &c1);
-    sub.assert_tree(&master, "service0", &c1);
-    assert_perms(&sub, (uid, gid));
+    sub.assert_tree(master, "service0", &c1);
+    assert_perms(sub, (uid, gid));
     // Diffs carry files over by hard link, recycle old trees: still right.
     for i in 0..4 {
         let c = master
@@ -235,8 +222,8 @@ fn files_get_the_owner_and_modes_the_operator_chose_and_keep_them() {
             .commit_push("more")
             .commit;
         sub.wait_exec("service0", &c);
-        sub.assert_tree(&master, "service0", &c);
-        assert_perms(&sub, (uid, gid));
+        sub.assert_tree(master, "service0", &c);
+        assert_perms(sub, (uid, gid));
     }
 
     // `subscriber verify` with the same settings: intact. A mode changed by hand is
@@ -263,7 +250,7 @@ fn files_get_the_owner_and_modes_the_operator_chose_and_keep_them() {
         (std::fs::metadata(&file).expect("meta").permissions().mode() & 0o7777 == 0o640).then_some(())
     });
     assert!(sub.log().contains("owner or mode changed on this host"), "{}", sub.log());
-    assert_perms(&sub, (uid, gid));
+    assert_perms(sub, (uid, gid));
 }
 
 #[test]
@@ -279,20 +266,23 @@ fn the_api_listens_only_where_the_operator_allows() {
     assert!(stderr.contains("not a loopback address") && stderr.contains("--listen-remote"), "{stderr}");
 
     // A unix socket gets its mode and group before anyone can connect.
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let (_, gid) = owner_ids();
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("api.sock");
     let socket_arg = socket.display().to_string();
     let gid_s = gid.to_string();
-    let sub = Subscriber::start(
-        &nats.url(),
-        "dc1",
-        &["--service", "service0", "--listen", &socket_arg, "--listen-mode", "0660", "--listen-group", &gid_s],
-    );
-    sub.wait_exec("service0", &first);
+    let _dc = Datacenter::with_service0()
+        .host_flags(&[
+            "--service",
+            "service0",
+            "--listen",
+            &socket_arg,
+            "--listen-mode",
+            "0660",
+            "--listen-group",
+            &gid_s,
+        ])
+        .start();
     let meta = wait_for(Duration::from_secs(10), "the socket", || std::fs::metadata(&socket).ok());
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), gid);

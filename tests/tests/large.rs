@@ -4,20 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use confcast_tests::{Master, NatsServer, Relay, Subscriber};
-
-fn setup(nats: &NatsServer) -> (Master, String) {
-    Master::with_service0(&nats.url())
-}
+use confcast_tests::Datacenter;
 
 #[test]
 #[ignore = "slow: 100 MiB through git, NATS and disk"]
 fn a_100_mib_file_arrives_intact() {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().start();
+    let (master, sub) = (&dc.master, &dc.host);
 
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let big: Vec<u8> = (0..100 * 1024 * 1024 / 8)
@@ -32,23 +25,20 @@ fn a_100_mib_file_arrives_intact() {
     let c = master.on("services/service0/master").write("huge.bin", &big).commit_push("100 MiB").commit;
     sub.wait_exec_within("service0", &c, Duration::from_secs(300));
     eprintln!("100 MiB file: push to exec in {:?}", started.elapsed());
-    sub.assert_tree(&master, "service0", &c);
+    sub.assert_tree(master, "service0", &c);
     // A one-line change next to it does not resend it.
     let started = Instant::now();
     let c2 = master.on("services/service0/master").write("app.conf", "1\n").commit_push("small change").commit;
     sub.wait_exec("service0", &c2);
     eprintln!("small change next to it: push to exec in {:?}", started.elapsed());
-    sub.assert_tree(&master, "service0", &c2);
+    sub.assert_tree(master, "service0", &c2);
 }
 
 #[test]
 #[ignore = "slow: 100,000 files through git, NATS and disk"]
 fn a_100k_file_tree_arrives_intact() {
-    let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().start();
+    let (master, sub) = (&dc.master, &dc.host);
 
     master.on("services/service0/master");
     for i in 0..100_000u32 {
@@ -63,11 +53,11 @@ fn a_100k_file_tree_arrives_intact() {
     let c = master.commit_push("100k files").commit;
     sub.wait_exec_within("service0", &c, Duration::from_secs(600));
     eprintln!("100,000 files: push to exec in {:?}", started.elapsed());
-    sub.assert_tree(&master, "service0", &c);
+    sub.assert_tree(master, "service0", &c);
 
     let started = Instant::now();
     let c2 = master.write("d7/e3/f7307.conf", "changed\n").commit_push("one file").commit;
     sub.wait_exec_within("service0", &c2, Duration::from_secs(120));
     eprintln!("one file changed in 100,000: push to exec in {:?}", started.elapsed());
-    sub.assert_tree(&master, "service0", &c2);
+    sub.assert_tree(master, "service0", &c2);
 }

@@ -1,7 +1,7 @@
 //! `subscriber --listen`: the host's configuration as JSON on localhost, over TCP and a
 //! unix socket, always one commit's files.
 
-use confcast_tests::{http_get as get, wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{free_port, http_get as get, wait_for, Datacenter};
 use std::time::Duration;
 
 fn json(body: &[u8]) -> serde_json::Value {
@@ -10,13 +10,9 @@ fn json(body: &[u8]) -> serde_json::Value {
 
 #[test]
 fn the_local_api_serves_what_the_host_applied() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let addr = format!("127.0.0.1:{port}");
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0", "--listen", &addr]);
-    sub.wait_exec("service0", &first);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let dc = Datacenter::with_service0().host_flags(&["--service", "service0", "--listen", &addr]).start();
+    let (master, sub, first) = (&dc.master, &dc.host, &dc.first);
     let tcp = || std::net::TcpStream::connect(&addr).expect("connect");
 
     let (status, body) = wait_for(Duration::from_secs(10), "the API", || {
@@ -67,14 +63,11 @@ fn the_local_api_serves_what_the_host_applied() {
 
 #[test]
 fn the_local_api_listens_on_a_unix_socket() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("confcast.sock");
-    let sub =
-        Subscriber::start(&nats.url(), "dc1", &["--service", "service0", "--listen", socket.to_str().expect("utf-8")]);
-    sub.wait_exec("service0", &first);
+    let _dc = Datacenter::with_service0()
+        .host_flags(&["--service", "service0", "--listen", socket.to_str().expect("utf-8")])
+        .start();
     let mut stream =
         wait_for(Duration::from_secs(10), "the socket", || std::os::unix::net::UnixStream::connect(&socket).ok());
     let (status, body) = get(&mut stream, "/v1/services/service0/files/app.conf");

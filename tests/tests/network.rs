@@ -7,10 +7,6 @@ use std::time::Duration;
 
 use confcast_tests::{Fault, FaultProxy, GitDaemon, Master, NatsServer, Relay, Subscriber};
 
-fn setup(nats: &NatsServer) -> (Master, String) {
-    Master::with_service0(&nats.url())
-}
-
 fn pushes(master: &Master, n: usize, pushed: &mut Vec<String>) {
     let svc = master.on("services/service0/master");
     for i in 0..n {
@@ -23,7 +19,7 @@ fn pushes(master: &Master, n: usize, pushed: &mut Vec<String>) {
 /// Runs `faults` in turn on the path chosen by `relay_via`, pushing during each.
 fn scenario(between_relay_and_nats: bool, faults: &[(Fault, Duration)]) {
     let nats = NatsServer::start();
-    let (master, first) = setup(&nats);
+    let (master, first) = Master::with_service0(&nats.url());
     let daemon = GitDaemon::start(&master.bare);
     let proxy = FaultProxy::start(if between_relay_and_nats { nats.port() } else { daemon.port() });
     // A short fetch timeout, so a black-holed fetch fails and is retried within the test.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use confcast_schemas::{decode, encode, subject, Kind, ServiceUpdate};
-use confcast_tests::{bin, wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{bin, block_on, wait_for, Master, NatsServer, Relay, Subscriber};
 use futures::StreamExt;
 
 const USERS: [(&str, &str); 6] = [
@@ -74,7 +74,7 @@ impl Secured {
 
     /// Last sequence of a stream.
     fn last_seq(&self, stream: &str) -> u64 {
-        runtime().block_on(async {
+        block_on(async {
             let js = jetstream::new(self.admin().await);
             js.get_stream(stream).await.expect("stream").info().await.expect("info").state.last_sequence
         })
@@ -82,7 +82,7 @@ impl Secured {
 
     /// A value of the index bucket.
     fn index_value(&self, key: &str) -> Option<String> {
-        runtime().block_on(async {
+        block_on(async {
             let js = jetstream::new(self.admin().await);
             let kv = js.get_key_value(subject::INDEX_BUCKET).await.ok()?;
             kv.get(key).await.ok()?.map(|v| String::from_utf8_lossy(&v).into_owned())
@@ -116,21 +116,11 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
-}
-
 /// Installs the master's hooks with the `master` user's credentials.
 fn secure_master(secured: &Secured) -> Master {
     let master = Master::new(&secured.server.url());
-    let out = Command::new(bin("publisher"))
-        .arg("install-hooks")
-        .arg(&master.bare)
-        .args(["--nats", &secured.server.url()])
-        .args(secured.flags("master"))
-        .output()
-        .expect("publisher runs");
-    assert!(out.status.success(), "install-hooks: {}", String::from_utf8_lossy(&out.stderr));
+    let flags = secured.flags("master");
+    master.install_hooks(&secured.server.url(), &flags.iter().map(String::as_str).collect::<Vec<_>>());
     master
 }
 
@@ -176,7 +166,7 @@ fn permission_a_host_cannot_publish_an_update_nor_read_another_datacenter() {
 
     let dc1_updates = secured.last_seq(&subject::updates_stream("dc1"));
     let dc2_updates = secured.last_seq(&subject::updates_stream("dc2"));
-    runtime().block_on(async {
+    block_on(async {
         let (client, mut errors) = secured.client("dc1_host1").await;
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client.clone());
 
@@ -254,7 +244,7 @@ fn permission_a_relay_cannot_publish_into_another_datacenter() {
 
     let dc2_updates = secured.last_seq(&subject::updates_stream("dc2"));
     let dc2_state = secured.last_seq(&subject::state_stream("dc2"));
-    runtime().block_on(async {
+    block_on(async {
         let (client, mut errors) = secured.client("relay_dc1").await;
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client.clone());
         for subject in [
@@ -318,7 +308,7 @@ fn permission_a_forged_update_with_valid_credentials_is_refused_and_keys_rotate(
 
     // The first update, replayed as a snapshot: self-consistent (its tree id matches its
     // files), so only its signature stands between it and the host.
-    let genuine: Vec<(ServiceUpdate, async_nats::HeaderMap)> = runtime().block_on(async {
+    let genuine: Vec<(ServiceUpdate, async_nats::HeaderMap)> = block_on(async {
         let js = jetstream::new(secured.admin().await);
         let stream = js.get_stream(subject::updates_stream("dc1")).await.expect("stream");
         let mut out = Vec::new();
@@ -341,7 +331,7 @@ fn permission_a_forged_update_with_valid_credentials_is_refused_and_keys_rotate(
     let replay = encode(&ServiceUpdate { snapshot: true, from: None, ..to_first });
     let update_subject = subject::update_subject("dc1", Kind::Service, "service0");
     let intruder = confcast_schemas::sign::Signer::from_file(&keys.path().join("intruder.nk")).expect("intruder key");
-    runtime().block_on(async {
+    block_on(async {
         // Valid credentials: the relay's own, allowed on dc1's update subjects.
         let (client, _errors) = secured.client("relay_dc1").await;
         let js = jetstream::new(client);

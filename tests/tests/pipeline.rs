@@ -3,16 +3,27 @@
 
 use std::time::Duration;
 
-use confcast_tests::{wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{wait_for, Datacenter, DatacenterSetup, Master, NatsServer, Relay, Subscriber};
 
 const CONF: &str = r#"{ "services": [
     { "name": "service0", "branch": "master", "tag": "latest" },
     { "name": "pinned", "branch": "master", "tag": "v1.0" } ] }"#;
 
-/// A datacenter `dc1` following `datacenter-configuration/big`, with `service0` on its
-/// master branch and `pinned` at tag v1.0.
+/// A master with datacenter `dc1` following `datacenter-configuration/big`, with
+/// `service0` on its master branch and `pinned` at tag v1.0; and service0's first commit.
 fn master_with_dc1(nats: &NatsServer) -> (Master, String) {
     let master = Master::new(&nats.url());
+    let first = publish_dc1(&master);
+    (master, first)
+}
+
+/// [`master_with_dc1`], with dc1's relay and a host.
+fn datacenter() -> DatacenterSetup<'static> {
+    Datacenter::with_master(publish_dc1)
+}
+
+/// Pushes what [`master_with_dc1`] describes; returns service0's first commit.
+fn publish_dc1(master: &Master) -> String {
     master.configuration("big", CONF);
     master.datacenter(
         "dc1",
@@ -22,19 +33,15 @@ fn master_with_dc1(nats: &NatsServer) -> (Master, String) {
     let first = master.on("services/service0/master").write("app.conf", "port = 80\n").commit_push("first").commit;
     master.on("services/pinned/master").write("p.conf", "v1\n").commit_push("pinned v1");
     master.tag_push("services/pinned/v1.0");
-    (master, first)
+    first
 }
 
 #[test]
 fn a_push_reaches_the_subscriber_exactly_and_runs_exec_once() {
-    let nats = NatsServer::start();
-    let (master, first) = master_with_dc1(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-
     // Bootstrap: a fresh host gets the current state and runs exec for it.
-    sub.wait_exec("service0", &first);
-    sub.assert_tree(&master, "service0", &first);
+    let dc = datacenter().start();
+    let (master, relay, sub, first) = (&dc.master, &dc.relay, &dc.host, &dc.first);
+    sub.assert_tree(master, "service0", first);
 
     let pushed = master
         .on("services/service0/master")
@@ -43,7 +50,7 @@ fn a_push_reaches_the_subscriber_exactly_and_runs_exec_once() {
         .commit_push("second");
     assert!(pushed.stderr.contains("confcast: announced 1 ref update(s)"), "hook output: {}", pushed.stderr);
     let execs = sub.wait_exec("service0", &pushed.commit);
-    sub.assert_tree(&master, "service0", &pushed.commit);
+    sub.assert_tree(master, "service0", &pushed.commit);
     let dir = sub.service_dir("service0");
     assert_eq!(
         execs,
@@ -53,19 +60,16 @@ fn a_push_reaches_the_subscriber_exactly_and_runs_exec_once() {
         ],
         "exec ran once per change with the contract's environment"
     );
-    assert!(!_relay.log().contains("spilling"), "small updates travel in one message");
+    assert!(!relay.log().contains("spilling"), "small updates travel in one message");
     if std::env::var_os("CONFCAST_SHOW_LOGS").is_some() {
-        eprintln!("--- relay\n{}\n--- subscriber\n{}", _relay.log(), sub.log());
+        eprintln!("--- relay\n{}\n--- subscriber\n{}", relay.log(), sub.log());
     }
 }
 
 #[test]
 fn every_kind_of_file_change_arrives_intact() {
-    let nats = NatsServer::start();
-    let (master, first) = master_with_dc1(&nats);
-    let relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = datacenter().start();
+    let (master, relay, sub) = (&dc.master, &dc.relay, &dc.host);
 
     let svc = master.on("services/service0/master");
     svc.write("a/b/c/deep.conf", "deep\n")
@@ -79,7 +83,7 @@ fn every_kind_of_file_change_arrives_intact() {
         .symlink("link", "keep.conf");
     let c1 = svc.commit_push("many files").commit;
     sub.wait_exec("service0", &c1);
-    sub.assert_tree(&master, "service0", &c1);
+    sub.assert_tree(master, "service0", &c1);
 
     svc.remove("to-delete.conf")
         .rename("to-rename.conf", "moved/here.conf")
@@ -90,7 +94,7 @@ fn every_kind_of_file_change_arrives_intact() {
         .write("binary.dat", (0..=255u8).rev().cycle().take(80_000).collect::<Vec<u8>>());
     let c2 = svc.commit_push("rename, delete, chmod, retarget").commit;
     sub.wait_exec("service0", &c2);
-    sub.assert_tree(&master, "service0", &c2);
+    sub.assert_tree(master, "service0", &c2);
 
     // Several MiB in one push: more than NATS's max_payload, so contents travel through
     // the object store.
@@ -102,7 +106,7 @@ fn every_kind_of_file_change_arrives_intact() {
     }
     let c3 = svc.commit_push("4 x 1.1 MB").commit;
     sub.wait_exec("service0", &c3);
-    sub.assert_tree(&master, "service0", &c3);
+    sub.assert_tree(master, "service0", &c3);
 
     // Many files small enough to travel inline, 1.5 MB together: the update itself is
     // larger than max_payload and is spilled to the object store.
@@ -115,13 +119,13 @@ fn every_kind_of_file_change_arrives_intact() {
     let spilled = svc.commit_push("25 x 60 kB").commit;
     sub.wait_exec("service0", &spilled);
     assert!(relay.log().contains("spilling to the object store"), "the update went through the object store");
-    sub.assert_tree(&master, "service0", &spilled);
+    sub.assert_tree(master, "service0", &spilled);
 
     // Everything removed: the service's tree becomes empty, and is still exact.
-    git_rm_all(&master);
+    git_rm_all(master);
     let c4 = svc.commit_push("empty").commit;
     sub.wait_exec("service0", &c4);
-    sub.assert_tree(&master, "service0", &c4);
+    sub.assert_tree(master, "service0", &c4);
     assert_eq!(std::fs::read_dir(sub.service_dir("service0")).expect("dir").count(), 0);
 }
 
@@ -131,11 +135,8 @@ fn git_rm_all(master: &Master) {
 
 #[test]
 fn pushes_to_unpinned_or_tag_pinned_branches_change_nothing() {
-    let nats = NatsServer::start();
-    let (master, first) = master_with_dc1(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0", "--service", "pinned"]);
-    sub.wait_exec("service0", &first);
+    let dc = datacenter().host_flags(&["--service", "service0", "--service", "pinned"]).start();
+    let (master, sub) = (&dc.master, &dc.host);
     let v1 = master.rev("refs/tags/services/pinned/v1.0").expect("tag");
     sub.wait_exec("pinned", &v1);
     let before = sub.execs();
@@ -148,12 +149,12 @@ fn pushes_to_unpinned_or_tag_pinned_branches_change_nothing() {
     let marker = master.on("services/service0/master").write("marker", "1").commit_push("marker").commit;
     let execs = sub.wait_exec("service0", &marker);
     assert_eq!(execs.len(), before.len() + 1, "only the marker ran exec: {execs:?}");
-    sub.assert_tree(&master, "pinned", &v1);
+    sub.assert_tree(master, "pinned", &v1);
 
     // Releasing the tag moves it.
     let v2 = master.on("services/pinned/master").tag_push("services/pinned/v1.0");
     sub.wait_exec("pinned", &v2);
-    sub.assert_tree(&master, "pinned", &v2);
+    sub.assert_tree(master, "pinned", &v2);
 }
 
 #[test]
@@ -218,12 +219,9 @@ fn repinning_switches_exactly_the_affected_services_per_datacenter() {
 
 #[test]
 fn a_stopped_subscriber_catches_up_and_runs_exec_for_the_final_state() {
-    let nats = NatsServer::start();
-    let (master, first) = master_with_dc1(&nats);
-    let relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let mut sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
-    sub.stop();
+    let mut dc = datacenter().start();
+    dc.host.stop();
+    let (master, relay, sub) = (&dc.master, &dc.relay, &mut dc.host);
 
     let svc = master.on("services/service0/master");
     let mut last = String::new();
@@ -235,35 +233,23 @@ fn a_stopped_subscriber_catches_up_and_runs_exec_for_the_final_state() {
             .commit;
     }
     // Let the relay publish all 20 before the host comes back.
-    wait_for(Duration::from_secs(20), "relay to publish the last push", || {
-        relay.log().contains(&format!("to={last}")).then_some(())
-    });
+    relay.wait_published(&last);
     sub.restart();
     let execs = sub.wait_exec("service0", &last);
     assert_eq!(execs.len(), 2, "one exec at bootstrap, one for the final state after catching up: {execs:?}");
-    sub.assert_tree(&master, "service0", &last);
+    sub.assert_tree(master, "service0", &last);
 }
 
 #[test]
 fn a_push_while_nats_is_down_returns_fast_and_is_delivered_later() {
-    let mut nats = NatsServer::start();
-    let (master, first) = master_with_dc1(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let mut dc = datacenter().start();
+    let (nats, master, sub) = (&mut dc.nats, &dc.master, &dc.host);
 
     nats.stop();
     let pushed = master.on("services/service0/master").write("app.conf", "during outage\n").commit_push("outage");
     assert!(pushed.took < Duration::from_secs(2), "push took {:?}", pushed.took);
     assert!(pushed.stderr.contains("spooled 1 event(s)"), "hook output: {}", pushed.stderr);
-    let spool = master.bare.join("confcast/spool");
-    assert_eq!(
-        std::fs::read_dir(&spool)
-            .expect("spool")
-            .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "event")))
-            .count(),
-        1
-    );
+    assert_eq!(master.spooled_events(), 1);
 
     nats.restart();
     let out = std::process::Command::new(confcast_tests::bin("publisher"))
@@ -278,7 +264,7 @@ fn a_push_while_nats_is_down_returns_fast_and_is_delivered_later() {
         String::from_utf8_lossy(&out.stdout)
     );
     sub.wait_exec("service0", &pushed.commit);
-    sub.assert_tree(&master, "service0", &pushed.commit);
+    sub.assert_tree(master, "service0", &pushed.commit);
 }
 
 #[test]
@@ -320,12 +306,9 @@ fn pre_receive_rejects_a_malformed_datacenter_document() {
 
 #[test]
 fn a_host_follows_its_inventory() {
-    let nats = NatsServer::start();
-    let (master, first) = master_with_dc1(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--host", "host-a"]);
+    let dc = datacenter().host_flags(&["--host", "host-a"]).start();
+    let (master, sub) = (&dc.master, &dc.host);
     let v1 = master.rev("refs/tags/services/pinned/v1.0").expect("tag");
-    sub.wait_exec("service0", &first);
     sub.wait_exec("pinned", &v1);
 
     // The host stops running `pinned`: it leaves the host.
@@ -410,9 +393,6 @@ fn backfill_announces_every_ref() {
 
 #[test]
 fn signal_and_pidfile_tell_a_process() {
-    let nats = NatsServer::start();
-    let (master, first) = master_with_dc1(&nats);
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
     let dir = tempfile::tempdir().expect("tempdir");
     let hups = dir.path().join("hups");
     let pidfile = dir.path().join("app.pid");
@@ -427,8 +407,8 @@ fn signal_and_pidfile_tell_a_process() {
         .expect("app");
     wait_for(Duration::from_secs(5), "the app's pidfile", || std::fs::metadata(&pidfile).ok().filter(|m| m.len() > 0));
     let pid = pidfile.display().to_string();
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0", "--signal", "HUP", "--pidfile", &pid]);
-    sub.wait_exec("service0", &first);
+    let dc = datacenter().host_flags(&["--service", "service0", "--signal", "HUP", "--pidfile", &pid]).start();
+    let (master, sub) = (&dc.master, &dc.host);
     let next = master.on("services/service0/master").write("app.conf", "reload me\n").commit_push("reload").commit;
     sub.wait_exec("service0", &next);
     let count = wait_for(Duration::from_secs(5), "two HUPs", || {

@@ -5,15 +5,12 @@
 
 use std::path::PathBuf;
 
-use confcast_tests::{disk_listing, Master, NatsServer, Relay, Rng, Subscriber};
+use confcast_tests::{disk_listing, Datacenter, Rng};
 
 #[test]
 fn recycled_trees_equal_their_commits_and_the_previous_tree_stays_intact() {
-    let nats = NatsServer::start();
-    let (master, first) = Master::with_service0(&nats.url());
-    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let sub = Subscriber::start(&nats.url(), "dc1", &["--service", "service0"]);
-    sub.wait_exec("service0", &first);
+    let dc = Datacenter::with_service0().start();
+    let (master, sub, first) = (&dc.master, &dc.host, &dc.first);
 
     let mut rng = Rng::from_env();
     let svc = master.on("services/service0/master");
@@ -71,7 +68,7 @@ fn recycled_trees_equal_their_commits_and_the_previous_tree_stays_intact() {
         svc.write("app.conf", format!("{round}\n"));
         let commit = svc.commit_push(&format!("round {round}")).commit;
         sub.wait_exec("service0", &commit);
-        sub.assert_tree(&master, "service0", &commit);
+        sub.assert_tree(master, "service0", &commit);
         // The tree current before this push is untouched, whatever was recycled.
         let (previous_commit, previous_dir) = applied.last().cloned().expect("a previous tree");
         assert_eq!(

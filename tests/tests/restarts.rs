@@ -6,8 +6,8 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use confcast_schemas::{decode, subject, HostStatus, Kind};
-use confcast_tests::{disk_listing, wait_for, Master, NatsServer, Relay, Subscriber};
+use confcast_schemas::HostStatus;
+use confcast_tests::{disk_listing, host_status, wait_for, Master, NatsServer, NotifySocket, Relay, Subscriber};
 
 /// A subscriber of service0 whose `--exec` also runs `exec`, with `extra` flags.
 fn host(nats: &str, id: &str, exec: &str, extra: &[&str]) -> Subscriber {
@@ -114,40 +114,24 @@ fn a_failing_exec_is_retried_reported_and_never_holds_later_updates_back() {
     assert_eq!(disk_listing(&host.service_dir("service0")), master.listing(&third));
 }
 
-/// The latest status report of `host` for service0, from the status stream.
+/// The latest status report of `host` of dc1 for service0, from the status stream.
 fn last_status(nats: &str, host: &str) -> Option<HostStatus> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    runtime.block_on(async {
-        let js = async_nats::jetstream::new(async_nats::connect(nats).await.ok()?);
-        let stream = js.get_stream(subject::status_stream("dc1")).await.ok()?;
-        let message = stream
-            .get_last_raw_message_by_subject(&subject::status_subject("dc1", host, Kind::Service, "service0"))
-            .await
-            .ok()?;
-        decode(&message.payload).ok()
-    })
+    host_status(nats, "dc1", host, "service0")
 }
 
 #[test]
 fn the_subscriber_tells_systemd_it_is_ready_once_its_configuration_is_in_place() {
     let nats = NatsServer::start();
     let (master, first) = Master::with_service0(&nats.url());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket_path = dir.path().join("notify.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
-    socket.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let socket = NotifySocket::bind();
     let mut host =
-        Subscriber::prepare(&nats.url(), "dc1", &["--service", "service0"]).with_env("NOTIFY_SOCKET", &socket_path);
+        Subscriber::prepare(&nats.url(), "dc1", &["--service", "service0"]).with_env("NOTIFY_SOCKET", socket.path());
     host.restart();
     // The relay starts later: the subscriber must not be ready before it has the files.
     std::thread::sleep(Duration::from_millis(500));
-    let mut buf = [0u8; 512];
-    socket.set_nonblocking(true).expect("nonblocking");
-    assert!(socket.recv(&mut buf).is_err(), "ready before the configuration was in place");
-    socket.set_nonblocking(false).expect("blocking");
+    assert!(socket.try_recv().is_none(), "ready before the configuration was in place");
     let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
-    let n = socket.recv(&mut buf).expect("a notification within 60 s");
-    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let message = socket.recv();
     assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
     assert!(at(&host, &first), "READY=1 came before the files");
 }

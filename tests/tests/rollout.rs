@@ -3,9 +3,9 @@
 //! prints it into the `git push` output when `confcast.waitRollout` is set.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use confcast_tests::{bin, git, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{bin, git, run, Master, NatsServer, Ran, Relay, Subscriber};
 
 const REF: &str = "services/service0/master";
 
@@ -28,45 +28,14 @@ fn host(nats: &NatsServer, dc: &str, id: &str, then: Option<&str>) -> Subscriber
 }
 
 /// What `publisher status` did: exit code, stdout, stderr, time taken.
-struct Status {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    took: Duration,
+fn status(nats: &NatsServer, args: &[&str]) -> Ran {
+    run(Command::new(bin("publisher")).arg("status").args(["--nats", &nats.url()]).args(args))
 }
 
-impl Status {
-    /// The last line printed for datacenter `dc`.
-    fn last_line(&self, dc: &str) -> &str {
-        let prefix = format!("{dc}: ");
-        self.stdout
-            .lines()
-            .rev()
-            .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("no line for {dc}: {self:?}"))
-    }
-}
-
-impl std::fmt::Debug for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {:?} after {:?}\n--- stdout\n{}--- stderr\n{}", self.code, self.took, self.stdout, self.stderr)
-    }
-}
-
-fn status(nats: &NatsServer, args: &[&str]) -> Status {
-    let started = Instant::now();
-    let out = Command::new(bin("publisher"))
-        .arg("status")
-        .args(["--nats", &nats.url()])
-        .args(args)
-        .output()
-        .expect("publisher runs");
-    Status {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        took: started.elapsed(),
-    }
+/// The last line `publisher status` printed for datacenter `dc`.
+fn last_line<'a>(out: &'a Ran, dc: &str) -> &'a str {
+    let prefix = format!("{dc}: ");
+    out.stdout.lines().rev().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no line for {dc}: {out:?}"))
 }
 
 fn short(commit: &str) -> &str {
@@ -92,8 +61,8 @@ fn status_names_the_failing_host_and_exits_1_at_its_timeout() {
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.took >= Duration::from_secs(3), "it follows the rollout until its timeout: {out:?}");
     let at = short(&pushed.commit);
-    assert_eq!(out.last_line("dc1"), format!("dc1: 1/2 at {at} (1 failed: host-b exec exited 1)"), "{out:?}");
-    assert_eq!(out.last_line("dc2"), format!("dc2: 1/1 at {at}"), "{out:?}");
+    assert_eq!(last_line(&out, "dc1"), format!("dc1: 1/2 at {at} (1 failed: host-b exec exited 1)"), "{out:?}");
+    assert_eq!(last_line(&out, "dc2"), format!("dc2: 1/1 at {at}"), "{out:?}");
     assert!(out.stdout.contains("not complete after 3s: 1 host(s) failed, 0 pending"), "the summary says why: {out:?}");
 
     // Only the datacenter asked for.
@@ -128,8 +97,8 @@ fn status_follows_a_push_live_and_exits_0_when_every_host_is_there() {
     let out = status(&nats, &[short(&pushed.commit), "--timeout", "60"]);
     assert_eq!(out.code, Some(0), "{out:?}");
     let at = short(&pushed.commit);
-    assert_eq!(out.last_line("dc1"), format!("dc1: 2/2 at {at}"), "{out:?}");
-    assert_eq!(out.last_line("dc2"), format!("dc2: 1/1 at {at}"), "{out:?}");
+    assert_eq!(last_line(&out, "dc1"), format!("dc1: 2/2 at {at}"), "{out:?}");
+    assert_eq!(last_line(&out, "dc2"), format!("dc2: 1/1 at {at}"), "{out:?}");
     assert!(out.stdout.contains(&format!("rollout of {at} complete")), "{out:?}");
     assert!(out.took < Duration::from_secs(30), "it returns as soon as the rollout is complete: {out:?}");
     for sub in &subs {
@@ -139,7 +108,7 @@ fn status_follows_a_push_live_and_exits_0_when_every_host_is_there() {
     // The ref: where the relays took it.
     let out = status(&nats, &[REF, "--timeout", "10"]);
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(out.last_line("dc1"), format!("dc1: 2/2 at {at}"), "{out:?}");
+    assert_eq!(last_line(&out, "dc1"), format!("dc1: 2/2 at {at}"), "{out:?}");
 
     // A ref nobody follows is not a complete rollout.
     let out = status(&nats, &["services/nobody/master", "--timeout", "10"]);
@@ -174,13 +143,7 @@ fn the_hook_prints_the_rollout_into_the_push_output_only_when_asked() {
     }
 
     // With it: the push returns once every host is there, and says so.
-    let out = Command::new(bin("publisher"))
-        .arg("install-hooks")
-        .arg(&master.bare)
-        .args(["--nats", &nats.url(), "--wait-rollout", "20"])
-        .output()
-        .expect("publisher runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    master.install_hooks(&nats.url(), &["--wait-rollout", "20"]);
     assert_eq!(git(&master.bare, &["config", "confcast.waitRollout"]), "20");
     let waited = master.on(REF).write("app.conf", "2\n").commit_push("third");
     let at = short(&waited.commit);

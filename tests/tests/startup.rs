@@ -5,56 +5,13 @@
 //! status` tells at once that a commit is unknown; the hooks answer `--help` and
 //! `--version`; `--log-format json` writes one JSON object per line.
 
-use std::io::Read as _;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use confcast_schemas::{subject, Kind};
-use confcast_tests::{bin, index_value, wait_for, Master, NatsServer, Relay, Subscriber};
-
-/// A local port nothing listens on: connecting to it is refused at once.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
-}
-
-/// What a command that is expected to end by itself did.
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-impl std::fmt::Debug for Ran {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {:?} after {:?}\n--- stdout\n{}--- stderr\n{}", self.code, self.took, self.stdout, self.stderr)
-    }
-}
-
-/// Runs `command` with stdin left open (a program that read it would hang) and kills
-/// it after `limit`.
-fn run(command: &mut Command, limit: Duration) -> Ran {
-    let started = Instant::now();
-    let mut child =
-        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("command runs");
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let took = started.elapsed();
-    let (mut stdout, mut stderr) = (String::new(), String::new());
-    child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
-    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
-    Ran { code: status.and_then(|s| s.code()), stdout, stderr, took }
-}
+use confcast_tests::{
+    bin, free_port as closed_port, index_value, run_within as run, wait_for, Master, NatsServer, Ran, Relay, Subscriber,
+};
 
 fn relay(args: &[&str]) -> Ran {
     let state = tempfile::tempdir().expect("tempdir");

@@ -37,13 +37,7 @@ impl World {
 
         // The hooks know every hub server, and create the commit stream with 3 replicas.
         let master = Master::new(&topology.hub_urls());
-        let out = Command::new(bin("publisher"))
-            .arg("install-hooks")
-            .arg(&master.bare)
-            .args(["--nats", &topology.hub_urls(), "--replicas", "3"])
-            .output()
-            .expect("publisher runs");
-        assert!(out.status.success(), "install-hooks: {}", String::from_utf8_lossy(&out.stderr));
+        master.install_hooks(&topology.hub_urls(), &["--replicas", "3"]);
         // Pushes must be announced, not spooled, even on a machine busy compiling: give
         // the hook more than its default 1.5 s to hear the cluster's ack.
         git(&master.bare, &["config", "confcast.timeoutMs", "10000"]);

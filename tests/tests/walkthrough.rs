@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use confcast_tests::{bin, TempDir};
+use confcast_tests::{bin, free_port, TempDir};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{chown, geteuid, Gid, Pid, Uid};
 
@@ -204,12 +204,6 @@ fn script(blocks: &[Block], pids: &Path) -> String {
          wait"
     );
     s
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
 }
 
 /// The `nats-server` executable itself: the one on PATH if it is a binary, else the one
