@@ -1,3 +1,4 @@
+// Over 500 lines: the generator, the model the kernel is held to and the properties belong together.
 //! Containment of a whole tree ([`Links`]), held against a real file system.
 //!
 //! Trees of files, directories and symbolic links are generated with names from a small

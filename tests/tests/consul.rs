@@ -1,3 +1,4 @@
+// Over 500 lines: one contract (the index in Consul) from the double's fidelity to the real relay, read top to bottom.
 //! The configuration index in Consul: the Consul double's fidelity to Consul's
 //! documented API, the relay's Consul client against it, and the real relay keeping the
 //! index there (`relay --consul`) with a real nats-server and real `git push`.

@@ -1,3 +1,4 @@
+// Over 500 lines: the walkthrough and its checks (root, an unprivileged user, the commands table) read as one story.
 //! The README's walkthrough, run as written: its ```sh blocks are taken from README.md
 //! and run in order in one bash shell, as a reader pasting them into a fresh shell would,
 //! with the binaries of `cargo build --workspace --bins` on PATH, a fresh HOME, and the
