@@ -1,5 +1,6 @@
 //! What git hands both hooks on stdin: one `<old> <new> <ref>` line per ref update.
 
+use confcast_publisher::rollout::short;
 use git2::Oid;
 
 /// One `<old> <new> <ref>` line.
@@ -37,8 +38,8 @@ pub fn parse_updates(input: &str) -> (Vec<RefUpdate>, Vec<String>) {
 /// `<old>..<new>` of a ref update, shortened as git does (`0000000` for a created or
 /// deleted ref).
 pub fn short_range(update: &RefUpdate) -> String {
-    let short = |o: Option<Oid>| o.map(|o| o.to_string()[..7].to_owned()).unwrap_or_else(|| "0000000".into());
-    format!("{}..{}", short(update.old), short(update.new))
+    let abbrev = |o: Option<Oid>| o.map_or_else(|| "0000000".into(), |o| short(&o.to_string()));
+    format!("{}..{}", abbrev(update.old), abbrev(update.new))
 }
 
 /// A push of three refs, as git hands it over: `refs/heads/x` moved from `aaa...` to

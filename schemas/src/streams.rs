@@ -18,7 +18,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{consumer, kv, object_store, stream};
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
+use async_nats::jetstream::{consumer, kv, object_store, stream, ErrorCode};
 
 use crate::subject;
 
@@ -202,6 +203,12 @@ pub fn last_per_subject(filter: impl Into<String>) -> consumer::pull::OrderedCon
         deliver_policy: consumer::DeliverPolicy::LastPerSubject,
         ..Default::default()
     }
+}
+
+/// Whether looking a stream up failed because it does not exist (not because the
+/// server could not be asked).
+pub fn is_missing(error: &GetStreamError) -> bool {
+    matches!(error.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
 #[cfg(test)]

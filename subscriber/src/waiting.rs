@@ -8,11 +8,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::context::GetStreamErrorKind;
-use async_nats::jetstream::ErrorCode;
 use confcast_schemas::connect::redact_url;
 use confcast_schemas::retry::Warnings;
-use confcast_schemas::subject;
+use confcast_schemas::{streams, subject};
 use tokio_util::sync::CancellationToken;
 
 /// How often the streams are looked for.
@@ -42,7 +40,7 @@ pub async fn wait_for_streams(
         for stream in [subject::updates_stream(dc), subject::state_stream(dc)] {
             match js.get_stream(&stream).await {
                 Ok(_) => {}
-                Err(e) if is_not_found(&e) => {
+                Err(e) if streams::is_missing(&e) => {
                     if no_relay_hint.due() {
                         tracing::warn!(%dc, %stream, nats = %shown, "{}", no_relay(dc, &stream, &shown));
                     }
@@ -69,10 +67,6 @@ pub async fn wait_for_streams(
             () = shutdown.cancelled() => return false,
         }
     }
-}
-
-fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
-    matches!(e.kind(), GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
 #[cfg(test)]

@@ -114,12 +114,7 @@ async fn open_feed(
 ) -> Result<Option<(u64, Ordered)>, WatchError> {
     let stream = match js.get_stream(stream).await {
         Ok(stream) => stream,
-        Err(e)
-            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            return Ok(None)
-        }
+        Err(e) if streams::is_missing(&e) => return Ok(None),
         Err(source) => return Err(WatchError::OpenStream { stream: stream.to_owned(), source }),
     };
     let name = stream.cached_info().config.name.clone();
