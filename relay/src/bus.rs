@@ -303,6 +303,79 @@ impl Bus {
         Ok(seq)
     }
 
+    /// Stores a service's git objects on the state stream, one message per object
+    /// named by its id ([`subject::object_subject`]), in the order given; those larger
+    /// than a message can hold go to the blob store, and their message names them. Many
+    /// are in flight at once; returns once all are stored.
+    pub async fn publish_objects(
+        &self,
+        service: &ServiceId,
+        objects: &[(gix::ObjectId, Vec<u8>)],
+    ) -> Result<(), BusError> {
+        const IN_FLIGHT: usize = 256;
+        let mut acks = Vec::with_capacity(IN_FLIGHT);
+        for (id, content) in objects {
+            let subject = subject::object_subject(&self.dc, service.kind, &service.name, &id.to_string());
+            let message = if content.len() + HEADROOM > self.max_payload() {
+                let name = self.ensure_blob(id, content).await?;
+                PublishMessage::build().header(subject::SPILLED_HEADER, name.as_str())
+            } else {
+                PublishMessage::build().payload(content.clone().into())
+            }
+            .message_id(subject.as_str());
+            match self.js.send_publish(subject.clone(), message).await {
+                Ok(ack) => acks.push((subject, ack)),
+                Err(source) => return Err(BusError::Publish { subject, source }),
+            }
+            if acks.len() >= IN_FLIGHT {
+                confirm(std::mem::take(&mut acks)).await?;
+            }
+        }
+        confirm(acks).await
+    }
+
+    /// Whether the state stream holds object `id` of `service`.
+    pub async fn has_object(&self, service: &ServiceId, id: &str) -> Result<bool, BusError> {
+        let subject = subject::object_subject(&self.dc, service.kind, &service.name, id);
+        match self.state.get_last_raw_message_by_subject(&subject).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(source) => Err(BusError::LastSequence { subject, source }),
+        }
+    }
+
+    /// The ids of every object of `service` the state stream holds.
+    pub async fn stored_objects(&self, service: &ServiceId) -> Result<Vec<String>, BusError> {
+        let filter = subject::objects_wildcard(&self.dc, service.kind, &service.name);
+        let prefix = filter.trim_end_matches('>').to_owned();
+        let mut subjects = self.state.info_with_subjects(&filter).await.map_err(BusError::StateInfo)?;
+        let mut ids = Vec::new();
+        while let Some(entry) = subjects.next().await {
+            let (subject, _count) = entry.map_err(BusError::StateSubjects)?;
+            if let Some(id) = subject.strip_prefix(&prefix) {
+                ids.push(id.to_owned());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Removes objects of `service` from the state stream: those named, or with
+    /// `None` all of them.
+    pub async fn purge_objects(&self, service: &ServiceId, ids: Option<&[String]>) -> Result<u64, BusError> {
+        let filters = match ids {
+            Some(ids) => {
+                ids.iter().map(|id| subject::object_subject(&self.dc, service.kind, &service.name, id)).collect()
+            }
+            None => vec![subject::objects_wildcard(&self.dc, service.kind, &service.name)],
+        };
+        let mut purged = 0;
+        for filter in filters {
+            let response = self.state.purge().filter(filter.as_str()).await;
+            purged += response.map_err(|source| BusError::Purge { subject: filter, source })?.purged;
+        }
+        Ok(purged)
+    }
+
     /// Writes one index key.
     pub async fn put_index(&self, key: String, value: String) -> Result<(), BusError> {
         match self.index.put(&key, value.into_bytes().into()).await {
@@ -315,4 +388,12 @@ impl Bus {
     pub async fn delete_index(&self, key: String) -> Result<(), BusError> {
         self.index.delete(&key).await.map_err(|source| BusError::IndexDelete { key, source })
     }
+}
+
+/// Awaits the acks of publishes in flight.
+async fn confirm(acks: Vec<(String, jetstream::context::PublishAckFuture)>) -> Result<(), BusError> {
+    for (subject, ack) in acks {
+        ack.await.map_err(|source| BusError::Publish { subject, source })?;
+    }
+    Ok(())
 }

@@ -187,6 +187,21 @@ pub enum BusError {
         #[source]
         source: stream::LastRawMessageError,
     },
+    /// The subjects of the state stream could not be listed.
+    #[error("listing the state stream's objects")]
+    StateInfo(#[source] stream::InfoError),
+    /// The listing of the state stream's subjects broke off.
+    #[error("listing the state stream's objects")]
+    StateSubjects(#[source] stream::InfoError),
+    /// Messages could not be removed from the state stream.
+    #[error("purging {subject}")]
+    Purge {
+        /// The subject (or wildcard) purged.
+        subject: String,
+        /// What JetStream said.
+        #[source]
+        source: stream::PurgeError,
+    },
     /// An index key could not be written.
     #[error("index put {key}")]
     IndexPut {

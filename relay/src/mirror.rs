@@ -367,7 +367,13 @@ impl Mirror {
         }
     }
 
-    fn local(&self) -> impl Fn(gix::Error) -> MirrorError + '_ {
+    /// The mirror as a repository of this thread, for reading objects.
+    pub(crate) fn repo(&self) -> gix::Repository {
+        self.repo.to_thread_local()
+    }
+
+    /// How a failure to read the mirror is reported.
+    pub(crate) fn local(&self) -> impl Fn(gix::Error) -> MirrorError + '_ {
         move |source| MirrorError::Local { path: self.path.clone(), source }
     }
 
@@ -456,6 +462,13 @@ impl Mirror {
             listing.insert(record.filepath.into(), Item { mode, blob: record.oid });
         }
         Ok(listing)
+    }
+
+    /// The content of any object (a blob or a tree), as git stores it.
+    pub(crate) fn object(&self, id: &gix::oid) -> Result<Vec<u8>, MirrorError> {
+        let repo = self.repo.to_thread_local();
+        let data = repo.find_object(id).map_err(self.local())?.detach().data;
+        Ok(data)
     }
 
     /// A blob's content.

@@ -1,15 +1,19 @@
 //! A service's new state, prepared from the mirror: the update (the diff from the
-//! commit last published for it, or the whole tree when the mirror no longer has that
-//! commit) and the snapshot (always the whole tree), with the contents too large to
-//! travel inline set apart for the blob store. A tree that would write outside its
-//! service's directory is refused ([`BadTree`]). Blocking: reads the mirror, so the
-//! relay runs it off the async runtime.
+//! commit last published for it, or the whole tree when there is none to start from),
+//! the snapshot that names the new tree, and the git objects of the new tree that the
+//! bus does not hold yet. Only subtrees whose ids changed are read
+//! ([`crate::objects::compare`]), so the work follows the change, not the tree.
+//! Contents too large to travel inline are set apart for the blob store. A tree that
+//! would write outside its service's directory is refused ([`BadTree`]). Blocking:
+//! reads the mirror, so the relay runs it off the async runtime.
 
 use std::collections::BTreeMap;
 
 use confcast_schemas::message::now_ms;
 use confcast_schemas::path::{self, PathError};
-use confcast_schemas::{ChangeKind, Entry, FileMode, ServiceHead, ServiceId, ServiceUpdate, WIRE_VERSION};
+use confcast_schemas::{
+    ChangeKind, Entry, FileMode, ServiceHead, ServiceId, ServiceUpdate, SNAPSHOT_BY_OBJECTS, WIRE_VERSION,
+};
 use gix::ObjectId;
 use serde_bytes::ByteBuf;
 
@@ -17,16 +21,22 @@ use crate::bus::{blob_object, INLINE_LIMIT};
 use crate::cause::Cause;
 use crate::diff::{diff, Item, Listing};
 use crate::mirror::{Mirror, MirrorError};
+use crate::objects::{compare, TreeChange};
 use crate::resolve::Target;
 
 /// A service's new state, ready to publish.
 pub(crate) struct Prepared {
     /// What hosts that follow the service apply.
     pub(crate) update: ServiceUpdate,
-    /// What a host that resyncs starts from.
+    /// What a host that resyncs starts from: the new tree's id, whose objects are
+    /// `objects` and those the bus already holds.
     pub(crate) snapshot: ServiceUpdate,
     /// Contents too large to travel inline: (blob id, bytes).
     pub(crate) large: Vec<(ObjectId, Vec<u8>)>,
+    /// Git objects of the new tree the bus does not hold yet, root last.
+    pub(crate) objects: Vec<(ObjectId, Vec<u8>)>,
+    /// Objects of the old tree the new one replaced (see [`crate::reclaim`]).
+    pub(crate) replaced: usize,
 }
 
 /// Why a service's new state cannot be prepared.
@@ -61,8 +71,10 @@ pub(crate) struct BadTree {
     source: PathError,
 }
 
-/// Builds the diff from the last published commit, and the full snapshot, of one
-/// service. Blocking: reads the mirror.
+/// Builds the update of one service from its last published commit (`head`; none, or
+/// a commit the mirror no longer has, publishes the whole tree), its snapshot, and the
+/// objects to store. `head` must be a commit whose objects the bus holds in full: the
+/// caller passes none when it does not know that. Blocking: reads the mirror.
 pub(crate) fn prepare(
     mirror: &Mirror,
     dc: &str,
@@ -71,35 +83,36 @@ pub(crate) fn prepare(
     target: &Target,
     head: Option<&ServiceHead>,
 ) -> Result<Prepared, PrepareError> {
-    let new = mirror.listing(&target.commit)?;
     let tree = mirror.tree_of(&target.commit)?;
     let bad =
         |source| BadTree { service: service.clone(), commit: target.commit, ref_name: target.ref_name.clone(), source };
-    let links = checked_links(mirror, &new, bad)?;
     // Diff against what was last published, if the mirror still has it; otherwise
     // (a new service, or a mirror rebuilt from scratch) the update is a full tree.
     let base = head
         .and_then(|h| h.commit.as_deref())
         .and_then(|commit| ObjectId::from_hex(commit.as_bytes()).ok())
-        .and_then(|commit| mirror.listing(&commit).ok().map(|listing| (commit, listing)));
-    let (from, changes) = match &base {
-        Some((commit, old)) => (Some(commit.to_string()), diff(old, &new)),
-        None => (None, diff(&Listing::new(), &new)),
+        .and_then(|commit| mirror.tree_of(&commit).ok().map(|tree| (commit, tree)));
+    let change = compare(mirror, base.map(|(_, tree)| tree), tree)?;
+    // Containment: every new path is checked; the links of the whole tree are judged
+    // again only when a link changed (or nothing was published before): a change that
+    // touches no link cannot change where any link leads.
+    for p in change.new.keys() {
+        path::check_relative(p).map_err(&bad)?;
+    }
+    let links = if base.is_none() || change.links_changed {
+        checked_links(mirror, &mirror.listing(&target.commit)?, bad)?
+    } else {
+        BTreeMap::new()
     };
-    let mut contents = Contents { mirror, links, large: Vec::new() };
+    let TreeChange { old, new, objects, replaced, .. } = change;
+    let changes = diff(&old, &new);
+    let known: BTreeMap<ObjectId, &[u8]> = objects.iter().map(|(id, data)| (*id, data.as_slice())).collect();
+    let mut contents = Contents { mirror, links, known, large: Vec::new() };
     let mut entries = Vec::with_capacity(changes.len());
     for c in &changes {
         entries.push(contents.entry(&c.path, c.kind, c.item, c.from_path.clone())?);
     }
-    let snapshot_entries = if from.is_none() {
-        entries.clone()
-    } else {
-        let mut all = Vec::with_capacity(new.len());
-        for (p, item) in &new {
-            all.push(contents.entry(p, ChangeKind::Add, Some(*item), None)?);
-        }
-        all
-    };
+    let large = contents.large;
     let update = ServiceUpdate {
         v: WIRE_VERSION,
         dc: dc.to_owned(),
@@ -108,8 +121,8 @@ pub(crate) fn prepare(
         ref_name: target.ref_name.clone(),
         branch: target.branch.clone(),
         version: target.version.clone(),
-        snapshot: from.is_none(),
-        from,
+        snapshot: base.is_none(),
+        from: base.map(|(commit, _)| commit.to_string()),
         to: Some(target.commit.to_string()),
         tree: Some(tree.to_string()),
         entries,
@@ -117,8 +130,9 @@ pub(crate) fn prepare(
         pushed_at_ms: cause.pushed_at_ms,
         published_at_ms: now_ms(),
     };
-    let snapshot = ServiceUpdate { from: None, snapshot: true, entries: snapshot_entries, ..update.clone() };
-    Ok(Prepared { update, snapshot, large: contents.large })
+    let snapshot =
+        ServiceUpdate { v: SNAPSHOT_BY_OBJECTS, from: None, snapshot: true, entries: Vec::new(), ..update.clone() };
+    Ok(Prepared { update, snapshot, large, objects, replaced })
 }
 
 /// Checks that no path of the tree leaves it, and that no link does. Containment is a
@@ -144,11 +158,13 @@ fn checked_links(
     Ok(contents)
 }
 
-/// The contents of the entries of one service's update and snapshot.
+/// The contents of the entries of one service's update.
 struct Contents<'a> {
     mirror: &'a Mirror,
-    /// Contents already read (the links').
+    /// Contents already read: the links'.
     links: BTreeMap<ObjectId, Vec<u8>>,
+    /// Contents already read: the new objects'.
+    known: BTreeMap<ObjectId, &'a [u8]>,
     /// Contents that go to the blob store, each once.
     large: Vec<(ObjectId, Vec<u8>)>,
 }
@@ -165,9 +181,10 @@ impl Contents<'_> {
     ) -> Result<Entry, MirrorError> {
         let (mut content, mut object) = (None, None);
         if let (Some(item), ChangeKind::Add | ChangeKind::Modify) = (item, change) {
-            let bytes = match self.links.get(&item.blob) {
-                Some(bytes) => bytes.clone(),
-                None => self.mirror.blob(&item.blob)?,
+            let bytes = match (self.known.get(&item.blob), self.links.get(&item.blob)) {
+                (Some(bytes), _) => bytes.to_vec(),
+                (None, Some(bytes)) => bytes.clone(),
+                (None, None) => self.mirror.blob(&item.blob)?,
             };
             if bytes.len() > INLINE_LIMIT {
                 object = Some(blob_object(&item.blob));

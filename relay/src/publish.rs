@@ -1,6 +1,6 @@
-//! What the relay publishes for its datacenter, and in which order: a service's blobs,
-//! snapshot and update, then its head and index key; a removal; the inventory; error
-//! events. Each message's dedup id comes from the message itself (its `dedup_id`), so
+//! What the relay publishes for its datacenter, and in which order: a service's large
+//! contents and git objects, then its snapshot and update, then its head and index key;
+//! a removal; the inventory; error events. Each message's dedup id comes from the message itself (its `dedup_id`), so
 //! a sync redone after a failure or a restart publishes nothing twice.
 
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use crate::cause::Cause;
 use crate::error::BusError;
 use crate::metrics::Metrics;
 use crate::prepare::Prepared;
+use crate::reclaim::Ledger;
 use crate::resolve::Target;
 
 /// The relay's writer of one datacenter's messages.
@@ -21,16 +22,24 @@ pub(crate) struct Publisher {
     dc: String,
     bus: Bus,
     metrics: Arc<Metrics>,
+    /// What is known of each service's objects on the bus.
+    pub(crate) ledger: Arc<Ledger>,
 }
 
 impl Publisher {
     /// A writer of datacenter `dc`'s messages on `bus`, counting them in `metrics`.
     pub(crate) fn new(dc: &str, bus: Bus, metrics: Arc<Metrics>) -> Publisher {
-        Publisher { dc: dc.to_owned(), bus, metrics }
+        Publisher { dc: dc.to_owned(), bus, metrics, ledger: Arc::default() }
     }
 
-    /// Publishes a service's new state: large contents, snapshot, update, then head and
-    /// index, in that order. Returns its new head.
+    /// The bus it writes to.
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// Publishes a service's new state: large contents, the new tree's objects, the
+    /// snapshot that names the tree, the update, then head and index, in that order.
+    /// Returns its new head.
     pub(crate) async fn service(
         &self,
         cause: &Cause,
@@ -43,6 +52,8 @@ impl Publisher {
         }
         let update = &prepared.update;
         let service = update.service();
+        // The objects go before the snapshot that names them, children before parents.
+        self.bus.publish_objects(&service, &prepared.objects).await?;
         // The snapshot goes first: a host that resyncs never finds a snapshot older
         // than an update it has seen.
         let snapshot = encode(&prepared.snapshot);
@@ -50,7 +61,7 @@ impl Publisher {
         self.bus.publish_update(&service, &update.dedup_id(&cause.tag), encode(update)).await?;
         self.metrics.updates_published.inc();
         let (kind, name) = (service.kind, &service.name);
-        tracing::info!(%kind, %name, from = update.from.as_deref().unwrap_or("-"), to = %target.commit, entries = update.entries.len(), "published update");
+        tracing::info!(%kind, %name, from = update.from.as_deref().unwrap_or("-"), to = %target.commit, entries = update.entries.len(), objects = prepared.objects.len(), "published update");
         let commit = Some(target.commit.to_string());
         let head = next_head(&service, old, Some(target), commit, update.tree.clone());
         self.write_head(cause, old, &head).await?;
@@ -88,7 +99,12 @@ impl Publisher {
         self.bus.publish_update(service, &removal.dedup_id(&cause.tag), encode(&removal)).await?;
         self.metrics.updates_published.inc();
         tracing::info!(%kind, %name, "published removal");
-        self.head(cause, service, old, None, None, None).await
+        let head = self.head(cause, service, old, None, None, None).await?;
+        // No snapshot names the service's objects any more.
+        let purged = self.bus.purge_objects(service, None).await?;
+        self.ledger.removed(service);
+        tracing::debug!(%kind, %name, purged, "reclaimed the objects of a removed service");
+        Ok(head)
     }
 
     /// Publishes a service's head (and moves its index key) without a new update: the

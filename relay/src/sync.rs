@@ -274,8 +274,10 @@ impl Datacenter {
         }
     }
 
-    /// Publishes a service's new state (see [`Publisher::service`]). Takes `&self` so
-    /// that several services are published at once.
+    /// Publishes a service's new state (see [`Publisher::service`]), then reclaims the
+    /// objects its tree no longer needs when enough have piled up
+    /// ([`crate::reclaim`]). Takes `&self` so that several services are published at
+    /// once.
     async fn publish_service(
         &self,
         cause: &Cause,
@@ -283,17 +285,38 @@ impl Datacenter {
         target: &Target,
     ) -> Result<ServiceHead, PublishError> {
         let head = self.heads.get(service).cloned();
+        // The diff starts from the last head only if the bus holds all of its objects;
+        // otherwise the whole tree is stored again.
+        let ledger = &self.publisher.ledger;
+        let base = match head.as_ref().and_then(|h| h.tree.as_deref()) {
+            Some(tree) if ledger.complete(self.publisher.bus(), service, tree).await? => head.clone(),
+            _ => None,
+        };
         let (dc, job_cause, job_service, job_target) =
             (self.dc.clone(), cause.clone(), service.clone(), target.clone());
-        let old = head.clone();
         let prepared = self
-            .blocking(move |m| Ok(prepare(&m, &dc, &job_cause, &job_service, &job_target, old.as_ref())))
+            .blocking(move |m| Ok(prepare(&m, &dc, &job_cause, &job_service, &job_target, base.as_ref())))
             .await?
             .map_err(|e| match e {
                 PrepareError::Mirror(e) => PublishError::Sync(e.into()),
                 PrepareError::BadTree(bad) => PublishError::BadTree(bad),
             })?;
-        Ok(self.publisher.service(cause, target, &prepared, head.as_ref()).await?)
+        let published = self.publisher.service(cause, target, &prepared, head.as_ref()).await?;
+        if ledger.published(service, prepared.replaced) {
+            let tree = self.blocking({
+                let commit = target.commit;
+                move |m| Ok(m.tree_of(&commit)?)
+            });
+            let swept = match tree.await {
+                Ok(tree) => crate::reclaim::sweep(ledger, self.publisher.bus(), &self.mirror, service, tree).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = swept {
+                let (kind, name) = (service.kind, &service.name);
+                tracing::warn!(%kind, %name, error = %e, "could not reclaim old objects; trying again after the next push");
+            }
+        }
+        Ok(published)
     }
 
     /// Publishes the removal of every service that left the datacenter.

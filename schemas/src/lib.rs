@@ -33,5 +33,5 @@ pub use document::{DatacenterConfiguration, DatacenterDoc, DocumentError, Pin};
 pub use kind::{Kind, ServiceId};
 pub use message::{
     decode, encode, ChangeKind, CommitEvent, DecodeError, Entry, ErrorEvent, FileMode, HostStatus, Inventory,
-    ServiceHead, ServiceUpdate, WIRE_VERSION,
+    ServiceHead, ServiceUpdate, READ_VERSION, SNAPSHOT_BY_OBJECTS, WIRE_VERSION,
 };

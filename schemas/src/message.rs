@@ -13,8 +13,17 @@ use serde_bytes::ByteBuf;
 use crate::document::{HostInventory, Kind};
 use crate::kind::ServiceId;
 
-/// Version of the wire format written by this build.
+/// Version of the wire format of the messages this build writes, except snapshots.
 pub const WIRE_VERSION: u16 = 1;
+
+/// Version of a snapshot that names its tree and leaves the contents to the service's
+/// objects on the state stream ([`crate::subject::object_subject`]): its `entries` are
+/// empty. A reader of version 1 would take that for an empty tree, so such a snapshot
+/// is marked 2 and older hosts refuse it instead.
+pub const SNAPSHOT_BY_OBJECTS: u16 = 2;
+
+/// The newest wire version this build reads.
+pub const READ_VERSION: u16 = SNAPSHOT_BY_OBJECTS;
 
 /// Implemented by every wire message, so [`decode`] can check its version.
 pub trait Versioned {
@@ -34,7 +43,7 @@ pub enum DecodeError {
     #[error("malformed message: {0}")]
     Malformed(#[from] rmp_serde::decode::Error),
     /// Written by a newer confcast.
-    #[error("message has wire version {found}, this build reads up to {WIRE_VERSION}")]
+    #[error("message has wire version {found}, this build reads up to {READ_VERSION}")]
     TooNew {
         /// The message's version.
         found: u16,
@@ -50,7 +59,7 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
 pub fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let message: T = rmp_serde::from_slice(bytes)?;
     match message.version() {
-        v if v > WIRE_VERSION => Err(DecodeError::TooNew { found: v }),
+        v if v > READ_VERSION => Err(DecodeError::TooNew { found: v }),
         _ => Ok(message),
     }
 }
@@ -191,6 +200,12 @@ impl ServiceUpdate {
     /// True when the service is no longer part of the datacenter.
     pub fn is_removal(&self) -> bool {
         self.to.is_none()
+    }
+
+    /// True for a snapshot whose files are the service's objects on the state stream,
+    /// reached from its `tree`, rather than its `entries`.
+    pub fn is_by_objects(&self) -> bool {
+        self.snapshot && self.v >= SNAPSHOT_BY_OBJECTS && self.to.is_some()
     }
 }
 
@@ -374,7 +389,7 @@ mod tests {
     #[test]
     fn newer_versions_and_garbage_are_refused() {
         let mut e = event();
-        e.v = WIRE_VERSION + 1;
+        e.v = READ_VERSION + 1;
         assert!(matches!(decode::<CommitEvent>(&encode(&e)), Err(DecodeError::TooNew { .. })));
         assert!(matches!(decode::<CommitEvent>(b"\xc1garbage"), Err(DecodeError::Malformed(_))));
     }

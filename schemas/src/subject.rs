@@ -185,6 +185,18 @@ pub fn snapshot_subject(dc: &str, kind: Kind, name: &str) -> String {
     format!("{}.state.snapshot.{}.{}", dc_prefix(dc), kind.as_str(), encode_token(name))
 }
 
+/// Subject holding one git object (a blob or a tree, named by its id) of the trees of
+/// one service of `dc`: the content a snapshot names by its tree id. One message per
+/// object, so a push writes only the objects its change made.
+pub fn object_subject(dc: &str, kind: Kind, name: &str, id: &str) -> String {
+    format!("{}.state.object.{}.{}.{id}", dc_prefix(dc), kind.as_str(), encode_token(name))
+}
+
+/// Wildcard covering every object of one service of `dc`.
+pub fn objects_wildcard(dc: &str, kind: Kind, name: &str) -> String {
+    format!("{}.state.object.{}.{}.>", dc_prefix(dc), kind.as_str(), encode_token(name))
+}
+
 /// Subject holding the last published head (commit and tree) of one service of `dc`.
 pub fn head_subject(dc: &str, kind: Kind, name: &str) -> String {
     format!("{}.state.head.{}.{}", dc_prefix(dc), kind.as_str(), encode_token(name))

@@ -7,11 +7,16 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, object_store, stream::LastRawMessageErrorKind};
 use confcast_schemas::message::DecodeError;
 use confcast_schemas::sign::{SignatureError, Verifier, EXPECTED_SEQUENCE_HEADER, SIGNATURE_HEADER};
-use confcast_schemas::{decode, subject, Inventory, ServiceHead, ServiceId, ServiceUpdate};
+use confcast_schemas::{decode, streams, subject, Inventory, ServiceHead, ServiceId, ServiceUpdate};
+use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::OnceCell;
 
 use crate::materialize::Objects;
+use crate::tree_objects::{self, ObjectsError, TreeObjects};
+
+/// How long reading a service's objects may wait for the next one.
+const OBJECTS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A failure reading from the bus: the bus's fault (transient, tried again later) or
 /// the message's ([`ReadError::Forged`], never applied however often it is read).
@@ -43,6 +48,23 @@ pub enum ReadError {
         /// Why.
         #[source]
         source: ObjectError,
+    },
+    /// A service's objects cannot be read from the state stream.
+    #[error("reading the objects of {service}: {reason}")]
+    Objects {
+        /// The service.
+        service: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A snapshot's objects do not make its tree.
+    #[error("{service}: {source}")]
+    Snapshot {
+        /// The service.
+        service: String,
+        /// What is wrong.
+        #[source]
+        source: ObjectsError,
     },
     /// A message is not what its subject says it holds.
     #[error("{what}: {source}")]
@@ -148,12 +170,53 @@ impl Reader {
         }
     }
 
-    /// The latest full snapshot of a service, if the relay published one.
+    /// The latest full snapshot of a service, if the relay published one, with every
+    /// file in its entries: a snapshot by objects is rebuilt from the service's objects
+    /// on the state stream, each checked against its id ([`tree_objects`]).
     pub async fn snapshot(&self, id: &ServiceId) -> Result<Option<ServiceUpdate>, ReadError> {
-        match self.last_on(&subject::snapshot_subject(&self.dc, id.kind, &id.name)).await? {
-            Some(bytes) => Ok(Some(decoded("snapshot", &bytes)?)),
-            None => Ok(None),
+        let Some(bytes) = self.last_on(&subject::snapshot_subject(&self.dc, id.kind, &id.name)).await? else {
+            return Ok(None);
+        };
+        let mut snapshot: ServiceUpdate = decoded("snapshot", &bytes)?;
+        if snapshot.is_by_objects() {
+            let objects = self.tree_objects(id).await?;
+            snapshot.entries = tree_objects::entries(snapshot.tree.as_deref(), &objects)
+                .map_err(|source| ReadError::Snapshot { service: id.to_string(), source })?;
         }
+        Ok(Some(snapshot))
+    }
+
+    /// Every object of a service's trees the state stream holds, by id. Objects are
+    /// content-addressed and checked against their ids when used, so they carry no
+    /// signature; one too large for a message is read from the blob store.
+    async fn tree_objects(&self, id: &ServiceId) -> Result<TreeObjects, ReadError> {
+        let failed = |reason: String| ReadError::Objects { service: id.to_string(), reason };
+        let stream = self.js.get_stream(subject::state_stream(&self.dc)).await.map_err(ReadError::StateStream)?;
+        let filter = subject::objects_wildcard(&self.dc, id.kind, &id.name);
+        let prefix = filter.trim_end_matches('>').to_owned();
+        let consumer =
+            stream.create_consumer(streams::last_per_subject(filter)).await.map_err(|e| failed(e.to_string()))?;
+        let mut remaining = consumer.cached_info().num_pending;
+        let mut objects = TreeObjects::with_capacity(remaining as usize);
+        if remaining == 0 {
+            return Ok(objects);
+        }
+        let mut messages = consumer.messages().await.map_err(|e| failed(e.to_string()))?;
+        while remaining > 0 {
+            let message = match tokio::time::timeout(OBJECTS_READ_TIMEOUT, messages.next()).await {
+                Ok(Some(message)) => message.map_err(|e| failed(e.to_string()))?,
+                Ok(None) | Err(_) => return Err(failed("the state stream stopped delivering".to_owned())),
+            };
+            remaining = message.info().map(|i| i.pending).unwrap_or(0).min(remaining - 1);
+            let Some(object) = message.subject.strip_prefix(prefix.as_str()) else { continue };
+            let Ok(object) = gix_hash::ObjectId::from_hex(object.as_bytes()) else { continue };
+            let content = match message.headers.as_ref().and_then(|h| h.get(subject::SPILLED_HEADER)) {
+                Some(name) => self.object(name.as_str()).await?,
+                None => message.payload.to_vec(),
+            };
+            objects.insert(object, content);
+        }
+        Ok(objects)
     }
 
     /// The last head the relay published for a service: small, and enough to tell

@@ -34,6 +34,7 @@ pub mod report;
 pub mod schedule;
 pub mod selection;
 pub mod tree_hash;
+pub mod tree_objects;
 pub mod waiting;
 
 pub use config::Config;
