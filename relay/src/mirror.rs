@@ -346,17 +346,25 @@ impl Mirror {
             .unwrap_or(0)
     }
 
-    /// Repacks the mirror into one pack once fetches have left [`REPACK_AT`] packs, so
-    /// object lookups stay fast and index slots free. gix cannot repack; C git can,
-    /// and a relay host has it (the `file://` transport needs it too). Without it the
-    /// mirror keeps working until the slots run out, and says so.
+    /// Rolls the small packs fetches left into one once there are [`REPACK_AT`], so
+    /// object lookups stay fast and index slots free. The repack is geometric: packs
+    /// are merged only into a pack at least twice their size, so the mirror's big pack
+    /// is left alone and a repack costs what recent pushes brought, not the size of
+    /// the repository. gix cannot repack; C git can, and a relay host has it (the
+    /// `file://` transport needs it too). Without it the mirror keeps working until
+    /// the slots run out, and says so.
     fn consolidate(&self) {
         let packs = self.pack_count();
         if packs < REPACK_AT {
             return;
         }
         let started = std::time::Instant::now();
-        match std::process::Command::new("git").arg("-C").arg(&self.path).args(["repack", "-a", "-d", "-q"]).output() {
+        match std::process::Command::new("git")
+            .arg("-C")
+            .arg(&self.path)
+            .args(["repack", "-d", "-q", "--geometric=2"])
+            .output()
+        {
             Ok(out) if out.status.success() => {
                 tracing::debug!(packs, elapsed_ms = started.elapsed().as_millis() as u64, "repacked the mirror");
             }
