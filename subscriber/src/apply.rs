@@ -1,9 +1,14 @@
-//! Bringing one service up to date: an update from the stream, the service's snapshot
-//! (at start, after a gap, on retry), or its removal from this host.
+//! Bringing services up to date: updates from the stream, applied together as one step
+//! ([`batch`]), a service's snapshot (at start, after a gap, on retry), or its removal
+//! from this host.
 //!
 //! Building the tree is [`crate::materialize`]'s; this decides what to build from, what
 //! the position records after it, and what is said and reported when it fails. The
 //! current tree stays in place whatever fails.
+
+mod batch;
+
+pub(crate) use batch::{gather, Gathered};
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -15,7 +20,7 @@ use confcast_schemas::{decode, subject, ServiceId, ServiceUpdate};
 use crate::bus::ReadError;
 use crate::host::{Host, SubscriberError};
 use crate::live::ServiceLabel;
-use crate::materialize::{self, ApplyError};
+use crate::materialize::{self, ApplyError, Staged, Start};
 use crate::position::ServiceState;
 use crate::schedule::Job;
 use crate::selection::Removal;
@@ -52,6 +57,7 @@ pub(crate) enum Outcome {
 }
 
 /// The identity of what was applied.
+#[derive(Debug, Clone)]
 pub(crate) struct Applied {
     pub(crate) commit: Option<String>,
     tree: Option<String>,
@@ -83,32 +89,32 @@ impl Applied {
     }
 }
 
-impl Host {
-    /// Handles one message of the update stream, at stream sequence `seq`.
-    #[tracing::instrument(skip_all, fields(seq = seq))]
-    pub(crate) async fn handle(&mut self, message: &async_nats::Message, seq: u64) -> Result<(), SubscriberError> {
-        let Some(update) = self.read_update(message).await else { return Ok(()) };
-        let id = update.service();
-        let state = self.state(&id);
-        if seq <= state.seq {
-            return Ok(());
-        }
-        let started = Instant::now();
-        match self.bring(&id, &update, &state).await {
-            Ok(outcome) => self.handled(&id, &update, state, outcome, seq, started),
-            Err(e) => {
-                let commit = update.to.as_deref().unwrap_or("-");
-                let ServiceId { kind, name } = &id;
-                tracing::error!(%kind, %name, %commit, ref_name = %update.ref_name, error = %e, "update refused; keeping the current configuration");
-                self.live.metrics.error("apply");
-                let problem = format!("{} at {commit}: {e}", update.ref_name);
-                self.report(&id, state.commit.clone(), Some(problem), None).await;
-                self.failed.insert(id);
-            }
-        }
-        Ok(())
-    }
+/// Where a step of the update stream comes from: for the position, logs and reports.
+pub(crate) struct Origin {
+    /// The stream sequence of the update.
+    seq: u64,
+    /// When its push reached the master.
+    pushed_at_ms: u64,
+    /// When the host started on it.
+    started: Instant,
+    /// The ref and commit it announces, for what is said when it fails.
+    ref_name: String,
+    commit: Option<String>,
+}
 
+impl Origin {
+    fn of(update: &ServiceUpdate, seq: u64, started: Instant) -> Origin {
+        Origin {
+            seq,
+            pushed_at_ms: update.pushed_at_ms,
+            started,
+            ref_name: update.ref_name.clone(),
+            commit: update.to.clone(),
+        }
+    }
+}
+
+impl Host {
     /// The update a message of the stream holds, if it is one for this host: a forged
     /// one is refused and reported, an unreadable one or one that does not match its
     /// subject is said and skipped.
@@ -150,59 +156,18 @@ impl Host {
         Some(update)
     }
 
-    /// Brings `id`, standing at `state`, to what `update` says: applies it when it
-    /// starts from the commit in place, resyncs from the snapshot otherwise.
-    async fn bring(
-        &mut self,
-        id: &ServiceId,
-        update: &ServiceUpdate,
-        state: &ServiceState,
-    ) -> Result<Outcome, UpdateError> {
-        let ServiceId { kind, name } = id;
-        if update.is_removal() {
-            if state.commit.is_none() {
-                return Ok(Outcome::Skipped);
-            }
-            // Carried out only if the service's latest snapshot says removed too
-            // (see `crate::selection`); one that holds a commit is applied instead.
-            return self.resync(id, state).await;
-        }
-        if update.to == state.commit {
-            return Ok(Outcome::Skipped);
-        }
-        if update.snapshot || (update.from.is_some() && update.from == state.commit) {
-            return match self.apply(update, state.commit.as_deref()).await {
-                Ok(()) => Ok(Outcome::Applied(Applied::of(update))),
-                Err(e) => {
-                    let commit = update.to.as_deref().unwrap_or("-");
-                    tracing::warn!(%kind, %name, %commit, ref_name = %update.ref_name, error = %e, "update did not apply; resyncing from the snapshot");
-                    self.resync(id, state).await
-                }
-            };
-        }
-        tracing::info!(%kind, %name, have = state.commit.as_deref().unwrap_or("-"), from = update.from.as_deref().unwrap_or("-"), "gap before update; resyncing from the snapshot");
-        self.resync(id, state).await
-    }
-
     /// Records what became of an update from the stream; saved by
     /// [`Host::persist`], after the exec is submitted (the API is woken then).
-    fn handled(
-        &mut self,
-        id: &ServiceId,
-        update: &ServiceUpdate,
-        mut state: ServiceState,
-        outcome: Outcome,
-        seq: u64,
-        started: Instant,
-    ) {
+    fn handled(&mut self, id: &ServiceId, mut state: ServiceState, outcome: Outcome, origin: &Origin) {
         let moved = matches!(outcome, Outcome::Applied(_) | Outcome::Removed);
+        let seq = origin.seq;
         match outcome {
             Outcome::Applied(applied) => {
                 state = applied.into_state(seq);
-                let lag = now_ms().saturating_sub(update.pushed_at_ms);
+                let lag = now_ms().saturating_sub(origin.pushed_at_ms);
                 self.live.metrics.push_to_apply_seconds.observe(lag as f64 / 1000.0);
                 let ServiceId { kind, name } = id;
-                tracing::info!(%kind, %name, commit = state.commit.as_deref().unwrap_or(""), apply_ms = started.elapsed().as_millis() as u64, push_to_apply_ms = lag, "applied");
+                tracing::info!(%kind, %name, commit = state.commit.as_deref().unwrap_or(""), apply_ms = origin.started.elapsed().as_millis() as u64, push_to_apply_ms = lag, "applied");
             }
             Outcome::Removed => {
                 state = ServiceState {
@@ -221,6 +186,31 @@ impl Host {
         if moved {
             self.submitted.remove(id);
             self.changed.push(id.clone());
+        }
+    }
+
+    /// Brings `id` to its snapshot for an update of the stream that cannot be applied
+    /// as it is (a gap, a removal, a failed build), and records the outcome; when that
+    /// fails too, says so, reports it and leaves the service to [`Host::retry_failed`].
+    /// Whether the service's tree changed.
+    async fn resync_for(&mut self, id: &ServiceId, origin: &Origin) -> bool {
+        let state = self.state(id);
+        match self.resync(id, &state).await {
+            Ok(outcome) => {
+                let moved = matches!(outcome, Outcome::Applied(_) | Outcome::Removed);
+                self.handled(id, state, outcome, origin);
+                moved
+            }
+            Err(e) => {
+                let commit = origin.commit.as_deref().unwrap_or("-");
+                let ServiceId { kind, name } = id;
+                tracing::error!(%kind, %name, %commit, ref_name = %origin.ref_name, error = %e, "update refused; keeping the current configuration");
+                self.live.metrics.error("apply");
+                let problem = format!("{} at {commit}: {e}", origin.ref_name);
+                self.report(id, state.commit, Some(problem), None).await;
+                self.failed.insert(id.clone());
+                false
+            }
         }
     }
 
@@ -285,25 +275,52 @@ impl Host {
         Ok(())
     }
 
+    /// Builds, flushes and switches to `update`'s tree on its own (a snapshot, or a
+    /// diff from `current`).
     async fn build_and_switch(&self, update: &ServiceUpdate, current: Option<&str>) -> Result<(), UpdateError> {
-        let objects = self.reader.objects(update).await?;
-        let layout = self.config.layout(&update.service());
-        let base = current.filter(|c| layout.tree_dir(c).is_dir()).map(str::to_owned);
-        if !update.snapshot && base.is_none() {
-            return Err(UpdateError::NoBase);
-        }
-        let (layout2, update2, materializer) = (layout.clone(), update.clone(), self.materializer.clone());
+        let staged = self.stage(update, current, None).await?;
+        let (layout, materializer) = (self.config.layout(&update.service()), self.materializer.clone());
+        let switched = layout.clone();
         tokio::task::spawn_blocking(move || {
-            let tree = materializer.build(&layout2, base.as_deref(), &update2, &objects)?;
-            materialize::switch(&layout2, &tree)
+            let (dirs, _) = materializer.flush(vec![staged])?;
+            dirs.iter().try_for_each(|dir| materialize::switch(&switched, dir))
         })
         .await
         .map_err(UpdateError::Panicked)??;
-        // Deleting an old tree costs as much as building one: off the path to `--exec`.
-        // It never touches the current tree, which the next update builds from.
+        self.prune(layout);
+        Ok(())
+    }
+
+    /// Builds and verifies `update`'s tree beside the current one, from the tree of
+    /// `base` for a diff, recycling `spare` if given (see [`Start`]); not flushed.
+    async fn stage(
+        &self,
+        update: &ServiceUpdate,
+        base: Option<&str>,
+        spare: Option<&str>,
+    ) -> Result<Staged, UpdateError> {
+        let objects = self.reader.objects(update).await?;
+        let layout = self.config.layout(&update.service());
+        let base = base.filter(|c| layout.tree_dir(c).is_dir()).map(str::to_owned);
+        if !update.snapshot && base.is_none() {
+            return Err(UpdateError::NoBase);
+        }
+        let (update, spare, materializer) = (update.clone(), spare.map(str::to_owned), self.materializer.clone());
+        let staged = tokio::task::spawn_blocking(move || {
+            let start = Start { base: base.as_deref(), spare: spare.as_deref() };
+            materializer.stage(&layout, start, &update, &objects)
+        })
+        .await
+        .map_err(UpdateError::Panicked)??;
+        Ok(staged)
+    }
+
+    /// Deletes the service's trees beyond those kept, in the background: deleting an
+    /// old tree costs as much as building one, so it stays off the path to `--exec`.
+    /// It never touches the current tree, which the next update builds from.
+    fn prune(&self, layout: materialize::Layout) {
         let materializer = self.materializer.clone();
         tokio::task::spawn_blocking(move || materializer.prune(&layout));
-        Ok(())
     }
 
     /// Takes `<dir>/<name>` off this host, saying why at WARN.

@@ -74,10 +74,25 @@ impl Host {
         }
     }
 
+    /// Records `first` and every other run of `--exec` already reported (see
+    /// [`Host::exec_done`]), then saves the position once if any of them changed it:
+    /// a burst of changes ends in a burst of runs.
+    pub(crate) async fn execs_done(&mut self, first: Ran) -> Result<(), SubscriberError> {
+        let mut changed = self.exec_done(first).await;
+        while let Ok(ran) = self.exec_reports.try_recv() {
+            changed |= self.exec_done(ran).await;
+        }
+        if changed {
+            self.save().await?;
+        }
+        Ok(())
+    }
+
     /// Records a run of `--exec`: reported either way; done for good when it
     /// succeeded for the change still in place (a failed one is retried by the
-    /// scheduler, and again after a restart).
-    pub(crate) async fn exec_done(&mut self, ran: Ran) -> Result<(), SubscriberError> {
+    /// scheduler, and again after a restart). Whether the position changed (it is
+    /// saved by the caller; lost, the run is only made again after a restart).
+    async fn exec_done(&mut self, ran: Ran) -> bool {
         let id = ran.job.service.clone();
         let ServiceId { kind, name } = &id;
         let commit = ran.job.commit.as_deref().unwrap_or("removed");
@@ -109,10 +124,10 @@ impl Host {
                 if state.exec_pending && state.commit == ran.job.commit {
                     state.exec_pending = false;
                     self.submitted.remove(&id);
-                    self.save().await?;
+                    return true;
                 }
             }
         }
-        Ok(())
+        false
     }
 }

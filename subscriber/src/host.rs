@@ -5,6 +5,9 @@
 //! keeps nothing per host. An update applies when it starts from the commit in place;
 //! one that reaches a commit already in place is skipped; anything else is a gap and
 //! is resolved from the service's snapshot, never by guessing ([`crate::apply`]).
+//! What the consumer has already delivered is applied as one step — one flush, one
+//! position save, `--exec` once per service — without waiting for more than what the
+//! stream says is pending ([`crate::apply::gather`]).
 //!
 //! Before anything else [`run`] takes its state directory ([`crate::lock`]) and says how
 //! it was started; it connects, and while the datacenter is not ready it waits and says
@@ -28,6 +31,7 @@ use futures::StreamExt;
 use tokio::time::{interval, interval_at, Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
+use crate::apply::{gather, Gathered};
 use crate::bus::Reader;
 use crate::config::Config;
 use crate::live::Live;
@@ -206,9 +210,6 @@ pub(crate) struct Host {
     pub(crate) unsaved: usize,
     pub(crate) changed: Vec<ServiceId>,
 }
-
-/// During a catch-up, the position is saved at least every this many applied updates.
-const SAVE_EVERY: usize = 64;
 
 /// How often services whose update failed are retried.
 const RETRY_FAILED: Duration = Duration::from_secs(2);
@@ -424,7 +425,7 @@ impl Host {
                     None
                 }
                 Some(ran) = self.exec_reports.recv() => {
-                    self.exec_done(ran).await?;
+                    self.execs_done(ran).await?;
                     None
                 }
                 _ = ticks.retry.tick(), if !self.failed.is_empty() => {
@@ -438,7 +439,7 @@ impl Host {
                 }
                 Some(_) = inventory_changed => self.inventory_changed().await,
                 message = next => match message {
-                    Some(Ok(message)) => self.on_message(&message).await?,
+                    Some(Ok(message)) => self.on_messages(message, messages.as_mut()).await?,
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "update stream error; the consumer recovers by itself");
                         None
@@ -453,23 +454,26 @@ impl Host {
         }
     }
 
-    /// Handles one message of the update stream; saves the position once the stream
-    /// is caught up (or every [`SAVE_EVERY`] updates of a catch-up).
-    async fn on_message(&mut self, message: &jetstream::Message) -> Result<Option<Followed>, SubscriberError> {
-        let (seq, pending) = message.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
+    /// Applies `first` and what the consumer (`more`) holds after it as one step
+    /// ([`gather`]), hands `--exec` over once the stream is caught up, then saves the
+    /// position once.
+    async fn on_messages(
+        &mut self,
+        first: jetstream::Message,
+        more: Option<&mut consumer::pull::Ordered>,
+    ) -> Result<Option<Followed>, SubscriberError> {
+        let Gathered { messages, pending, ended } = gather(first, more).await;
         self.live.metrics.stream_pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
-        self.handle(&message.message, seq).await?;
+        self.apply_batch(messages).await;
         if pending == 0 {
             self.flush_execs();
         }
-        if pending == 0 || self.unsaved >= SAVE_EVERY {
-            self.persist().await?;
-        }
+        self.persist().await?;
         // A service the inventory named before the datacenter published it is here
         // now: the inventory may be trusted again.
         if self.unknown.iter().any(|id| self.state(id).commit.is_some()) {
             return Ok(Some(Followed::InventoryChanged));
         }
-        Ok(None)
+        Ok(ended.then_some(Followed::Lost(StreamLost::Ended)))
     }
 }

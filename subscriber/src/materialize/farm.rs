@@ -10,7 +10,6 @@ use confcast_schemas::{ChangeKind, ServiceUpdate};
 use nix::fcntl::AtFlags;
 
 use super::entries::{with_entries, write_entry, At};
-use super::flush::Flushes;
 use super::{errno_in, io_at, io_in, ApplyError, Objects};
 use crate::beneath::Dirs;
 use crate::perms::Perms;
@@ -33,9 +32,9 @@ pub(super) fn derive(
 }
 
 /// Fills the new tree `tmp`: every file of `base` the update does not touch, by hard
-/// link, then what the update adds, modifies and renames; flushed before it returns.
+/// link, then what the update adds, modifies and renames. Not flushed: the caller
+/// flushes every tree it built at once ([`super::Materializer::flush`]).
 pub(super) fn populate(
-    flushes: &Flushes,
     tmp: &Path,
     base: Option<(&Path, &tree_hash::Manifest)>,
     update: &ServiceUpdate,
@@ -89,9 +88,7 @@ pub(super) fn populate(
             }
         }
     }
-    // One flush of the file system makes every file and directory entry durable before
-    // the link is swapped; far cheaper than a fsync per file and per directory.
-    flushes.flush(tmp)
+    Ok(())
 }
 
 /// Above this many carried-over files, hard links are made by several threads.

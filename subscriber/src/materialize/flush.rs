@@ -1,6 +1,6 @@
 //! One `syncfs(2)` for every tree built at once on a file system.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -83,6 +83,20 @@ impl Flushes {
         }
     }
 
+    /// Flushes the file systems holding `dirs`: one flush per file system, however many
+    /// of `dirs` it holds. Returns how many file systems were flushed.
+    pub(super) fn flush_all<'a>(&self, dirs: impl IntoIterator<Item = &'a Path>) -> Result<usize, ApplyError> {
+        let mut devices = BTreeSet::new();
+        for dir in dirs {
+            let device =
+                std::fs::metadata(dir).map_err(|source| ApplyError::Io { path: dir.to_owned(), source })?.dev();
+            if devices.insert(device) {
+                self.flush(dir)?;
+            }
+        }
+        Ok(devices.len())
+    }
+
     #[cfg(test)]
     fn started(&self, dir: &Path) -> u64 {
         let device = std::fs::metadata(dir).expect("dir").dev();
@@ -127,5 +141,19 @@ mod tests {
         });
         let flushes = flushes.started(dir.path()) - before;
         assert!((1..=callers as u64).contains(&flushes), "{flushes} flushes for {callers} callers");
+    }
+
+    #[test]
+    fn many_trees_on_one_file_system_take_one_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trees: Vec<std::path::PathBuf> = (0..20).map(|i| dir.path().join(format!("t{i}"))).collect();
+        for tree in &trees {
+            std::fs::create_dir(tree).expect("mkdir");
+            std::fs::write(tree.join("f"), b"x").expect("write");
+        }
+        let flushes = Flushes::default();
+        assert_eq!(flushes.flush_all(trees.iter().map(|t| t.as_path())).expect("flush"), 1);
+        assert_eq!(flushes.started(dir.path()), 1);
+        assert_eq!(flushes.flush_all(std::iter::empty()).expect("nothing to flush"), 0);
     }
 }

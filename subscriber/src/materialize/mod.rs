@@ -1,10 +1,13 @@
 //! Building a service's new tree on disk and switching to it atomically.
 //!
 //! A new tree is built beside the current one, as `<state>/trees/<service>/<commit>`,
-//! everything is flushed with one `syncfs(2)`, and the tree's git id — computed from
-//! the base's manifest plus the written files, read back from disk — must equal the
-//! update's. Only then is `<dir>/<service>` — a symlink — replaced with one pointing at
-//! the new tree, by `rename(2)`: a reader sees the old tree or the new one, never a mix.
+//! and the tree's git id — computed from the base's manifest plus the written files,
+//! read back from disk — must equal the update's ([`Materializer::stage`]). Everything
+//! is flushed with one `syncfs(2)` per file system — one for every tree staged at once,
+//! however many services they are of ([`Materializer::flush`]). Only then is
+//! `<dir>/<service>` — a symlink — replaced with one pointing at the new tree, by
+//! `rename(2)`: a reader sees the old tree or the new one, never a mix. A [`Staged`]
+//! tree cannot be switched to: only [`Materializer::flush`] gives its directory.
 //!
 //! Two ways to build, both leaving the current tree and the one before it untouched:
 //!
@@ -15,7 +18,9 @@
 //!   share inodes by hard link): a differing path is unlinked and created anew, its
 //!   content written from the update or hard-linked from the current tree. The cost
 //!   grows with what changed since that tree's commit (the last two or three updates),
-//!   not with the tree;
+//!   not with the tree. Several updates of one service applied in one step build each
+//!   commit in turn, the next recycling the one before last, which was never switched
+//!   to;
 //! * **a hard-link farm**: a fresh directory where every file the update does not touch
 //!   is hard-linked from the current tree — one `link(2)` per file. Used for the first
 //!   updates of a service and whenever no tree can be recycled.
@@ -130,6 +135,23 @@ fn errno_in<'a>(tree: &'a Path, rel: &'a [u8]) -> impl FnOnce(nix::errno::Errno)
 /// Content of entries stored in the object store, fetched before materializing.
 pub type Objects = HashMap<String, Vec<u8>>;
 
+/// What a build starts from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Start<'a> {
+    /// The commit whose tree a diff applies to (ignored for a snapshot).
+    pub base: Option<&'a str>,
+    /// A tree of the service built earlier in the same step and never switched to
+    /// (nothing reads it): recycled in preference to the kept trees, which the
+    /// previous current tree is among.
+    pub spare: Option<&'a str>,
+}
+
+/// A tree built and verified but not flushed yet: what was written may not be on
+/// disk, so it cannot be switched to until [`Materializer::flush`] gives its directory.
+#[derive(Debug)]
+#[must_use = "a staged tree is flushed before it is switched to"]
+pub struct Staged(PathBuf);
+
 /// What building a host's trees keeps from one build to the next: the manifests of its
 /// recent trees, and the flushes of the file systems they are on. Created by the host
 /// (see [`crate::host`]); cheap to clone.
@@ -146,13 +168,8 @@ impl Materializer {
         Materializer { manifests: Arc::default(), flushes }
     }
 
-    /// Builds and verifies the tree of `update` from the tree of commit `base` (for a
-    /// diff) and returns its directory. Does not switch the link.
-    ///
-    /// A diff is verified against the manifest of its base plus the files it wrote (read
-    /// back from disk), so its cost grows with the diff; unchanged files are hard links to
-    /// the base, which was verified when it was built and is re-hashed in full by the
-    /// integrity check. A snapshot is verified by hashing everything it wrote.
+    /// Builds, verifies and flushes the tree of `update` from the tree of commit `base`
+    /// (for a diff) and returns its directory, ready to be switched to ([`switch`]).
     pub fn build(
         &self,
         layout: &Layout,
@@ -160,6 +177,25 @@ impl Materializer {
         update: &ServiceUpdate,
         objects: &Objects,
     ) -> Result<PathBuf, ApplyError> {
+        let staged = self.stage(layout, Start { base, spare: None }, update, objects)?;
+        let (mut dirs, _) = self.flush(vec![staged])?;
+        Ok(dirs.pop().expect("flush gives back every tree it is given"))
+    }
+
+    /// Builds and verifies the tree of `update` from `start` (the tree of its base
+    /// commit, for a diff), without flushing it: see [`Materializer::flush`].
+    ///
+    /// A diff is verified against the manifest of its base plus the files it wrote (read
+    /// back from disk), so its cost grows with the diff; unchanged files are hard links to
+    /// the base, which was verified when it was built and is re-hashed in full by the
+    /// integrity check. A snapshot is verified by hashing everything it wrote.
+    pub fn stage(
+        &self,
+        layout: &Layout,
+        start: Start<'_>,
+        update: &ServiceUpdate,
+        objects: &Objects,
+    ) -> Result<Staged, ApplyError> {
         let commit =
             update.to.as_deref().ok_or_else(|| ApplyError::Malformed("removal has no tree to build".into()))?;
         let expected =
@@ -172,28 +208,41 @@ impl Materializer {
         }
         fs::create_dir_all(&layout.trees).map_err(io_at(&layout.trees))?;
         let final_dir = layout.tree_dir(commit);
-        // A tree from an earlier attempt (crash after build) is reused only if it verifies.
+        // A tree from an earlier attempt (crash after build, or staged earlier in the
+        // same batch) is reused only if it verifies; it is flushed like a new one.
         if final_dir.is_dir() {
             let manifest = tree_hash::scan(&final_dir).map_err(io_at(&final_dir))?;
             if tree_hash::tree_id_of(&manifest) == expected {
                 contained(&final_dir, &manifest)?;
                 self.manifests.store(&layout.manifest(commit), Arc::new(manifest));
-                return Ok(final_dir);
+                return Ok(Staged(final_dir));
             }
             fs::remove_dir_all(&final_dir).map_err(io_at(&final_dir))?;
         }
-        let base = if update.snapshot { None } else { base };
+        let base = if update.snapshot { None } else { start.base };
         // Pruning runs in the background: it must not take a tree being recycled.
         let _lock = prune::lock_trees(layout)?;
         prune::clear_leftovers(layout, prune::RECYCLING);
-        if let Some(b) = base {
-            let shared = (&*self.manifests, &self.flushes);
-            if let Some(recycled) = recycle::recycle(shared, layout, b, update, objects, expected, &final_dir)? {
-                return Ok(recycled);
+        if let Some(base) = base {
+            let from = recycle::Sources { base, spare: start.spare };
+            if let Some(recycled) =
+                recycle::recycle(&self.manifests, layout, from, update, objects, expected, &final_dir)?
+            {
+                return Ok(Staged(recycled));
             }
         }
         self.build_farm(layout, base, update, objects, expected)?;
-        Ok(final_dir)
+        Ok(Staged(final_dir))
+    }
+
+    /// Flushes the file systems of `staged` trees, one `syncfs(2)` per file system
+    /// however many trees it holds, and returns their directories, in the same order,
+    /// now safe to switch to, with how many file systems were flushed. On failure none
+    /// of them may be switched to.
+    pub fn flush(&self, staged: Vec<Staged>) -> Result<(Vec<PathBuf>, usize), ApplyError> {
+        let dirs: Vec<PathBuf> = staged.into_iter().map(|Staged(dir)| dir).collect();
+        let flushes = self.flushes.flush_all(dirs.iter().map(PathBuf::as_path))?;
+        Ok((dirs, flushes))
     }
 
     /// Builds the update's tree as a hard-link farm of the tree of `base` (or from
@@ -223,7 +272,7 @@ impl Materializer {
         let result = (|| {
             set_root_perms(dir, &layout.perms)?;
             let base = base.as_ref().map(|(dir, manifest)| (dir.as_path(), &**manifest));
-            farm::populate(&self.flushes, dir, base, update, objects, &layout.perms)?;
+            farm::populate(dir, base, update, objects, &layout.perms)?;
             let manifest = match base {
                 Some((_, manifest)) => farm::derive(manifest, update, dir)?,
                 None => tree_hash::scan(dir).map_err(io_at(dir))?,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::manifests::Manifests;
 use super::{io_at, ApplyError, Layout, KEEP_PREVIOUS};
 
-/// Marks a tree as built now: trees are pruned and recycled oldest first.
+/// Marks a tree as built (or current) now: trees are pruned and recycled oldest first.
 pub(super) fn stamp(tree: &Path) {
     let _ = File::open(tree).and_then(|d| d.set_modified(std::time::SystemTime::now()));
 }
@@ -27,8 +27,8 @@ pub(super) fn clear_leftovers(layout: &Layout, prefix: &str) {
     }
 }
 
-/// The service's kept trees other than the current one, oldest built first (by their
-/// root's mtime, set by [`stamp`]), with their commits. Hidden entries (the lock,
+/// The service's kept trees other than the current one, oldest first (by their root's
+/// mtime, set by [`stamp`] when built and when replaced as current), with their commits. Hidden entries (the lock,
 /// trees set aside) are not trees.
 pub(super) fn kept_trees(layout: &Layout) -> Vec<(PathBuf, String)> {
     // The link points at `<trees>/<commit>`: its name is enough (resolving every path

@@ -13,7 +13,6 @@ use nix::fcntl::AtFlags;
 use nix::unistd::UnlinkatFlags;
 
 use super::entries::{rewrite_entry, with_entries, write_entry, At};
-use super::flush::Flushes;
 use super::manifests::Manifests;
 use super::prune::{kept_trees, stamp, RECYCLING};
 use super::{contained, errno_in, io_at, io_in, ApplyError, Layout, Objects};
@@ -72,10 +71,25 @@ fn differences<'a>(old: &'a Manifest, new: &'a Manifest) -> (Vec<&'a Vec<u8>>, V
     (gone, come)
 }
 
-/// The oldest kept tree that is neither current, nor `base`, nor the newest of the
-/// others (the one current before: applications may still be reading it), with its
-/// manifest.
-fn recyclable(manifests: &Manifests, layout: &Layout, base: &str) -> Option<(PathBuf, String, Arc<Manifest>)> {
+/// The tree to recycle, with its commit and manifest: `spare` if given (a tree built
+/// earlier in the same batch and never switched to, so nothing reads it), else the
+/// oldest kept tree that is neither current, nor `base`, nor the newest of the others
+/// (the one current before: applications may still be reading it; see
+/// [`super::switch`]). `None` when there is none.
+fn recyclable(
+    manifests: &Manifests,
+    layout: &Layout,
+    base: &str,
+    spare: Option<&str>,
+) -> Option<(PathBuf, String, Arc<Manifest>)> {
+    if let Some(spare) = spare {
+        let current = layout.current().and_then(|p| p.file_name().map(|n| n.as_bytes() == spare.as_bytes()));
+        if spare == base || current == Some(true) {
+            return None;
+        }
+        let dir = layout.tree_dir(spare);
+        return manifests.at(&layout.manifest(spare)).filter(|_| dir.is_dir()).map(|m| (dir, spare.to_owned(), m));
+    }
     let mut trees = kept_trees(layout);
     trees.retain(|(_, commit)| commit != base);
     trees.pop();
@@ -85,19 +99,27 @@ fn recyclable(manifests: &Manifests, layout: &Layout, base: &str) -> Option<(Pat
     })
 }
 
+/// What a recycling build starts from: the commit in place (or staged) whose tree the
+/// update applies to, and a tree to recycle in preference to the kept ones.
+pub(super) struct Sources<'a> {
+    pub(super) base: &'a str,
+    pub(super) spare: Option<&'a str>,
+}
+
 /// Builds the update's tree by recycling an old tree of the service (see the module
-/// docs); `None` when there is none to recycle.
+/// docs); `None` when there is none to recycle. Not flushed (see
+/// [`super::Materializer::flush`]).
 pub(super) fn recycle(
-    (manifests, flushes): (&Manifests, &Flushes),
+    manifests: &Manifests,
     layout: &Layout,
-    base: &str,
+    Sources { base, spare }: Sources<'_>,
     update: &ServiceUpdate,
     objects: &Objects,
     expected: &str,
     final_dir: &Path,
 ) -> Result<Option<PathBuf>, ApplyError> {
     let Some(base_manifest) = manifests.at(&layout.manifest(base)) else { return Ok(None) };
-    let Some((old_dir, old_commit, old)) = recyclable(manifests, layout, base) else { return Ok(None) };
+    let Some((old_dir, old_commit, old)) = recyclable(manifests, layout, base, spare) else { return Ok(None) };
     let target = target_manifest(&base_manifest, update)?;
     let built = tree_hash::tree_id_of(&target);
     if built != expected {
@@ -131,7 +153,6 @@ pub(super) fn recycle(
     let result = (|| {
         rebuild.run()?;
         contained(&work, &target)?;
-        flushes.flush(&work)?;
         stamp(&work);
         fs::rename(&work, final_dir).map_err(io_at(final_dir))
     })();
