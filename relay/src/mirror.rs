@@ -18,6 +18,8 @@ use gix::refs::transaction::{Change, PreviousValue, RefEdit, RefLog};
 use crate::diff::{Item, Listing};
 use crate::resolve::RefSource;
 
+mod transport;
+
 /// Failures of the mirror, and of the master it is fetched from.
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
@@ -242,6 +244,8 @@ pub struct Mirror {
     /// The URL as messages show it: credentials redacted.
     shown: String,
     io_timeout: std::time::Duration,
+    /// The HTTP client of `http(s)://` fetches, kept between them.
+    http: transport::HttpClient,
 }
 
 /// How long a fetch may wait on the network before it fails, unless configured.
@@ -269,6 +273,7 @@ impl Mirror {
             url: url.to_owned(),
             shown: confcast_schemas::connect::redact_url(url),
             io_timeout: DEFAULT_IO_TIMEOUT,
+            http: transport::HttpClient::default(),
         })
     }
 
@@ -296,47 +301,6 @@ impl Mirror {
     pub fn with_io_timeout(mut self, timeout: std::time::Duration) -> Mirror {
         self.io_timeout = timeout;
         self
-    }
-
-    /// A `git://` connection whose socket reads and writes time out, so a black-holed
-    /// network fails the fetch instead of hanging it (gix only bounds the connect).
-    fn git_daemon_transport(
-        &self,
-    ) -> Result<Option<Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>>, MirrorError> {
-        let err = |e: std::io::Error| MirrorError::Fetch { url: self.shown.clone(), source: gix::Error::from_error(e) };
-        let url = gix::url::parse(gix::bstr::BStr::new(self.url.as_bytes()))
-            .map_err(|e| MirrorError::Url { url: self.shown.clone(), source: e })?;
-        if url.scheme != gix::url::Scheme::Git {
-            return Ok(None);
-        }
-        let invalid = |message: String| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, message));
-        let host = url.host().ok_or_else(|| invalid("no host".into()))?.to_owned();
-        let port = url.port;
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port.unwrap_or(9418)))
-            .map_err(err)?
-            .next()
-            .ok_or_else(|| {
-                err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} does not resolve")))
-            })?;
-        let stream = std::net::TcpStream::connect_timeout(&addr, self.io_timeout).map_err(err)?;
-        // gix writes each pkt-line of its request on its own; with Nagle's algorithm the
-        // last of them waits for the server's delayed ACK (40 ms on Linux), twice per
-        // fetch. A relay's sync of a one-line push over git:// took 138 ms at p50 with
-        // it and takes 53 ms without (scripts/sync-over-git-daemon, BENCHMARKS.md).
-        stream.set_nodelay(true).map_err(err)?;
-        stream.set_read_timeout(Some(self.io_timeout)).map_err(err)?;
-        stream.set_write_timeout(Some(self.io_timeout)).map_err(err)?;
-        let write = stream.try_clone().map_err(err)?;
-        let connection = gix::protocol::transport::client::git::blocking_io::Connection::new(
-            stream,
-            write,
-            gix::protocol::transport::Protocol::V2,
-            url.path.clone(),
-            Some((host, port)),
-            gix::protocol::transport::client::git::ConnectMode::Daemon,
-            false,
-        );
-        Ok(Some(Box::new(connection)))
     }
 
     /// Packs in the mirror.
@@ -401,24 +365,12 @@ impl Mirror {
             .map_err(remote_err)?
             .with_refspecs(specs.iter().map(String::as_str), gix::remote::Direction::Fetch)
             .map_err(remote_err)?;
-        let connection = match self.git_daemon_transport()? {
-            Some(transport) => remote.to_connection_with_transport(transport),
-            None => remote.connect(gix::remote::Direction::Fetch).map_err(remote_err)?,
+        let mut client = self.http.lend();
+        let received = match transport::open(&remote, self.io_timeout, &mut client).map_err(remote_err)? {
+            Some(transport) => self.receive(remote.to_connection_with_transport(transport), refs),
+            None => self.receive(remote.connect(gix::remote::Direction::Fetch).map_err(remote_err)?, refs),
         };
-        let prepare = connection.prepare_fetch(gix::progress::Discard, Default::default()).map_err(remote_err)?;
-        fetched.present = prepare
-            .ref_map()
-            .mappings
-            .iter()
-            .filter_map(|m| m.remote.as_name())
-            .map(|name| name.to_str_lossy().into_owned())
-            .filter(|name| refs.contains(name))
-            .collect();
-        if !fetched.present.is_empty() {
-            prepare.receive(gix::progress::Discard, &AtomicBool::new(false)).map_err(remote_err)?;
-        } else {
-            drop(prepare);
-        }
+        fetched.present = received.inspect_err(|_| client.discard())?;
         for name in valid {
             if !fetched.present.contains(name) {
                 fetched.missing.insert(name.clone());
@@ -427,6 +379,31 @@ impl Mirror {
         }
         self.consolidate();
         Ok(fetched)
+    }
+
+    /// Negotiates over `connection`, receives the pack, and says which `refs` exist.
+    fn receive<T>(
+        &self,
+        connection: gix::remote::Connection<'_, '_, '_, T>,
+        refs: &BTreeSet<String>,
+    ) -> Result<BTreeSet<String>, MirrorError>
+    where
+        T: gix::protocol::transport::client::blocking_io::Transport,
+    {
+        let remote_err = |source: gix::Error| MirrorError::Fetch { url: self.shown.clone(), source };
+        let prepare = connection.prepare_fetch(gix::progress::Discard, Default::default()).map_err(remote_err)?;
+        let present: BTreeSet<String> = prepare
+            .ref_map()
+            .mappings
+            .iter()
+            .filter_map(|m| m.remote.as_name())
+            .map(|name| name.to_str_lossy().into_owned())
+            .filter(|name| refs.contains(name))
+            .collect();
+        if !present.is_empty() {
+            prepare.receive(gix::progress::Discard, &AtomicBool::new(false)).map_err(remote_err)?;
+        }
+        Ok(present)
     }
 
     fn delete_ref(&self, repo: &gix::Repository, name: &str) -> Result<(), MirrorError> {
