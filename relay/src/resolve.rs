@@ -20,6 +20,30 @@ pub trait RefSource {
     fn root_file(&self, commit: &ObjectId, file: &str) -> Result<Option<Vec<u8>>, MirrorError>;
 }
 
+/// What a configuration pins a service to: a branch head or a tag, whether or not the
+/// ref exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// The ref followed (branch head or tag).
+    pub ref_name: String,
+    /// Branch named by the pin.
+    pub branch: String,
+    /// Tag named by the pin, or `latest`.
+    pub version: String,
+}
+
+impl Pin {
+    /// Where the pin leads in `source`: its target, or `None` when its ref does not exist.
+    pub fn follow(&self, source: &impl RefSource) -> Result<Option<Target>, MirrorError> {
+        Ok(source.commit_of(&self.ref_name)?.map(|commit| self.at(commit)))
+    }
+
+    /// The target of this pin at `commit`.
+    pub fn at(&self, commit: ObjectId) -> Target {
+        Target { ref_name: self.ref_name.clone(), branch: self.branch.clone(), version: self.version.clone(), commit }
+    }
+}
+
 /// Where one service of the datacenter resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -33,6 +57,13 @@ pub struct Target {
     pub commit: ObjectId,
 }
 
+impl Target {
+    /// The pin this target follows.
+    pub fn pin(&self) -> Pin {
+        Pin { ref_name: self.ref_name.clone(), branch: self.branch.clone(), version: self.version.clone() }
+    }
+}
+
 /// A complete, good resolution (individual pins may still be unresolvable).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolution {
@@ -41,7 +72,7 @@ pub struct Resolution {
     /// Services that resolved.
     pub targets: BTreeMap<ServiceId, Target>,
     /// Pins whose ref does not exist: these keep what was last published.
-    pub unresolved: BTreeMap<ServiceId, String>,
+    pub unresolved: BTreeMap<ServiceId, Pin>,
     /// Hosts and what they run.
     pub hosts: BTreeMap<String, HostInventory>,
 }
@@ -139,17 +170,20 @@ fn resolve_into(dc: &str, source: &impl RefSource, watched: &mut BTreeSet<String
     let mut targets = BTreeMap::new();
     let mut unresolved = BTreeMap::new();
     for kind in Kind::ALL {
-        for pin in conf.pins(kind) {
-            let ref_name = pin.ref_name(kind);
-            watched.insert(ref_name.clone());
-            match source.commit_of(&ref_name)? {
-                Some(commit) => {
-                    let target =
-                        Target { ref_name, branch: pin.branch.clone(), version: pin.version().to_owned(), commit };
-                    targets.insert(ServiceId::new(kind, pin.name.clone()), target);
+        for entry in conf.pins(kind) {
+            let pin = Pin {
+                ref_name: entry.ref_name(kind),
+                branch: entry.branch.clone(),
+                version: entry.version().to_owned(),
+            };
+            watched.insert(pin.ref_name.clone());
+            let service = ServiceId::new(kind, entry.name.clone());
+            match pin.follow(source)? {
+                Some(target) => {
+                    targets.insert(service, target);
                 }
                 None => {
-                    unresolved.insert(ServiceId::new(kind, pin.name.clone()), ref_name);
+                    unresolved.insert(service, pin);
                 }
             }
         }
@@ -226,7 +260,10 @@ pub(crate) mod tests {
         assert_eq!(res.targets[&ServiceId::service("s0")].commit, commit("s0-v1"), "tag pin, not the branch head");
         assert_eq!(res.targets[&ServiceId::service("s0")].version, "v1.0");
         assert_eq!(res.targets[&ServiceId::service("s1")].commit, commit("s1-head"), "latest follows the branch");
-        assert_eq!(res.unresolved[&ServiceId::new(Kind::Application, "app")], "refs/heads/applications/app/main");
+        assert_eq!(
+            res.unresolved[&ServiceId::new(Kind::Application, "app")].ref_name,
+            "refs/heads/applications/app/main"
+        );
         assert!(resolved.watched.contains("refs/heads/applications/app/main"), "a missing pin is still watched");
         assert!(!resolved.watched.contains("refs/heads/services/s0/master"), "the branch of a tag pin is not watched");
         assert_eq!(res.hosts["h"].services, vec!["s0".to_owned()]);

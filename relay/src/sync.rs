@@ -2,10 +2,18 @@
 //! difference to what was last published.
 //!
 //! Events are triggers, not instructions: for a relevant event the relay fetches the
-//! ref, re-resolves the whole datacenter from its mirror and publishes the difference
-//! to what it last published. That makes every step idempotent: a redelivered event, a
-//! restart, or an event replayed out of order converges on the master's state. A
-//! datacenter that cannot be resolved (a bad document) keeps its last good pins.
+//! ref, resolves from its mirror and publishes the difference to what it last
+//! published. That makes every step idempotent: a redelivered event, a restart, or an
+//! event replayed out of order converges on the master's state. A datacenter that
+//! cannot be resolved (a bad document) keeps its last good pins.
+//!
+//! A sync resolves the whole datacenter when it starts, when the datacenter's document
+//! or configuration was pushed, and after any sync that failed; a push of pinned refs
+//! alone moves only the services pinned to them ([`followed`]), so a push costs the
+//! relay what it changes, whatever the number of services.
+
+mod followed;
+mod last_good;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -19,10 +27,11 @@ use crate::cause::Cause;
 use crate::consul::index::Feed;
 use crate::error::SyncError;
 use crate::metrics::{fetched_bytes, packs, Metrics};
-use crate::mirror::{Fetched, Mirror, MirrorError};
+use crate::mirror::{Fetched, Mirror};
 use crate::prepare::{prepare, PrepareError};
 use crate::publish::Publisher;
-use crate::resolve::{resolve, RefSource, Resolution, Resolved, Target};
+use crate::resolve::{resolve, Pin, Resolution, Resolved, Target};
+use followed::Followed;
 
 /// How many services the relay publishes at once.
 const CONCURRENT_PUBLISHES: usize = 16;
@@ -40,10 +49,26 @@ pub(crate) struct Datacenter {
     inventory: Option<Inventory>,
     /// The writer of the index's copy in Consul, with `--consul`.
     consul: Option<Feed>,
+    /// The index keys moved since they were last handed to `consul`: key → new value,
+    /// or `None` for a key that goes.
+    index_moves: BTreeMap<String, Option<Vec<u8>>>,
+    /// The last good resolution while the syncs since the last full one succeeded:
+    /// a push of only its pinned refs then moves just their services.
+    followed: Option<Followed>,
     fetch_timeout: Duration,
     pub(crate) metrics: Arc<Metrics>,
     /// The mirror's pack directory, whose growth is what a fetch transferred.
     pack_dir: PathBuf,
+}
+
+/// What a sync did.
+struct Synced {
+    /// Updates published.
+    published: usize,
+    /// Services whose pins were followed again.
+    resolved: usize,
+    /// The datacenter could not be resolved: its last good pins were followed.
+    last_good: bool,
 }
 
 /// A service's publication failed.
@@ -83,6 +108,8 @@ impl Datacenter {
             watched: BTreeSet::new(),
             inventory: None,
             consul: config.consul.clone().map(|client| Feed::start(client, &config.dc)),
+            index_moves: BTreeMap::new(),
+            followed: None,
             fetch_timeout: config.fetch_timeout,
             metrics: config.metrics.clone(),
             pack_dir: config.mirror_dir().join("objects").join("pack"),
@@ -112,10 +139,58 @@ impl Datacenter {
         result
     }
 
-    /// Fetches `first`, then every newly depended-on ref, resolves, and publishes.
+    /// Fetches `first`, then every newly depended-on ref, resolves, and publishes: only
+    /// the services pinned to `first` when nothing else can have changed.
     #[tracing::instrument(skip_all, fields(dc = %self.dc, %cause))]
     pub(crate) async fn sync(&mut self, cause: &Cause, first: BTreeSet<String>) -> Result<(), SyncError> {
         let started = Instant::now();
+        // Taken for the length of the sync: one that fails leaves none, and the next
+        // resolves fully.
+        let synced = match self.followed.take() {
+            Some(followed) if followed.covers(&first) => {
+                let (followed, synced) = self.sync_pinned(cause, followed, first).await?;
+                self.followed = Some(followed);
+                synced
+            }
+            _ => self.sync_all(cause, first).await?,
+        };
+        self.metrics.synced();
+        let Synced { published, resolved, last_good } = synced;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if last_good {
+            tracing::info!(published, elapsed_ms, "synced on the last good pins");
+        } else {
+            tracing::info!(published, resolved, elapsed_ms, "synced");
+        }
+        Ok(())
+    }
+
+    /// A sync of pinned refs only: fetches them and moves the services pinned to them.
+    /// Returns the resolution moved.
+    async fn sync_pinned(
+        &mut self,
+        cause: &Cause,
+        mut followed: Followed,
+        refs: BTreeSet<String>,
+    ) -> Result<(Followed, Synced), SyncError> {
+        let outcome = self.fetch(refs.clone()).await?;
+        tracing::debug!(present = outcome.present.len(), missing = outcome.missing.len(), "fetched");
+        let (followed, moved) = self
+            .blocking(move |m| {
+                let moved = followed.advance(&refs, &m)?;
+                Ok((followed, moved))
+            })
+            .await?;
+        let resolution = followed.resolution();
+        self.report_unresolved(cause, moved.iter().filter_map(|s| resolution.unresolved.get_key_value(s))).await?;
+        let targets = moved.iter().filter_map(|s| resolution.targets.get_key_value(s)).collect();
+        let published = self.publish_changed(cause, targets).await?;
+        self.index_to_consul(cause, false).await?;
+        Ok((followed, Synced { published, resolved: moved.len(), last_good: false }))
+    }
+
+    /// A sync that resolves the whole datacenter, or falls back on the last good pins.
+    async fn sync_all(&mut self, cause: &Cause, first: BTreeSet<String>) -> Result<Synced, SyncError> {
         let (resolved, fetched) = self.fetch_and_resolve(first).await?;
         let resolution = match resolved.outcome {
             Err(e) if e.is_transient() => return Err(e.into()),
@@ -123,19 +198,16 @@ impl Datacenter {
                 tracing::error!(error = %e, "datacenter cannot be resolved; keeping the last good pins");
                 self.publisher.error(cause, format!("{e}; keeping the last good configuration")).await?;
                 let resolution = self.last_good(resolved.watched, &fetched).await?;
-                let published = self.apply(cause, resolution, false).await?;
-                self.metrics.synced();
-                let elapsed_ms = started.elapsed().as_millis() as u64;
-                tracing::info!(published, elapsed_ms, "synced on the last good pins");
-                return Ok(());
+                let published = self.apply(cause, &resolution, false).await?;
+                return Ok(Synced { published, resolved: resolution.targets.len(), last_good: true });
             }
             Ok(resolution) => resolution,
         };
         self.watched = resolved.watched;
-        let published = self.apply(cause, resolution, true).await?;
-        self.metrics.synced();
-        tracing::info!(published, elapsed_ms = started.elapsed().as_millis() as u64, "synced");
-        Ok(())
+        let published = self.apply(cause, &resolution, true).await?;
+        let resolved = resolution.targets.len() + resolution.unresolved.len();
+        self.followed = Some(Followed::new(&self.dc, resolution));
+        Ok(Synced { published, resolved, last_good: false })
     }
 
     /// Fetches `first`, resolves, and fetches again while the resolution names refs not
@@ -163,32 +235,13 @@ impl Datacenter {
         }
     }
 
-    /// The last good pins, when the datacenter cannot be resolved: the published
-    /// heads. Their refs stay watched (with those of the failed resolution) and keep
-    /// flowing, so one bad document does not freeze the datacenter.
-    async fn last_good(
-        &mut self,
-        watched: BTreeSet<String>,
-        fetched: &BTreeSet<String>,
-    ) -> Result<Resolution, SyncError> {
-        let heads: Vec<ServiceHead> = self.heads.values().filter(|h| h.commit.is_some()).cloned().collect();
-        let fallback_refs: BTreeSet<String> = heads.iter().map(|h| h.ref_name.clone()).collect();
-        let missing: BTreeSet<String> =
-            fallback_refs.iter().filter(|r| !self.watched.contains(*r) && !fetched.contains(*r)).cloned().collect();
-        if !missing.is_empty() {
-            self.fetch(missing).await?;
-        }
-        self.watched = watched.into_iter().chain(fallback_refs).collect();
-        self.blocking(move |m| Ok(last_good(&m, &heads)?)).await
-    }
-
     /// Publishes what changed. `authoritative` is false for the last-good fallback:
     /// then nothing is removed and the inventory is left as it was.
-    async fn apply(&mut self, cause: &Cause, resolution: Resolution, authoritative: bool) -> Result<usize, SyncError> {
-        self.report_unresolved(cause, &resolution).await?;
-        let mut published = self.publish_changed(cause, &resolution).await?;
+    async fn apply(&mut self, cause: &Cause, resolution: &Resolution, authoritative: bool) -> Result<usize, SyncError> {
+        self.report_unresolved(cause, resolution.unresolved.iter()).await?;
+        let mut published = self.publish_changed(cause, resolution.targets.iter().collect()).await?;
         if authoritative {
-            published += self.remove_dropped(cause, &resolution).await?;
+            published += self.remove_dropped(cause, resolution).await?;
             let inventory = Inventory {
                 v: WIRE_VERSION,
                 dc: self.dc.clone(),
@@ -200,14 +253,19 @@ impl Datacenter {
                 self.inventory = Some(inventory);
             }
         }
-        self.index_to_consul(cause).await?;
+        self.index_to_consul(cause, true).await?;
         Ok(published)
     }
 
-    /// Reports every pin whose ref does not exist; the service keeps what was published.
-    async fn report_unresolved(&self, cause: &Cause, resolution: &Resolution) -> Result<(), SyncError> {
-        for (service, ref_name) in &resolution.unresolved {
-            let (kind, name) = (service.kind, &service.name);
+    /// Reports every pin of `unresolved`, whose ref does not exist; the service keeps
+    /// what was published.
+    async fn report_unresolved(
+        &self,
+        cause: &Cause,
+        unresolved: impl Iterator<Item = (&ServiceId, &Pin)>,
+    ) -> Result<(), SyncError> {
+        for (service, pin) in unresolved {
+            let (kind, name, ref_name) = (service.kind, &service.name, &pin.ref_name);
             let kept = self.heads.get(service).and_then(|h| h.commit.clone());
             let message = match kept {
                 Some(commit) => format!(
@@ -223,12 +281,16 @@ impl Datacenter {
         Ok(())
     }
 
-    /// Publishes every service whose commit changed, and moves the head of those
-    /// whose files stayed but whose ref or version changed. Returns how many updates
-    /// were published.
-    async fn publish_changed(&mut self, cause: &Cause, resolution: &Resolution) -> Result<usize, SyncError> {
+    /// Publishes every service of `targets` whose commit changed, and moves the head of
+    /// those whose files stayed but whose ref or version changed. Returns how many
+    /// updates were published.
+    async fn publish_changed(
+        &mut self,
+        cause: &Cause,
+        targets: Vec<(&ServiceId, &Target)>,
+    ) -> Result<usize, SyncError> {
         let mut changed = Vec::new();
-        for (service, target) in &resolution.targets {
+        for (service, target) in targets {
             let head = self.heads.get(service);
             match head {
                 Some(head) if head.commit.as_deref() == Some(target.commit.to_string().as_str()) => {
@@ -237,7 +299,7 @@ impl Datacenter {
                         let (commit, tree) = (head.commit.clone(), head.tree.clone());
                         let moved = self.publisher.head(cause, service, Some(head), Some(target), commit, tree);
                         let moved = moved.await?;
-                        self.heads.insert(service.clone(), moved);
+                        self.set_head(service, moved);
                     }
                 }
                 _ => changed.push((service, target)),
@@ -257,7 +319,7 @@ impl Datacenter {
         for (service, target, outcome) in outcomes {
             match outcome {
                 Ok(head) => {
-                    self.heads.insert(service.clone(), head);
+                    self.set_head(service, head);
                     published += 1;
                 }
                 Err(PublishError::Sync(e)) => failure = failure.or(Some(e)),
@@ -333,57 +395,49 @@ impl Datacenter {
             .collect();
         for service in &dropped {
             let head = self.publisher.removal(cause, service, self.heads.get(service)).await?;
-            self.heads.insert(service.clone(), head);
+            self.set_head(service, head);
         }
         Ok(dropped.len())
     }
 
-    /// Hands the whole index, as now published, to the Consul writer: once per handled
-    /// batch, so that all its changes reach Consul together.
-    async fn index_to_consul(&mut self, cause: &Cause) -> Result<(), SyncError> {
-        let index = self
-            .heads
-            .values()
-            .filter_map(|h| {
-                let value = h.index_value()?;
-                let key = confcast_schemas::subject::index_key(&self.dc, h.kind, &h.name, &h.version);
-                Some((key, value.into_bytes()))
-            })
-            .collect();
+    /// Records a service's new head, and the index keys it moves for Consul.
+    fn set_head(&mut self, service: &ServiceId, head: ServiceHead) {
+        let key = |h: &ServiceHead| confcast_schemas::subject::index_key(&self.dc, h.kind, &h.name, &h.version);
+        if self.consul.is_some() {
+            if let Some(old) = self.heads.get(service).filter(|h| h.index_value().is_some()) {
+                self.index_moves.insert(key(old), None);
+            }
+            if let Some(value) = head.index_value() {
+                self.index_moves.insert(key(&head), Some(value.into_bytes()));
+            }
+        }
+        self.heads.insert(service.clone(), head);
+    }
+
+    /// Hands the index to the Consul writer, once per handled batch so that all its
+    /// changes reach Consul together: the keys moved since the last hand-over, or
+    /// (`whole`, after a full resolution) the whole index as now published.
+    async fn index_to_consul(&mut self, cause: &Cause, whole: bool) -> Result<(), SyncError> {
+        let moves = std::mem::take(&mut self.index_moves);
         let Some(consul) = &mut self.consul else { return Ok(()) };
-        for refused in consul.update(index) {
+        let refused = if whole {
+            let index = self
+                .heads
+                .values()
+                .filter_map(|h| {
+                    let value = h.index_value()?;
+                    let key = confcast_schemas::subject::index_key(&self.dc, h.kind, &h.name, &h.version);
+                    Some((key, value.into_bytes()))
+                })
+                .collect();
+            consul.update(index)
+        } else {
+            consul.change(moves)
+        };
+        for refused in refused {
             tracing::error!("{refused}");
             self.publisher.error(cause, refused).await?;
         }
         Ok(())
     }
-}
-
-/// The last good resolution, rebuilt from the published heads: each service stays on
-/// the ref it was published from, at that ref's current commit.
-fn last_good(mirror: &Mirror, heads: &[ServiceHead]) -> Result<Resolution, MirrorError> {
-    let mut resolution = Resolution {
-        conf_ref: String::new(),
-        targets: BTreeMap::new(),
-        unresolved: BTreeMap::new(),
-        hosts: BTreeMap::new(),
-    };
-    for head in heads {
-        let service = head.service();
-        match mirror.commit_of(&head.ref_name)? {
-            Some(commit) => {
-                let target = Target {
-                    ref_name: head.ref_name.clone(),
-                    branch: head.branch.clone(),
-                    version: head.version.clone(),
-                    commit,
-                };
-                resolution.targets.insert(service, target);
-            }
-            None => {
-                resolution.unresolved.insert(service, head.ref_name.clone());
-            }
-        }
-    }
-    Ok(resolution)
 }

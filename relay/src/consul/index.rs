@@ -4,16 +4,18 @@
 //! Consul holds a copy, in addition to the NATS K/V bucket (the embedded default that
 //! confcast's own readers use): Consul is optional, and when it is down, unreachable or
 //! refusing writes the relay keeps publishing on NATS and brings Consul up to date as
-//! soon as it answers again. So the relay never waits on Consul; it hands the index it
-//! wants — the whole index of its datacenter, computed from what it published — to a
-//! background task ([`Feed`]) once per handled batch of events, and that task makes
-//! Consul's `confcast/<dc>/` prefix equal to it:
+//! soon as it answers again. So the relay never waits on Consul; once per handled batch
+//! of events it hands what it wants — the whole index of its datacenter after a full
+//! resolution, only the keys that moved otherwise — to a background task ([`Feed`]),
+//! which makes Consul's `confcast/<dc>/` prefix equal to it:
 //!
 //! 1. read the prefix (`GET ?recurse`) unless the last pass left it known;
 //! 2. compute the difference: `cas` for every key whose value differs (modify index 0 for
 //!    a new key), `delete-cas` for every key the relay does not publish (a service dropped
 //!    from the datacenter, the old version of a repinned one, leftovers from before a
-//!    restart);
+//!    restart). A pass that starts from a prefix it knows compares only the keys changed
+//!    since the last pass, so a push of one service costs one key's work whatever the
+//!    size of the index; a pass that reads the prefix compares every key;
 //! 3. apply it in `/v1/txn` transactions. A transaction holds at most 64 operations, so a
 //!    change of more than 64 keys takes several; each is atomic, and the operations of one
 //!    service (its new version key and the removal of its old one) always travel in the
@@ -28,21 +30,24 @@
 //!    prefix and starts over from step 2 — nothing is overwritten blindly.
 //!
 //! Any failure drops what the task knew of Consul and retries the whole pass with
-//! backoff; a newer index from the relay replaces the one being retried. A value Consul
-//! would refuse (over 512 KiB) is never sent: the key keeps its last value and the relay
-//! reports it.
+//! backoff; changes from the relay that arrive meanwhile join the pass being retried. A
+//! value Consul would refuse (over 512 KiB) is never sent: the key keeps its last value
+//! and the relay reports it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use confcast_schemas::subject;
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{txn_op_bytes, Client, ConsulError, TxnOp, TxnOutcome, MAX_TXN_BODY_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES};
 
 /// The index as the relay wants it in Consul: key → value.
 pub type Desired = BTreeMap<String, Vec<u8>>;
+
+/// Keys of the index that change: key → its new value, or `None` for a key that goes.
+pub type Changes = BTreeMap<String, Option<Vec<u8>>>;
 
 /// How often a pass may run into concurrent writers before it gives up and backs off.
 const MAX_CONFLICTS: usize = 5;
@@ -80,21 +85,41 @@ impl IndexWriter {
     }
 
     /// One pass (see the module docs). Keys of `desired` outside the prefix are ignored.
-    pub async fn reconcile(&mut self, desired: &Desired) -> Result<Written, ConsulError> {
-        let desired: Desired = desired
-            .iter()
-            .filter(|(k, v)| k.starts_with(&self.prefix) && v.len() <= MAX_VALUE_BYTES)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+    /// `changed`: the keys changed since the last pass that succeeded, the only ones
+    /// compared while the prefix is known; `None` compares every key.
+    pub async fn reconcile(
+        &mut self,
+        desired: &Desired,
+        changed: Option<&BTreeSet<String>>,
+    ) -> Result<Written, ConsulError> {
+        let wanted = |(k, v): &(&String, &Vec<u8>)| k.starts_with(&self.prefix) && v.len() <= MAX_VALUE_BYTES;
         let mut written = Written::default();
         let mut conflicts = Vec::new();
         while conflicts.len() < MAX_CONFLICTS {
-            let mut known = match self.known.take() {
-                Some(known) => known,
-                None => self.read().await?,
+            let (mut known, ops) = match (self.known.take(), changed) {
+                (Some(known), Some(keys)) => {
+                    let desired: Desired = keys
+                        .iter()
+                        .filter_map(|k| desired.get_key_value(k))
+                        .filter(wanted)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    let known_keys = keys.iter().filter_map(|k| Some((k.clone(), known.get(k)?.clone())));
+                    let ops = plan(&known_keys.collect(), &desired);
+                    (known, ops)
+                }
+                (known, _) => {
+                    let known = match known {
+                        Some(known) => known,
+                        None => self.read().await?,
+                    };
+                    let desired: Desired = desired.iter().filter(wanted).map(|(k, v)| (k.clone(), v.clone())).collect();
+                    let ops = plan(&known, &desired);
+                    (known, ops)
+                }
             };
             let mut rolled_back = false;
-            for ops in plan(&known, &desired) {
+            for ops in ops {
                 match self.client.txn(&ops).await {
                     Ok(TxnOutcome::Committed(results)) => {
                         written.transactions += 1;
@@ -194,76 +219,122 @@ pub fn plan(known: &BTreeMap<String, (Vec<u8>, u64)>, desired: &Desired) -> Vec<
     txns
 }
 
-/// The relay's side of the background writer: hands it the wanted index, never waits.
+/// The relay's side of the background writer: hands it what changed, never waits.
 #[derive(Debug)]
 pub struct Feed {
-    wanted: watch::Sender<Option<Desired>>,
-    /// The last index handed over.
+    changes: mpsc::UnboundedSender<Changes>,
+    /// The index as handed over so far.
     sent: Desired,
     /// Values refused for their size, by key, so each is reported once.
     refused: BTreeMap<String, Vec<u8>>,
+    /// Whether anything was handed over yet: the first hand-over always starts a pass,
+    /// which removes what an earlier life of the datacenter left.
+    started: bool,
     _stop: DropGuard,
 }
 
 impl Feed {
     /// Starts the background writer of datacenter `dc`'s index; it stops when the feed is
-    /// dropped. Nothing is written before the first [`Feed::update`].
+    /// dropped. Nothing is written before the first [`Feed::update`] or [`Feed::change`].
     pub fn start(client: Client, dc: &str) -> Feed {
-        let (wanted, receiver) = watch::channel(None);
+        let (changes, receiver) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         tokio::spawn(keep(IndexWriter::new(client, dc), receiver, stop.clone()));
-        Feed { wanted, sent: Desired::new(), refused: BTreeMap::new(), _stop: stop.drop_guard() }
+        Feed::to(changes, stop)
     }
 
-    /// Hands over the whole index the relay now publishes. A value too large for Consul
-    /// is left out (its key keeps the value Consul has); returns one message for each such
-    /// value not reported before.
-    pub fn update(&mut self, mut index: Desired) -> Vec<String> {
+    /// A feed handing its changes to `changes`, whose writer `stop` stops.
+    fn to(changes: mpsc::UnboundedSender<Changes>, stop: CancellationToken) -> Feed {
+        Feed { changes, sent: Desired::new(), refused: BTreeMap::new(), started: false, _stop: stop.drop_guard() }
+    }
+
+    /// Hands over the whole index the relay now publishes: the writer gets the keys that
+    /// differ from what it was handed before. A value too large for Consul is left out
+    /// (its key keeps the value Consul has); returns one message for each such value not
+    /// reported before.
+    pub fn update(&mut self, index: Desired) -> Vec<String> {
+        self.refused.retain(|k, _| index.get(k).is_some_and(|v| v.len() > MAX_VALUE_BYTES));
+        let mut changes: Changes =
+            self.sent.keys().filter(|k| !index.contains_key(*k)).map(|k| (k.clone(), None)).collect();
+        changes.extend(index.into_iter().filter(|(k, v)| self.sent.get(k) != Some(v)).map(|(k, v)| (k, Some(v))));
+        self.change(changes)
+    }
+
+    /// Hands over the keys that moved since the last hand-over, as [`Feed::update`] does
+    /// the whole index.
+    pub fn change(&mut self, changes: Changes) -> Vec<String> {
         let mut messages = Vec::new();
-        let oversized: Vec<String> =
-            index.iter().filter(|(_, v)| v.len() > MAX_VALUE_BYTES).map(|(k, _)| k.clone()).collect();
-        for key in &oversized {
-            let value = index.remove(key).expect("listed above");
-            let kept = self.sent.get(key).cloned();
-            if self.refused.get(key) != Some(&value) {
-                messages.push(format!(
-                    "consul index key {key}: value of {} bytes is over Consul's limit of {MAX_VALUE_BYTES} bytes; not written, Consul keeps {}",
-                    value.len(),
-                    if kept.is_some() { "the previous value" } else { "no value" }
-                ));
-                self.refused.insert(key.clone(), value);
-            }
-            if let Some(kept) = kept {
-                index.insert(key.clone(), kept);
+        let mut forward = Changes::new();
+        for (key, value) in changes {
+            match value {
+                Some(value) if value.len() > MAX_VALUE_BYTES => {
+                    if self.refused.get(&key) != Some(&value) {
+                        messages.push(format!(
+                            "consul index key {key}: value of {} bytes is over Consul's limit of {MAX_VALUE_BYTES} bytes; not written, Consul keeps {}",
+                            value.len(),
+                            if self.sent.contains_key(&key) { "the previous value" } else { "no value" }
+                        ));
+                        self.refused.insert(key, value);
+                    }
+                }
+                Some(value) => {
+                    self.refused.remove(&key);
+                    if self.sent.get(&key) != Some(&value) {
+                        self.sent.insert(key.clone(), value.clone());
+                        forward.insert(key, Some(value));
+                    }
+                }
+                None => {
+                    self.refused.remove(&key);
+                    if self.sent.remove(&key).is_some() {
+                        forward.insert(key, None);
+                    }
+                }
             }
         }
-        self.refused.retain(|k, _| oversized.contains(k));
-        if index != self.sent || self.wanted.borrow().is_none() {
-            self.sent = index.clone();
-            self.wanted.send_replace(Some(index));
+        if !forward.is_empty() || !self.started {
+            self.started = true;
+            // The writer runs until the feed is dropped, so it is there to receive.
+            let _ = self.changes.send(forward);
         }
         messages
     }
 }
 
-/// The background writer: one pass per new index, retried with backoff until it
-/// succeeds or a newer index arrives.
-async fn keep(mut writer: IndexWriter, mut wanted: watch::Receiver<Option<Desired>>, stop: CancellationToken) {
+/// Applies `changes` to the index the writer wants, noting the keys they touch.
+fn merge(desired: &mut Desired, changed: &mut BTreeSet<String>, changes: Changes) {
+    for (key, value) in changes {
+        match value {
+            Some(value) => desired.insert(key.clone(), value),
+            None => desired.remove(&key),
+        };
+        changed.insert(key);
+    }
+}
+
+/// The background writer: one pass per batch of changes, retried with backoff until it
+/// succeeds; changes that arrive meanwhile join the pass.
+async fn keep(mut writer: IndexWriter, mut changes: mpsc::UnboundedReceiver<Changes>, stop: CancellationToken) {
+    let mut desired = Desired::new();
+    // Keys changed since the last pass that succeeded.
+    let mut changed = BTreeSet::new();
     let mut backoff = Duration::from_millis(100);
     let mut retry = false;
     loop {
         if !retry {
             tokio::select! {
-                changed = wanted.changed() => if changed.is_err() { return },
+                got = changes.recv() => match got {
+                    Some(got) => merge(&mut desired, &mut changed, got),
+                    None => return,
+                },
                 () = stop.cancelled() => return,
             }
         }
-        let Some(desired) = wanted.borrow_and_update().clone() else {
-            retry = false;
-            continue;
-        };
+        while let Ok(got) = changes.try_recv() {
+            merge(&mut desired, &mut changed, got);
+        }
         let result = tokio::select! {
-            result = writer.reconcile(&desired) => result,
+            result = writer.reconcile(&desired, Some(&changed)) => result,
             () = stop.cancelled() => return,
         };
         match result {
@@ -271,6 +342,7 @@ async fn keep(mut writer: IndexWriter, mut wanted: watch::Receiver<Option<Desire
                 if retry {
                     tracing::info!(prefix = %writer.prefix, "consul index reachable again");
                 }
+                changed.clear();
                 retry = false;
                 backoff = Duration::from_millis(100);
                 if written == Written::default() {
@@ -296,8 +368,11 @@ async fn keep(mut writer: IndexWriter, mut wanted: watch::Receiver<Option<Desire
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
-                    // A newer index is tried at once (the same backoff stays in force if it fails too).
-                    changed = wanted.changed() => if changed.is_err() { return },
+                    // Newer changes are tried at once (the same backoff stays in force if it fails too).
+                    got = changes.recv() => match got {
+                        Some(got) => merge(&mut desired, &mut changed, got),
+                        None => return,
+                    },
                     () = stop.cancelled() => return,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -372,6 +447,29 @@ mod tests {
         for txn in &txns {
             assert!(txn.iter().map(txn_op_bytes).sum::<usize>() < MAX_TXN_BODY_BYTES);
         }
+    }
+
+    #[test]
+    fn the_writer_is_handed_only_the_keys_that_moved() {
+        let (sender, mut writer) = mpsc::unbounded_channel();
+        let mut feed = Feed::to(sender, CancellationToken::new());
+        let mut handed = || writer.try_recv().ok();
+        let changes = |entries: &[(&str, Option<&str>)]| -> Changes {
+            entries.iter().map(|(k, v)| (k.to_string(), v.map(|v| v.as_bytes().to_vec()))).collect()
+        };
+
+        assert!(feed.update(Desired::new()).is_empty());
+        assert_eq!(handed(), Some(Changes::new()), "the first hand-over starts a pass even when empty");
+        feed.update(desired(&[("a", "1"), ("b", "2")]));
+        assert_eq!(handed(), Some(changes(&[("a", Some("1")), ("b", Some("2"))])));
+        feed.change(changes(&[("a", Some("1"))]));
+        assert_eq!(handed(), None, "nothing moved");
+        feed.change(changes(&[("b", None), ("c", Some("3")), ("ghost", None)]));
+        assert_eq!(handed(), Some(changes(&[("b", None), ("c", Some("3"))])));
+        feed.update(desired(&[("a", "1"), ("c", "3")]));
+        assert_eq!(handed(), None, "the whole index, unchanged");
+        feed.update(desired(&[("c", "4")]));
+        assert_eq!(handed(), Some(changes(&[("a", None), ("c", Some("4"))])));
     }
 
     #[tokio::test]
