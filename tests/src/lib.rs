@@ -26,6 +26,7 @@ pub use tempfile::TempDir;
 
 pub mod consul;
 pub mod git_http;
+pub mod store;
 pub mod topology;
 
 mod bus;

@@ -49,11 +49,21 @@ pub(crate) fn verdict(met: bool) -> String {
 
 /// CPU time (user + system) of a process so far, in milliseconds.
 pub(crate) fn cpu_ms(pid: u32) -> u64 {
+    stat_ticks(pid, 2) * 10
+}
+
+/// CPU time (user + system) of a process and of the children it has waited for (a
+/// relay's `git repack`), in milliseconds.
+pub(crate) fn cpu_with_children_ms(pid: u32) -> u64 {
+    stat_ticks(pid, 4) * 10
+}
+
+/// The sum of the first `n` CPU fields of `/proc/<pid>/stat` (utime, stime, cutime,
+/// cstime), in clock ticks (100 a second on Linux).
+fn stat_ticks(pid: u32, n: usize) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    ticks * 10
+    fields.iter().skip(11).take(n).filter_map(|t| t.parse::<u64>().ok()).sum()
 }
 
 /// The machine the figures were taken on: CPU model and memory.
@@ -72,4 +82,9 @@ pub(crate) fn uname() -> String {
 /// The machine line printed under the bench's title.
 pub(crate) fn machine() -> String {
     format!("{} cores, {}", thread::available_parallelism().map(|n| n.get()).unwrap_or(0), uname())
+}
+
+/// A ratio as the tables print it: `1.23×`.
+pub(crate) fn ratio(r: f64) -> String {
+    format!("{r:.2}×")
 }
