@@ -321,8 +321,12 @@ impl Bus {
                 PublishMessage::build().header(subject::SPILLED_HEADER, name.as_str())
             } else {
                 PublishMessage::build().payload(content.clone().into())
-            }
-            .message_id(subject.as_str());
+            };
+            // No `Nats-Msg-Id`: an object purged by a sweep may be needed again seconds
+            // later (a file edited back to an earlier content), and JetStream would
+            // drop its second publish within the dedup window as a duplicate of the
+            // first. The state stream keeps one message per subject, so a publish
+            // repeated by a retry replaces the copy instead of adding one.
             match self.js.send_publish(subject.clone(), message).await {
                 Ok(ack) => acks.push((subject, ack)),
                 Err(source) => return Err(BusError::Publish { subject, source }),

@@ -117,6 +117,18 @@ fn objects_no_snapshot_needs_are_reclaimed() {
     let newcomer = Subscriber::start(&dc.nats.url(), "dc1", &["--service", "service0"]);
     newcomer.wait_exec("service0", &last);
     newcomer.assert_tree(&dc.master, "service0", &last);
+
+    // An earlier content again, seconds after its blob was reclaimed (well within the
+    // bus's dedup window): it is stored anew, and a host that bootstraps gets it.
+    let back = svc.write("app.conf", "version 0\n").commit_push("back to version 0").commit;
+    dc.host.wait_exec("service0", &back);
+    assert!(
+        reachable(&dc.master, &back).is_subset(&stored_objects(&dc.nats.url())),
+        "every object of the reverted tree is stored again"
+    );
+    let late = Subscriber::start(&dc.nats.url(), "dc1", &["--service", "service0"]);
+    late.wait_exec("service0", &back);
+    late.assert_tree(&dc.master, "service0", &back);
 }
 
 #[test]
