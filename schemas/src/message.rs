@@ -286,6 +286,55 @@ pub struct HostStatus {
     pub exec_status: Option<i32>,
     /// When, ms since the Unix epoch.
     pub at_ms: u64,
+    /// What the host's checks say of the service (`--check-cmd`, `--exec`,
+    /// `--health-cmd`); `None` before they judged it, and from a host that does not
+    /// report health (an older one: the field is optional both ways).
+    #[serde(default)]
+    pub health: Option<Health>,
+}
+
+/// A host's judgement of one service: the last word of its checks.
+///
+/// Its fields are declared in alphabetical order: the host's local API serves it as JSON,
+/// whose keys are in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// When it was judged, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Why it is not healthy: the command, how it ended and the first lines it wrote.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The verdict.
+    pub state: HealthState,
+}
+
+/// The verdict of a [`Health`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    /// Every check passed.
+    Healthy,
+    /// A check failed, or a change was refused: see [`Health::reason`].
+    Unhealthy,
+    /// The host went back to the previous commit because a rollout halted.
+    Reverted,
+}
+
+impl Health {
+    /// Every check passed, at `at_ms`.
+    pub fn healthy(at_ms: u64) -> Health {
+        Health { at_ms, reason: None, state: HealthState::Healthy }
+    }
+
+    /// A check failed at `at_ms`, for `reason`.
+    pub fn unhealthy(at_ms: u64, reason: impl Into<String>) -> Health {
+        Health { at_ms, reason: Some(reason.into()), state: HealthState::Unhealthy }
+    }
+
+    /// Whether every check passed.
+    pub fn is_healthy(&self) -> bool {
+        self.state == HealthState::Healthy
+    }
 }
 
 /// How often a host repeats its status reports even when nothing changed, so that the
@@ -392,6 +441,55 @@ mod tests {
         e.v = READ_VERSION + 1;
         assert!(matches!(decode::<CommitEvent>(&encode(&e)), Err(DecodeError::TooNew { .. })));
         assert!(matches!(decode::<CommitEvent>(b"\xc1garbage"), Err(DecodeError::Malformed(_))));
+    }
+
+    fn status(health: Option<Health>) -> HostStatus {
+        HostStatus {
+            v: WIRE_VERSION,
+            dc: "dc1".into(),
+            host: "h0".into(),
+            kind: Kind::Service,
+            name: "web".into(),
+            commit: Some("ab".repeat(20)),
+            ok: false,
+            error: Some("--check-cmd refused it".into()),
+            exec_status: None,
+            at_ms: 1,
+            health,
+        }
+    }
+
+    /// A host status as hosts wrote it before they reported health.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct StatusWithoutHealth {
+        v: u16,
+        dc: String,
+        host: String,
+        kind: Kind,
+        name: String,
+        commit: Option<String>,
+        ok: bool,
+        error: Option<String>,
+        exec_status: Option<i32>,
+        at_ms: u64,
+    }
+
+    #[test]
+    fn health_is_optional_on_the_wire_both_ways() {
+        let health = Health::unhealthy(2, "--check-cmd exited with exit status: 1");
+        let new = status(Some(health.clone()));
+        let bytes = encode(&new);
+        assert!(bytes.windows(9).any(|w| w == b"unhealthy"), "the state travels as a lowercase word");
+        assert_eq!(decode::<HostStatus>(&bytes).expect("decodes"), new);
+        // An older reader ignores the field; a newer one reads an older status as no health.
+        let old: StatusWithoutHealth = rmp_serde::from_slice(&bytes).expect("an older reader reads it");
+        assert_eq!(old.error, new.error);
+        let from_old = decode::<HostStatus>(&encode(&old)).expect("a newer reader reads an older status");
+        assert_eq!(from_old, status(None));
+        assert!(Health::healthy(3).is_healthy() && !health.is_healthy());
+        let states = [HealthState::Healthy, HealthState::Unhealthy, HealthState::Reverted];
+        let names: Vec<String> = states.iter().map(|s| serde_json::to_string(s).expect("json")).collect();
+        assert_eq!(names, [r#""healthy""#, r#""unhealthy""#, r#""reverted""#]);
     }
 
     #[test]

@@ -3,12 +3,15 @@
 //! from this host.
 //!
 //! Building the tree is [`crate::materialize`]'s; this decides what to build from, what
-//! the position records after it, and what is said and reported when it fails. The
-//! current tree stays in place whatever fails.
+//! the position records after it, and what is said and reported when it fails. Every
+//! new tree is shown to `--check-cmd` before it goes live ([`check`]). The current tree
+//! stays in place whatever fails, and whatever the check refuses.
 
 mod batch;
+mod check;
 
 pub(crate) use batch::{gather, Gathered};
+pub(crate) use check::{Refusal, Refused};
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -46,6 +49,10 @@ pub(crate) enum UpdateError {
     /// The build panicked.
     #[error("the build panicked: {0}")]
     Panicked(#[source] tokio::task::JoinError),
+    /// `--check-cmd` refused the new tree: the service stays where it is, and is not
+    /// retried.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
 /// What became of one message.
@@ -184,6 +191,7 @@ impl Host {
         self.position.services.insert(id.clone(), state);
         self.unsaved += 1;
         if moved {
+            self.forget_refusal(id);
             self.submitted.remove(id);
             self.changed.push(id.clone());
         }
@@ -191,8 +199,9 @@ impl Host {
 
     /// Brings `id` to its snapshot for an update of the stream that cannot be applied
     /// as it is (a gap, a removal, a failed build), and records the outcome; when that
-    /// fails too, says so, reports it and leaves the service to [`Host::retry_failed`].
-    /// Whether the service's tree changed.
+    /// fails too, says so, reports it and leaves the service to [`Host::retry_failed`]
+    /// (unless `--check-cmd` refused the snapshot: the update is then handled, the
+    /// service left where it stands). Whether the service's tree changed.
     async fn resync_for(&mut self, id: &ServiceId, origin: &Origin) -> bool {
         let state = self.state(id);
         match self.resync(id, &state).await {
@@ -200,6 +209,11 @@ impl Host {
                 let moved = matches!(outcome, Outcome::Applied(_) | Outcome::Removed);
                 self.handled(id, state, outcome, origin);
                 moved
+            }
+            Err(UpdateError::Refused(refusal)) => {
+                self.refuse(id, &refusal).await;
+                self.handled(id, state, Outcome::Skipped, origin);
+                false
             }
             Err(e) => {
                 let commit = origin.commit.as_deref().unwrap_or("-");
@@ -229,9 +243,12 @@ impl Host {
                     entry.commit = None;
                     entry.tree = None;
                     entry.exec_pending = true;
+                    self.forget_refusal(&id);
                     self.save().await?;
                 }
                 Ok(Outcome::Skipped) => {}
+                // Refused: not retried (a commit refused before is not even checked).
+                Err(UpdateError::Refused(refusal)) => self.refuse(&id, &refusal).await,
                 Err(e) => {
                     tracing::debug!(%kind, %name, error = %e, "retry failed");
                     self.failed.insert(id);
@@ -247,6 +264,7 @@ impl Host {
         let seq = self.state(id).seq;
         self.position.services.insert(id.clone(), applied.into_state(seq));
         self.save().await?;
+        self.forget_refusal(id);
         self.submitted.remove(id);
         self.live.applied(id);
         Ok(())
@@ -262,6 +280,9 @@ impl Host {
         if snapshot.to == state.commit {
             return Ok(Outcome::Skipped);
         }
+        if let Some(commit) = snapshot.to.as_ref().filter(|c| self.refused_before(id, Some(c))) {
+            return Err(Refusal::Before { commit: commit.clone() }.into());
+        }
         self.apply(&snapshot, None).await?;
         Ok(Outcome::Applied(Applied::of(&snapshot)))
     }
@@ -275,18 +296,23 @@ impl Host {
         Ok(())
     }
 
-    /// Builds, flushes and switches to `update`'s tree on its own (a snapshot, or a
-    /// diff from `current`).
+    /// Builds, flushes, checks and switches to `update`'s tree on its own (a snapshot,
+    /// or a diff from `current`).
     async fn build_and_switch(&self, update: &ServiceUpdate, current: Option<&str>) -> Result<(), UpdateError> {
+        let id = update.service();
         let staged = self.stage(update, current, None).await?;
-        let (layout, materializer) = (self.config.layout(&update.service()), self.materializer.clone());
+        let (layout, materializer) = (self.config.layout(&id), self.materializer.clone());
+        let (dirs, _) = tokio::task::spawn_blocking(move || materializer.flush(vec![staged]))
+            .await
+            .map_err(UpdateError::Panicked)??;
+        let applied = Applied::of(update);
+        for dir in &dirs {
+            self.check(&id, &applied, dir).await?;
+        }
         let switched = layout.clone();
-        tokio::task::spawn_blocking(move || {
-            let (dirs, _) = materializer.flush(vec![staged])?;
-            dirs.iter().try_for_each(|dir| materialize::switch(&switched, dir))
-        })
-        .await
-        .map_err(UpdateError::Panicked)??;
+        tokio::task::spawn_blocking(move || dirs.iter().try_for_each(|dir| materialize::switch(&switched, dir)))
+            .await
+            .map_err(UpdateError::Panicked)??;
         self.prune(layout);
         Ok(())
     }
@@ -358,6 +384,7 @@ impl Host {
                 continue;
             }
             self.position.services.remove(&id);
+            self.forget_refusal(&id);
             self.save().await?;
             let dir = self.config.dir.join(name);
             self.scheduler.submit(Job { service: id, dir, commit: None, ref_name: String::new() });
@@ -402,13 +429,24 @@ impl Host {
         let mut fresh = ServiceState { seq: last, ..ServiceState::default() };
         if let Some(snapshot) = self.reader.snapshot(id).await? {
             if snapshot.to.is_some() {
-                if let Err(e) = self.apply(&snapshot, None).await {
-                    self.report(id, state.commit.clone(), Some(e.to_string()), None).await;
-                    return Err(e);
+                match self.apply(&snapshot, None).await {
+                    Ok(()) => {
+                        fresh = Applied::of(&snapshot).into_state(last);
+                        self.forget_refusal(id);
+                        let ServiceId { kind, name } = id;
+                        tracing::info!(%kind, %name, commit = snapshot.to.as_deref().unwrap_or(""), "bootstrapped from snapshot");
+                    }
+                    // What is in place, if anything, stays; the service waits on the
+                    // stream for its next commit.
+                    Err(UpdateError::Refused(refusal)) => {
+                        self.refuse(id, &refusal).await;
+                        fresh = ServiceState { seq: last, ..state };
+                    }
+                    Err(e) => {
+                        self.report(id, state.commit.clone(), Some(e.to_string()), None).await;
+                        return Err(e);
+                    }
                 }
-                fresh = Applied::of(&snapshot).into_state(last);
-                let ServiceId { kind, name } = id;
-                tracing::info!(%kind, %name, commit = snapshot.to.as_deref().unwrap_or(""), "bootstrapped from snapshot");
             }
         }
         self.position.services.insert(id.clone(), fresh);

@@ -1,5 +1,6 @@
 //! The host's side of `--exec` and `--signal`: the scheduler that runs them off the
-//! update path ([`crate::schedule`]), the changes handed to it, and what its runs gave.
+//! update path ([`crate::schedule`]), then `--health-cmd` ([`crate::checks`]), the
+//! changes handed to it, and what its runs gave.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use crate::config::Config;
 use crate::exec::{notify, Change};
 use crate::host::{Host, SubscriberError};
 use crate::live::ServiceLabel;
-use crate::schedule::{Job, Limit, NatsSlots, Policy, Ran, Runner, Scheduler};
+use crate::schedule::{Job, Limit, NatsSlots, Policy, Ran, Runner, Scheduler, Told};
 
 /// The scheduler of `config`'s `--exec`, and where its runs are reported; with
 /// `--max-parallel`, once the datacenter's exec slots can be opened. `None` on shutdown.
@@ -34,7 +35,13 @@ pub(crate) async fn scheduler(
         Box::pin(async move {
             let change =
                 Change { service: &job.service, commit: job.commit.as_deref(), ref_name: &job.ref_name, dir: &job.dir };
-            notify(&notify_config, &change).await
+            let result = notify(&notify_config, &change).await;
+            // A removal leaves nothing to judge.
+            let health = match job.commit {
+                Some(_) => Some(notify_config.checks.after(&change, &result).await),
+                None => None,
+            };
+            Told { result, health }
         })
     });
     let policy = Policy { splay: config.splay, ..Policy::default() };
@@ -88,10 +95,11 @@ impl Host {
         Ok(())
     }
 
-    /// Records a run of `--exec`: reported either way; done for good when it
-    /// succeeded for the change still in place (a failed one is retried by the
-    /// scheduler, and again after a restart). Whether the position changed (it is
-    /// saved by the caller; lost, the run is only made again after a restart).
+    /// Records a run of `--exec`: reported either way, with the service's health after
+    /// it; done for good when it succeeded for the change still in place (a failed one
+    /// is retried by the scheduler, and again after a restart). Whether the position
+    /// changed (it is saved by the caller; lost, the run is only made again after a
+    /// restart).
     async fn exec_done(&mut self, ran: Ran) -> bool {
         let id = ran.job.service.clone();
         let ServiceId { kind, name } = &id;
@@ -118,7 +126,19 @@ impl Host {
             let label = ServiceLabel::of(&id);
             self.live.metrics.exec_last_status.get_or_create(&label).set(i64::from(status.unwrap_or(-1)));
         }
-        self.report(&id, ran.job.commit.clone(), error, status).await;
+        if let Some(health) = ran.health.as_ref().filter(|h| !h.is_healthy() && ran.result.is_ok()) {
+            self.live.metrics.error("health");
+            // Its output was logged line by line as it came: this is one line.
+            let reason = health.reason.as_deref().and_then(|r| r.lines().next()).unwrap_or_default();
+            tracing::warn!(%kind, %name, %commit, reason, "unhealthy after the change");
+        }
+        // A commit --check-cmd refused since stays the last word on the service until
+        // another one is applied.
+        let (error, health) = match self.refused(&id) {
+            Some(refused) => (Some(refused.error.clone()), Some(refused.health.clone())),
+            None => (error, ran.health.clone()),
+        };
+        self.report_judged(&id, ran.job.commit.clone(), error, status, health).await;
         if ran.result.is_ok() {
             if let Some(state) = self.position.services.get_mut(&id) {
                 if state.exec_pending && state.commit == ran.job.commit {

@@ -126,6 +126,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         unpublished: BTreeSet::new(),
         conf_ref: None,
         failed: BTreeSet::new(),
+        refused: BTreeMap::new(),
         live,
         scheduler,
         exec_reports,
@@ -196,6 +197,9 @@ pub(crate) struct Host {
     /// Services whose last update could not be applied (full disk, I/O error): retried
     /// from the snapshot every [`RETRY_FAILED`].
     pub(crate) failed: BTreeSet<ServiceId>,
+    /// Per service, the commit `--check-cmd` refused last, until another is applied
+    /// (see `crate::apply::check`).
+    pub(crate) refused: BTreeMap<ServiceId, crate::apply::Refused>,
     /// The last outcome per service and the metrics, for `--listen`.
     pub(crate) live: Live,
     /// Runs `--exec` off the update path.

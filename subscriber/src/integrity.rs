@@ -142,6 +142,8 @@ impl Host {
                 self.record(id, applied).await?;
             }
             Ok(_) => {}
+            // The snapshot moved on to a commit --check-cmd refuses: not retried.
+            Err(crate::apply::UpdateError::Refused(refusal)) => self.refuse(id, &refusal).await,
             Err(e) => {
                 tracing::error!(%kind, %name, error = %e, "restoring failed; retrying");
                 self.failed.insert(id.clone());

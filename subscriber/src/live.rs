@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use confcast_schemas::message::now_ms;
+use confcast_schemas::message::{now_ms, Health};
 use confcast_schemas::ServiceId;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +21,9 @@ pub struct ServiceLive {
     pub error: Option<String>,
     /// Exit status of the last `--exec` run.
     pub exec_status: Option<i32>,
+    /// What the host's checks last said of it (`None`: not judged since the commit in
+    /// place was applied).
+    pub health: Option<Health>,
     /// Change index: grows whenever anything about the service changes.
     pub index: u64,
 }
@@ -42,7 +45,7 @@ impl ServiceLabel {
 /// Labels of the error counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
-    /// What failed: `apply`, `exec`, `signature`, `integrity`.
+    /// What failed: `apply`, `check`, `exec`, `health`, `signature`, `integrity`.
     pub what: String,
 }
 
@@ -84,7 +87,7 @@ impl Default for Metrics {
             stream_pending.clone(),
         );
         let errors = Family::<ErrorLabel, Counter>::default();
-        registry.register("errors", "Failures: apply, exec, signature, integrity", errors.clone());
+        registry.register("errors", "Failures: apply, check, exec, health, signature, integrity", errors.clone());
         let exec_last_status = Family::<ServiceLabel, Gauge>::default();
         registry.register(
             "exec_last_status",
@@ -132,11 +135,13 @@ impl Live {
         self.update_if(id, false, change);
     }
 
-    /// A new commit (or a removal) of `id` is in place: its exec has not run yet.
+    /// A new commit (or a removal) of `id` is in place: its exec has not run yet, nor
+    /// has it been judged.
     pub fn applied(&self, id: &ServiceId) {
         self.update_if(id, true, |live| {
             live.error = None;
             live.exec_status = None;
+            live.health = None;
         });
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use confcast_schemas::process::{self, LogFormat, EXIT_FAILED, EXIT_OK, EXIT_UNABLE};
 use confcast_schemas::{Kind, ServiceId};
+use confcast_subscriber::checks::Checks;
 use confcast_subscriber::exec::{parse_signal, Notify};
 use confcast_subscriber::{Config, Selection, SubscriberError};
 use tokio_util::sync::CancellationToken;
@@ -53,6 +54,22 @@ struct Cli {
     /// How long `--exec` may run before it is killed, in seconds.
     #[arg(long, env = "CONFCAST_EXEC_TIMEOUT_SECS", default_value_t = 60)]
     exec_timeout_secs: u64,
+    /// Command run with `sh -c` before each change goes live, with CONFCAST_DIR set to
+    /// the new tree (verified, not yet live) and the other variables as for --exec. If it
+    /// exits non-zero, or is still running after --health-timeout-secs (it is killed),
+    /// the change is not applied: the service keeps its current tree, --exec does not
+    /// run, and the host reports the service unhealthy with the command's first lines.
+    #[arg(long, env = "CONFCAST_CHECK_CMD", value_name = "CMD")]
+    check_cmd: Option<String>,
+    /// Command run with `sh -c` after --exec/--signal for each change, with the same
+    /// variables. If it exits non-zero, or is still running after --health-timeout-secs
+    /// (it is killed), the host reports the service unhealthy with the command's first
+    /// lines; a failing --exec is unhealthy too.
+    #[arg(long, env = "CONFCAST_HEALTH_CMD", value_name = "CMD")]
+    health_cmd: Option<String>,
+    /// How long --check-cmd and --health-cmd may run before they are killed, in seconds.
+    #[arg(long, env = "CONFCAST_HEALTH_TIMEOUT_SECS", value_name = "SECS", default_value_t = 30)]
+    health_timeout_secs: u64,
     /// Signal (e.g. HUP) sent after each applied change to the process in `--pidfile`.
     #[arg(long, env = "CONFCAST_SIGNAL", requires = "pidfile")]
     signal: Option<String>,
@@ -272,6 +289,11 @@ fn config(cli: Cli) -> Result<Config, String> {
             exec: cli.exec,
             signal: signal.zip(cli.pidfile),
             timeout: Duration::from_secs(cli.exec_timeout_secs),
+            checks: Checks {
+                check: cli.check_cmd,
+                health: cli.health_cmd,
+                timeout: Duration::from_secs(cli.health_timeout_secs),
+            },
         },
         host_id,
         nats_auth: cli.nats_auth,
@@ -320,6 +342,31 @@ mod tests {
         assert_ne!(a, b);
         let relative = host_id_of("web-1", Path::new("state"));
         assert!(relative.starts_with("web-1:/") && relative.ends_with("/state"), "{relative}");
+    }
+
+    #[test]
+    fn checks_are_flags_and_environment_variables() {
+        let args = ["subscriber", "--dc", "dc1", "--service", "s", "--dir", "/x"];
+        let cli = <Cli as clap::Parser>::try_parse_from(args).expect("parses");
+        let checks = config(cli).expect("a configuration").notify.checks;
+        assert_eq!((checks.check, checks.health), (None, None));
+        assert_eq!(checks.timeout, Duration::from_secs(30), "the default time limit");
+        let given = ["--check-cmd", "nginx -t", "--health-cmd", "curl -f localhost", "--health-timeout-secs", "5"];
+        let cli = <Cli as clap::Parser>::try_parse_from(args.into_iter().chain(given)).expect("parses");
+        let checks = config(cli).expect("a configuration").notify.checks;
+        assert_eq!(checks.check.as_deref(), Some("nginx -t"));
+        assert_eq!(checks.health.as_deref(), Some("curl -f localhost"));
+        assert_eq!(checks.timeout, Duration::from_secs(5));
+        let command = <Cli as clap::CommandFactory>::command();
+        for (flag, variable) in [
+            ("check_cmd", "CONFCAST_CHECK_CMD"),
+            ("health_cmd", "CONFCAST_HEALTH_CMD"),
+            ("health_timeout_secs", "CONFCAST_HEALTH_TIMEOUT_SECS"),
+        ] {
+            let arg = command.get_arguments().find(|a| a.get_id() == flag).expect("declared");
+            assert_eq!(arg.get_env().and_then(|v| v.to_str()), Some(variable));
+            assert!(arg.get_help().is_some(), "{flag} is documented in --help");
+        }
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! 1. waits a random delay below `--splay` (spreading a datacenter's restarts in time),
 //! 2. takes one of the datacenter's `--max-parallel` slots for this update, so that no
 //!    more than that many hosts run their exec for the same change at once,
-//! 3. runs the command, reports the outcome, and on failure retries with exponential
-//!    backoff — always with the latest change: a newer change replaces the one being
-//!    retried, so a failing exec never holds later updates back and never runs for a
-//!    configuration that is no longer in place.
+//! 3. runs the command (then `--health-cmd`, still holding the slot: a host counts as
+//!    restarting until it is judged), reports the outcome, and on failure of the command
+//!    retries with exponential backoff — always with the latest change: a newer change
+//!    replaces the one being retried, so a failing exec never holds later updates back
+//!    and never runs for a configuration that is no longer in place. A failing health
+//!    command is reported, not retried: running the exec again would not mend it.
 //!
 //! Restart storms after a configuration push are what splay and the slots prevent.
 
@@ -21,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use confcast_schemas::message::Health;
 use confcast_schemas::{subject, ServiceId};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -45,6 +48,8 @@ pub struct Ran {
     pub job: Job,
     /// Exit status (`None` without a command), or what went wrong.
     pub result: Result<Option<i32>, Failure>,
+    /// The service's health after the run (`None`: not judged, as for a removal).
+    pub health: Option<Health>,
     /// 1 for the first run of this change, 2 for its first retry, ...
     pub attempt: u32,
     /// How long the run took (the command and the signal, not the wait for a slot).
@@ -77,8 +82,17 @@ impl Default for Policy {
     }
 }
 
-/// Runs one job: the `--exec` command and signal, in production.
-pub type Runner = Arc<dyn Fn(Job) -> Pin<Box<dyn Future<Output = Result<Option<i32>, Failure>> + Send>> + Send + Sync>;
+/// What one run of a job gave.
+#[derive(Debug, Clone)]
+pub struct Told {
+    /// Exit status of the command (`None` without one), or what went wrong: retried.
+    pub result: Result<Option<i32>, Failure>,
+    /// The service's health after it (`None`: not judged).
+    pub health: Option<Health>,
+}
+
+/// Runs one job: the `--exec` command and signal, then `--health-cmd`, in production.
+pub type Runner = Arc<dyn Fn(Job) -> Pin<Box<dyn Future<Output = Told> + Send>> + Send + Sync>;
 
 /// How many hosts of the datacenter may run their exec for the same change at once.
 #[derive(Clone)]
@@ -296,11 +310,11 @@ async fn work(
             last = Some(job.clone());
             let Some(permit) = limit.acquire(&job, &shutdown).await else { return };
             let started = tokio::time::Instant::now();
-            let result = runner(job.clone()).await;
+            let Told { result, health } = runner(job.clone()).await;
             let took = started.elapsed();
             permit.release().await;
             let ok = result.is_ok();
-            if ran.send(Ran { job, result, attempt, took }).is_err() {
+            if ran.send(Ran { job, result, health, attempt, took }).is_err() {
                 return;
             }
             if ok {
@@ -347,11 +361,12 @@ mod tests {
             };
             let failed = fail(&job, n);
             Box::pin(async move {
-                if failed {
+                let result = if failed {
                     Err(Failure { message: "--exec exited with exit status: 1".into(), status: Some(1) })
                 } else {
                     Ok(Some(0))
-                }
+                };
+                Told { result, health: None }
             })
         });
         (runner, log)
@@ -436,7 +451,7 @@ mod tests {
                 p.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 r.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                Ok(None)
+                Told { result: Ok(None), health: None }
             })
         });
         let limit = Limit::Local(Arc::new(tokio::sync::Semaphore::new(3)));

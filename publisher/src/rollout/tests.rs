@@ -37,6 +37,7 @@ fn status(host: &str, name: &str, commit: &str, error: Option<&str>, exec: Optio
         error: error.map(Into::into),
         exec_status: exec,
         at_ms: 1,
+        health: None,
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! * `GET /healthz` — `ok` once the position can be read;
 //! * `GET /v1/services` — every service: kind, commit, tree, ref, version, when it was
-//!   applied, status, last exec status;
+//!   applied, status, last exec status, health as the host's checks last judged it;
 //! * `GET /v1/services/<name>` — the same for one service, plus every file of its tree
 //!   (UTF-8 files as `text`, others as `base64`, symlinks as their `symlink` target;
 //!   `.json`, `.yaml`/`.yml` and `.toml` files also as a parsed `document`, or a

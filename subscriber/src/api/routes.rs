@@ -89,6 +89,7 @@ impl Api {
             exec_pending: state.exec_pending,
             exec_status: live.exec_status,
             files: None,
+            health: live.health.clone(),
             index: service_index(&live, state),
             kind: id.kind,
             name: id.name.clone(),

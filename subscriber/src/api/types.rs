@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use confcast_schemas::message::Health;
 use confcast_schemas::Kind;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
@@ -40,6 +41,11 @@ pub struct Service {
     /// Every file of the tree, by path; only in `GET /v1/services/<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<BTreeMap<String, TreeFile>>,
+    /// What the host's checks (`--check-cmd`, `--exec`, `--health-cmd`) last said of the
+    /// service; absent until they judged it since the subscriber started or the commit
+    /// in place was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
     /// The service's change index (see `X-Confcast-Index`).
     pub index: u64,
     /// Service, application or device.
@@ -120,6 +126,7 @@ mod tests {
             exec_pending: false,
             exec_status: Some(3),
             files,
+            health: None,
             index: 42,
             kind: Kind::Service,
             name: "service0".into(),
@@ -158,6 +165,22 @@ mod tests {
             r#"{"applied_at_ms":1700000000000,"commit":"c0ffee","dir":"/srv/conf/service0","error":"exec failed","exec_pending":false,"exec_status":3,"files":{"a.json":{"document":null,"text":"null"},"b.yaml":{"document_error":"bad","text":":"},"c":{"text":"x"},"d":{"base64":"/w=="},"e":{"symlink":"c"}},"index":42,"kind":"service","name":"service0","ref":"refs/heads/services/service0/master","status":"error","tree":null,"version":"latest"}"#
         );
         assert_eq!(serde_json::from_str::<Service>(&text).expect("reads back"), one);
+        // Judged: the health comes between the files and the index.
+        let judged = Service {
+            error: Some("0badc0de refused: --check-cmd exited with exit status: 1".into()),
+            health: Some(Health::unhealthy(1_700_000_000_001, "--check-cmd exited with exit status: 1; output:\nbad")),
+            status: Status::Error,
+            ..service(None)
+        };
+        let text = serde_json::to_string(&judged).expect("json");
+        assert_eq!(
+            text,
+            r#"{"applied_at_ms":1700000000000,"commit":"c0ffee","dir":"/srv/conf/service0","error":"0badc0de refused: --check-cmd exited with exit status: 1","exec_pending":false,"exec_status":3,"health":{"at_ms":1700000000001,"reason":"--check-cmd exited with exit status: 1; output:\nbad","state":"unhealthy"},"index":42,"kind":"service","name":"service0","ref":"refs/heads/services/service0/master","status":"error","tree":null,"version":"latest"}"#
+        );
+        assert_eq!(serde_json::from_str::<Service>(&text).expect("reads back"), judged);
+        let healthy = Service { health: Some(Health::healthy(5)), ..service(None) };
+        let text = serde_json::to_string(&healthy).expect("json");
+        assert!(text.contains(r#""health":{"at_ms":5,"reason":null,"state":"healthy"},"index""#), "{text}");
         let error = ErrorAnswer { error: "no service \"x\" on this host".into() };
         assert_eq!(serde_json::to_string(&error).expect("json"), r#"{"error":"no service \"x\" on this host"}"#);
     }

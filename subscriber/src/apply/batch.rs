@@ -5,9 +5,10 @@
 //! pending), and they are applied together: each update is built
 //! and verified beside its service's current tree, in stream order
 //! ([`crate::materialize::Materializer::stage`]); then one `syncfs(2)` per file system
-//! makes every one of them durable; then each service's link is switched. The loop
-//! then hands `--exec` over once per service, for the state it ends in, and saves the
-//! position once. A single update is a batch of one, at the same cost as ever.
+//! makes every one of them durable; then `--check-cmd`, if given, looks at every new
+//! tree, all at once; then each service's link is switched. The loop then hands
+//! `--exec` over once per service, for the state it ends in, and saves the position
+//! once. A single update is a batch of one, at the same cost as ever.
 //!
 //! Several updates of one service in a batch are applied one after the other, each to
 //! the tree the one before built (never switched to), each verified against its own
@@ -20,9 +21,12 @@
 //!
 //! Per service the step is atomic, as for a lone update. A service whose update cannot
 //! be built, flushed or switched falls back to its snapshot on its own, as a lone
-//! update does, and the others go on. Nothing of the batch enters the position before
-//! its tree is switched to, and the position is saved only after the switches, so a
-//! crash at any point replays what is not in place: it is never skipped.
+//! update does, and the others go on. A service whose last tree the check refuses is
+//! not switched: it stays where it stands, its updates handled, and the others switch
+//! (only the tree a service ends at is checked: the ones before it never go live).
+//! Nothing of the batch enters the position before its tree is switched to, and the
+//! position is saved only after the switches, so a crash at any point replays what is
+//! not in place: it is never skipped.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -138,6 +142,19 @@ struct Pending {
     updates: usize,
 }
 
+/// A service whose tree the batch built and flushed, on its way to being checked and
+/// switched to.
+struct Built {
+    /// The service.
+    id: ServiceId,
+    /// What the tree is of.
+    applied: Applied,
+    /// The last update it holds.
+    origin: Origin,
+    /// How many of the batch's updates it holds.
+    updates: usize,
+}
+
 /// What a batch did, for its log line.
 #[derive(Debug, Default)]
 struct Tally {
@@ -242,49 +259,74 @@ impl Host {
         }
     }
 
-    /// Flushes every tree the batch built at once, then switches each service to its
-    /// own and records it; a service that fails falls back to its snapshot.
+    /// Flushes every tree the batch built at once, shows each to `--check-cmd` (all at
+    /// once), then switches each service the check passed to its own and records it; a
+    /// refused service stays where it stands, and one that fails falls back to its
+    /// snapshot.
     async fn switch_all(&mut self, pending: BTreeMap<ServiceId, Pending>, tally: &mut Tally) {
         if pending.is_empty() {
             return;
         }
-        let mut trees = Vec::with_capacity(pending.len());
+        let mut staged = Vec::with_capacity(pending.len());
         let mut services = Vec::with_capacity(pending.len());
         for (id, Pending { tree, applied, origin, updates, .. }) in pending {
-            trees.push((self.config.layout(&id), tree));
-            services.push((id, applied, origin, updates));
+            staged.push(tree);
+            services.push(Built { id, applied, origin, updates });
         }
         let materializer = self.materializer.clone();
-        let switched = tokio::task::spawn_blocking(move || -> Result<_, ApplyError> {
-            let (layouts, staged): (Vec<_>, Vec<_>) = trees.into_iter().unzip();
+        let flushed = tokio::task::spawn_blocking(move || -> Result<_, ApplyError> {
             let flushing = Instant::now();
             let (dirs, flushes) = materializer.flush(staged)?;
-            let flushed = (flushes, flushing.elapsed().as_millis() as u64);
-            let results =
-                layouts.into_iter().zip(dirs).map(|(layout, dir)| (materialize::switch(&layout, &dir), layout));
-            Ok((results.collect::<Vec<_>>(), flushed))
+            Ok((dirs, flushes, flushing.elapsed().as_millis() as u64))
         })
         .await
         .map_err(UpdateError::Panicked)
         .and_then(|flushed| flushed.map_err(UpdateError::from));
-        let results = match switched {
-            Ok((results, (flushes, flush_ms))) => {
+        let dirs = match flushed {
+            Ok((dirs, flushes, flush_ms)) => {
                 tally.flushes += flushes;
                 tally.flush_ms += flush_ms;
-                results
+                dirs
             }
             Err(e) => {
                 // Nothing was switched: each service tries its snapshot, on its own.
                 tracing::warn!(services = services.len(), error = %e, "flushing the batch failed; resyncing its services from their snapshots");
-                for (id, _, origin, _) in &services {
-                    if self.resync_for(id, origin).await {
-                        tally.resynced += 1;
-                    }
-                }
+                self.resync_each(&services, tally).await;
                 return;
             }
         };
-        for ((id, applied, origin, updates), (result, layout)) in services.into_iter().zip(results) {
+        let checks = services.iter().zip(&dirs).map(|(built, dir)| self.check(&built.id, &built.applied, dir));
+        let checked = futures::future::join_all(checks).await;
+        let mut passed = Vec::with_capacity(services.len());
+        let mut trees = Vec::with_capacity(services.len());
+        for ((built, dir), checked) in services.into_iter().zip(dirs).zip(checked) {
+            match checked {
+                Ok(()) => {
+                    trees.push((self.config.layout(&built.id), dir));
+                    passed.push(built);
+                }
+                Err(refusal) => {
+                    self.refuse(&built.id, &refusal).await;
+                    self.handled(&built.id, self.state(&built.id), Outcome::Skipped, &built.origin);
+                }
+            }
+        }
+        if trees.is_empty() {
+            return;
+        }
+        let switched = tokio::task::spawn_blocking(move || {
+            trees.into_iter().map(|(layout, dir)| (materialize::switch(&layout, &dir), layout)).collect::<Vec<_>>()
+        })
+        .await;
+        let results = match switched {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(services = passed.len(), error = %e, "switching the batch panicked; resyncing its services from their snapshots");
+                self.resync_each(&passed, tally).await;
+                return;
+            }
+        };
+        for (Built { id, applied, origin, updates }, (result, layout)) in passed.into_iter().zip(results) {
             match result {
                 Ok(()) => {
                     let metrics = &self.live.metrics;
@@ -303,6 +345,15 @@ impl Host {
                         tally.resynced += 1;
                     }
                 }
+            }
+        }
+    }
+
+    /// Brings each of `services` to its snapshot on its own.
+    async fn resync_each(&mut self, services: &[Built], tally: &mut Tally) {
+        for Built { id, origin, .. } in services {
+            if self.resync_for(id, origin).await {
+                tally.resynced += 1;
             }
         }
     }
