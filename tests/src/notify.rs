@@ -31,11 +31,23 @@ impl NotifySocket {
         &self.path
     }
 
-    /// The next notification, waiting for it up to 60 s.
+    /// The next notification, waiting for it up to 60 s. A signal to the test process
+    /// (a child exiting) interrupts the wait; it is taken up again, within the same 60 s.
     pub fn recv(&self) -> String {
         let mut buf = [0u8; 512];
-        let n = self.socket.recv(&mut buf).expect("a notification within 60 s");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        self.socket.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        loop {
+            match self.socket.recv(&mut buf) {
+                Ok(n) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    assert!(!left.is_zero(), "no notification within 60 s");
+                    self.socket.set_read_timeout(Some(left)).expect("timeout");
+                }
+                Err(e) => panic!("a notification within 60 s: {e:?}"),
+            }
+        }
     }
 
     /// A notification already sent, if there is one, without waiting.

@@ -7,11 +7,14 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use confcast_schemas::message::HealthState;
 use confcast_schemas::HostStatus;
-use confcast_tests::{free_port, host_status, http_get, wait_for, Datacenter, Master, NatsServer, Relay, Subscriber};
+use confcast_tests::{
+    bin, free_port, host_status, http_get, run, wait_for, Datacenter, Master, NatsServer, Relay, Subscriber,
+};
 
 /// The host id every test gives its host, so that its status subject is known.
 const HOST: &str = "h0";
@@ -159,6 +162,13 @@ fn a_failing_health_command_or_exec_is_unhealthy_and_both_passing_healthy() {
         api_health().filter(|h| h["state"] == "unhealthy")
     });
     assert_eq!(shown["reason"].as_str(), Some(reason.as_str()));
+    // `publisher status` counts it failed, with why, and exits 1.
+    let out = run(Command::new(bin("publisher")).args(["status", &second, "--nats", &nats.url(), "--timeout", "1"]));
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let at = &second[..7];
+    let line =
+        format!("dc1: 0/1 at {at} (1 failed: {HOST} unhealthy: --health-cmd exited with exit status: 3; output:)");
+    assert!(out.stdout.lines().any(|l| l == line), "{line} in {out:?}");
 
     // `--exec` fails: unhealthy, for its exit status.
     fs::remove_file(&health_broken).expect("mend the health command");

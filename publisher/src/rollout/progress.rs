@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use confcast_schemas::message::HealthState;
 use confcast_schemas::{HostStatus, ServiceHead, ServiceId};
 
 use super::pushed::Pushed;
@@ -40,7 +41,8 @@ pub enum HostState {
         /// The host's commit, if it has one.
         at: Option<String>,
     },
-    /// It reported a failure: an update it could not apply, or an `--exec` that failed.
+    /// It reported a failure: an update it could not apply or its `--check-cmd`
+    /// refused, an `--exec` that failed, or a `--health-cmd` that judged it unhealthy.
     Failed {
         /// The host's commit, when it is not the target.
         at: Option<String>,
@@ -197,10 +199,25 @@ fn failure(status: &HostStatus) -> String {
     error.trim_start_matches("--").to_owned()
 }
 
+/// Why a host that applied is not done: `--health-cmd` (or `--exec`) judged it
+/// unhealthy, or it went back to the previous commit; the first line of the reason.
+fn unwell(status: &HostStatus) -> Option<String> {
+    let health = status.health.as_ref()?;
+    let first_line = || health.reason.as_deref().and_then(|r| r.lines().next()).map(str::trim);
+    match health.state {
+        HealthState::Healthy => None,
+        HealthState::Unhealthy => Some(format!("unhealthy: {}", first_line().unwrap_or("no reason given"))),
+        HealthState::Reverted => Some(format!("reverted: {}", first_line().unwrap_or("the rollout halted"))),
+    }
+}
+
 pub(crate) fn host_state(status: &HostStatus, commit: &str) -> HostState {
     let at_target = status.commit.as_deref() == Some(commit);
     match (at_target, status.ok) {
-        (true, true) => HostState::Done,
+        (true, true) => match unwell(status) {
+            Some(reason) => HostState::Failed { at: None, reason },
+            None => HostState::Done,
+        },
         (true, false) => HostState::Failed { at: None, reason: failure(status) },
         (false, false) => HostState::Failed { at: status.commit.clone(), reason: failure(status) },
         (false, true) => HostState::Pending { at: status.commit.clone() },

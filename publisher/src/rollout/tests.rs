@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use confcast_schemas::message::{Health, HealthState};
 use confcast_schemas::{HostStatus, Kind, ServiceHead, WIRE_VERSION};
 
 use super::progress::host_state;
@@ -164,4 +165,23 @@ fn failures_say_why_and_long_lists_are_cut() {
     );
     let h9 = status("h9", "service0", A, Some("tree mismatch"), Some(3));
     assert_eq!(host_state(&h9, B), HostState::Failed { at: Some(A.into()), reason: "exec exited 3".into() });
+}
+
+#[test]
+fn a_host_its_health_command_judged_unhealthy_is_failed_with_the_first_line_of_why() {
+    let mut sick = status("h1", "service0", B, None, Some(0));
+    sick.health = Some(Health {
+        at_ms: 1,
+        reason: Some("--health-cmd exited with exit status: 2; output:\nconnection refused\n".into()),
+        state: HealthState::Unhealthy,
+    });
+    assert_eq!(
+        host_state(&sick, B),
+        HostState::Failed { at: None, reason: "unhealthy: --health-cmd exited with exit status: 2; output:".into() }
+    );
+    let mut well = sick.clone();
+    well.health = Some(Health { at_ms: 1, reason: None, state: HealthState::Healthy });
+    assert_eq!(host_state(&well, B), HostState::Done);
+    // A host not at the target yet is pending whatever its health at its own commit.
+    assert_eq!(host_state(&sick, C), HostState::Pending { at: Some(B.into()) });
 }
