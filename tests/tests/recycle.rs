@@ -81,6 +81,9 @@ fn recycled_trees_equal_their_commits_and_the_previous_tree_stays_intact() {
     let log = sub.log();
     let recycled = log.matches("built by recycling").count();
     assert!(recycled >= 8, "only {recycled} of 16 trees were recycled:\n{log}");
+    // Every update applied as a diff: none fell back to the snapshot (a rename used to,
+    // its file looked for at its new path in the current tree).
+    assert!(!log.contains("did not apply"), "an update fell back to the snapshot:\n{log}");
     let (ok, report) = sub.verify();
     assert!(ok, "{report}");
 }

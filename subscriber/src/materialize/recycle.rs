@@ -146,6 +146,12 @@ pub(super) fn recycle(
             .filter(|e| matches!(e.change, ChangeKind::Add | ChangeKind::Modify))
             .map(|e| (&e.path[..], e))
             .collect(),
+        moved: update
+            .entries
+            .iter()
+            .filter(|e| e.change == ChangeKind::Rename)
+            .filter_map(|e| Some((&e.path[..], &e.from_path.as_ref()?[..])))
+            .collect(),
         objects,
         perms: &layout.perms,
         expected,
@@ -178,6 +184,8 @@ struct Rebuild<'a> {
     target: &'a Manifest,
     /// What the update adds or modifies, by path.
     written: HashMap<&'a [u8], &'a Entry>,
+    /// What the update moves unchanged: new path → its path in the current tree.
+    moved: HashMap<&'a [u8], &'a [u8]>,
     objects: &'a Objects,
     perms: &'a Perms,
     expected: &'a str,
@@ -253,16 +261,17 @@ impl<'a> Rebuild<'a> {
                 Some(entry) if rewritten.contains(&path[..]) => rewrite_entry(entry, &place, self.objects, self.perms)?,
                 Some(entry) => write_entry(entry, &place, self.objects, self.perms)?,
                 // Unchanged by this update but different in the recycled tree: the
-                // current tree has it as it must be.
+                // current tree has it as it must be (under its old path, for a rename).
                 None => {
                     let base_dir = &self.base_dir;
                     let source = match &mut carried {
                         Some(dirs) => dirs,
                         None => carried.insert(Dirs::open(base_dir, None).map_err(io_at(base_dir))?),
                     };
-                    let (from, from_name) = source.parent(path).map_err(io_in(base_dir, path))?;
+                    let from_path = self.moved.get(&path[..]).copied().unwrap_or(&path[..]);
+                    let (from, from_name) = source.parent(from_path).map_err(io_in(base_dir, from_path))?;
                     nix::unistd::linkat(from, from_name, parent, name, AtFlags::empty())
-                        .map_err(errno_in(base_dir, path))?;
+                        .map_err(errno_in(base_dir, from_path))?;
                 }
             }
             // What is on disk now must be what the manifest says.
