@@ -1,6 +1,6 @@
 //! Running one of the operator's commands for a change: `sh -c CMD` with the change in
-//! its environment, stdin closed, killed when it outlives its time limit or the
-//! subscriber. `--exec` ([`crate::exec`]), `--check-cmd` and `--health-cmd`
+//! its environment, stdin closed, killed when it outlives its time limit (with every
+//! process it started: it runs in its own process group) or the subscriber. `--exec` ([`crate::exec`]), `--check-cmd` and `--health-cmd`
 //! ([`crate::checks`]) all run through [`run`].
 //!
 //! What the command writes on its stdout and stderr is read line by line and logged at
@@ -93,8 +93,11 @@ pub async fn run(flag: &'static str, cmd: &str, change: &Change<'_>, timeout: Du
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
+        // Its own process group, so that a timeout kills what it started too.
+        .process_group(0)
         .spawn()
         .map_err(|source| RunError::Spawn { flag, source })?;
+    let group = child.id().and_then(|id| i32::try_from(id).ok()).map(nix::unistd::Pid::from_raw);
     let first = Arc::new(Mutex::new(FirstLines::default()));
     let pipe =
         |stream: &'static str| Output { service: change.service.name.clone(), stream, flag, first: first.clone() };
@@ -107,6 +110,11 @@ pub async fn run(flag: &'static str, cmd: &str, change: &Change<'_>, timeout: Du
     .collect();
     let waited = tokio::time::timeout(timeout, child.wait()).await;
     if waited.is_err() {
+        // The whole group: a command that outlives its limit leaves nothing running
+        // (`sh -c 'a | b'`, or a process it started in the background).
+        if let Some(group) = group {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = child.kill().await;
     }
     // The command's last lines are logged before its outcome; a background process
@@ -340,5 +348,28 @@ mod tests {
         let finished = run("--health-cmd", cmd, &change, Duration::from_millis(300)).await.expect("runs");
         assert_eq!(finished.ended, Ended::Killed { after: Duration::from_millis(300) });
         assert_eq!(finished.output.text(), "starting");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_what_the_command_started_too() {
+        let s0 = ServiceId::service("s0");
+        let change = Change { service: &s0, commit: Some("abc"), ref_name: "r", dir: Path::new("/d/s0") };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("pid");
+        let cmd = format!("sleep 30 & echo $! > '{}'; wait", pid_file.display());
+        let finished = run("--check-cmd", &cmd, &change, Duration::from_millis(300)).await.expect("runs");
+        assert_eq!(finished.ended, Ended::Killed { after: Duration::from_millis(300) });
+        let pid = std::fs::read_to_string(&pid_file).expect("the background pid");
+        let stat = format!("/proc/{}/stat", pid.trim());
+        // Gone, or dead and waiting for its new parent to reap it.
+        let gone = || {
+            std::fs::read_to_string(&stat)
+                .map_or(true, |s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !gone() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone(), "the background sleep outlived the killed command");
     }
 }
