@@ -402,13 +402,12 @@ impl Datacenter {
 
     /// Records a service's new head, and the index keys it moves for Consul.
     fn set_head(&mut self, service: &ServiceId, head: ServiceHead) {
-        let key = |h: &ServiceHead| confcast_schemas::subject::index_key(&self.dc, h.kind, &h.name, &h.version);
         if self.consul.is_some() {
-            if let Some(old) = self.heads.get(service).filter(|h| h.index_value().is_some()) {
-                self.index_moves.insert(key(old), None);
+            if let Some((key, _)) = self.heads.get(service).and_then(|old| index_entry(&self.dc, old)) {
+                self.index_moves.insert(key, None);
             }
-            if let Some(value) = head.index_value() {
-                self.index_moves.insert(key(&head), Some(value.into_bytes()));
+            if let Some((key, value)) = index_entry(&self.dc, &head) {
+                self.index_moves.insert(key, Some(value));
             }
         }
         self.heads.insert(service.clone(), head);
@@ -421,16 +420,7 @@ impl Datacenter {
         let moves = std::mem::take(&mut self.index_moves);
         let Some(consul) = &mut self.consul else { return Ok(()) };
         let refused = if whole {
-            let index = self
-                .heads
-                .values()
-                .filter_map(|h| {
-                    let value = h.index_value()?;
-                    let key = confcast_schemas::subject::index_key(&self.dc, h.kind, &h.name, &h.version);
-                    Some((key, value.into_bytes()))
-                })
-                .collect();
-            consul.update(index)
+            consul.update(self.heads.values().filter_map(|h| index_entry(&self.dc, h)).collect())
         } else {
             consul.change(moves)
         };
@@ -440,4 +430,10 @@ impl Datacenter {
         }
         Ok(())
     }
+}
+
+/// The index key and value of `head` in datacenter `dc`; `None` once it was removed.
+fn index_entry(dc: &str, head: &ServiceHead) -> Option<(String, Vec<u8>)> {
+    let value = head.index_value()?;
+    Some((confcast_schemas::subject::index_key(dc, head.kind, &head.name, &head.version), value.into_bytes()))
 }
