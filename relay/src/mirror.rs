@@ -8,19 +8,21 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use confcast_schemas::FileMode;
 use gix::bstr::ByteSlice;
 use gix::objs::tree::EntryKind;
-use gix::refs::transaction::{Change, PreviousValue, RefEdit, RefLog};
 
 use crate::diff::{Item, Listing};
 use crate::resolve::RefSource;
 
 mod narrow;
+mod tidy;
 mod transport;
+
+use tidy::{remove_stale_locks, PACK_REFS_AT};
 
 /// Failures of the mirror, and of the master it is fetched from.
 #[derive(Debug, thiserror::Error)]
@@ -142,10 +144,6 @@ pub fn check_master(url: &str) -> Result<(), MirrorError> {
 
 /// Index slots of the mirror's object store (each pack index takes one).
 const OBJECT_STORE_SLOTS: u16 = 1024;
-/// Repack the mirror when it has this many packs.
-const REPACK_AT: usize = 32;
-/// Pack the mirror's refs and write its commit-graph once fetches wrote this many refs.
-const PACK_REFS_AT: usize = 64;
 
 /// What a fetch found on the master.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -214,32 +212,6 @@ impl GitCredentials {
     }
 }
 
-/// Removes the lock files a relay killed in the middle of a fetch leaves in its mirror
-/// (`refs/**/*.lock`, `packed-refs.lock`, ...): left in place, every later fetch fails
-/// to update those refs. Only called by the relay holding the state directory's lock,
-/// so no other process can be using them.
-fn remove_stale_locks(mirror: &Path) {
-    let mut dirs =
-        vec![mirror.to_owned(), mirror.join("refs"), mirror.join(narrow::DIR), mirror.join(narrow::DIR).join("refs")];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.filter_map(Result::ok) {
-            let path = entry.path();
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if is_dir && dir != *mirror && dir != mirror.join(narrow::DIR) {
-                dirs.push(path);
-            } else if !is_dir && path.extension().is_some_and(|e| e == "lock") {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {
-                        tracing::warn!(path = %path.display(), "removed a lock left by a relay that stopped mid-fetch")
-                    }
-                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale lock"),
-                }
-            }
-        }
-    }
-}
-
 /// A bare mirror of the master at `path`, fetching from `url`.
 #[derive(Debug, Clone)]
 pub struct Mirror {
@@ -251,7 +223,7 @@ pub struct Mirror {
     io_timeout: std::time::Duration,
     /// The HTTP client of `http(s)://` fetches, kept between them.
     http: transport::HttpClient,
-    /// Refs written by fetches since the refs were last packed (see `consolidate`).
+    /// Refs written by fetches since the refs were last packed ([`tidy`]).
     loose_refs: Arc<AtomicUsize>,
     /// The repository a fetch of refs the mirror has runs in ([`narrow`]).
     narrow: gix::ThreadSafeRepository,
@@ -314,58 +286,6 @@ impl Mirror {
     pub fn with_io_timeout(mut self, timeout: std::time::Duration) -> Mirror {
         self.io_timeout = timeout;
         self
-    }
-
-    /// Packs in the mirror.
-    fn pack_count(&self) -> usize {
-        std::fs::read_dir(self.path.join("objects/pack"))
-            .map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "idx")).count())
-            .unwrap_or(0)
-    }
-
-    /// Keeps the mirror cheap to fetch into, with C git (gix cannot repack; a relay
-    /// host has git, the `file://` transport needs it too; without it the mirror keeps
-    /// working, slower, and says so):
-    ///
-    /// - Once there are [`REPACK_AT`] packs, rolls the small packs fetches left into
-    ///   one, so object lookups stay fast and index slots free. The repack is
-    ///   geometric: packs are merged only into a pack at least twice their size, so the
-    ///   mirror's big pack is left alone and a repack costs what recent pushes brought,
-    ///   not the size of the repository.
-    /// - Once fetches wrote [`PACK_REFS_AT`] refs, packs the refs into `packed-refs` and
-    ///   adds the new commits to the commit-graph. A fetch's negotiation reads every ref
-    ///   of the mirror and the commit it points at, as git's does; from loose ref files
-    ///   and compressed commits that cost the relay of a datacenter running 3,000
-    ///   services ~45 ms of CPU a push, from one file and the commit-graph ~1 µs a ref
-    ///   (`bench -- --only services`, BENCHMARKS.md).
-    fn consolidate(&self, refs_written: usize) {
-        let packs = self.pack_count();
-        if packs >= REPACK_AT {
-            self.git(&["repack", "-d", "-q", "--geometric=2"], packs);
-        }
-        if self.loose_refs.fetch_add(refs_written, Ordering::Relaxed) + refs_written >= PACK_REFS_AT {
-            self.loose_refs.store(0, Ordering::Relaxed);
-            self.git(&["pack-refs", "--all"], packs);
-            self.git(&["commit-graph", "write", "--reachable", "--split", "--no-progress"], packs);
-        }
-    }
-
-    /// Runs `git ARGS` in the mirror for [`Mirror::consolidate`]: a failure is logged,
-    /// never fatal.
-    fn git(&self, args: &[&str], packs: usize) {
-        let started = std::time::Instant::now();
-        match std::process::Command::new("git").arg("-C").arg(&self.path).args(args).output() {
-            Ok(out) if out.status.success() => {
-                tracing::debug!(?args, packs, elapsed_ms = started.elapsed().as_millis() as u64, "tidied the mirror")
-            }
-            Ok(out) => tracing::warn!(
-                ?args,
-                packs,
-                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-                "git failed to tidy the mirror"
-            ),
-            Err(e) => tracing::warn!(?args, packs, error = %e, "cannot run git to tidy the mirror"),
-        }
     }
 
     /// The mirror as a repository of this thread, for reading objects.
@@ -469,15 +389,11 @@ impl Mirror {
         if repo.try_find_reference(name).map_err(self.local())?.is_none() {
             return Ok(());
         }
-        let edit = RefEdit {
-            change: Change::Delete { expected: PreviousValue::Any, log: RefLog::AndReference },
-            name: name.try_into().map_err(|e: gix::validate::reference::name::Error| MirrorError::Local {
-                path: self.path.clone(),
-                source: gix::Error::from_error(e),
-            })?,
-            deref: false,
-        };
-        repo.edit_reference(edit).map_err(self.local())?;
+        let name = name.try_into().map_err(|e: gix::validate::reference::name::Error| MirrorError::Local {
+            path: self.path.clone(),
+            source: gix::Error::from_error(e),
+        })?;
+        repo.edit_reference(narrow::delete(name)).map_err(self.local())?;
         Ok(())
     }
 
@@ -656,7 +572,7 @@ mod tests {
         let refs = BTreeSet::from([name.clone()]);
         assert_eq!(mirror.fetch(&refs).expect("fetch").missing, refs, "absent on the master");
 
-        for i in 0..(REPACK_AT * 2 + 5) {
+        for i in 0..(tidy::REPACK_AT * 2 + 5) {
             std::fs::write(work.join("f"), format!("{i}")).expect("write");
             git(&work, &["add", "-A"]);
             git(&work, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", &i.to_string()]);
@@ -667,7 +583,7 @@ mod tests {
             assert_eq!(mirror.commit_of(&name).expect("read"), Some(head), "fetch {i}");
             assert_eq!(mirror.root_file(&head, "f").expect("read"), Some(i.to_string().into_bytes()));
         }
-        assert!(mirror.pack_count() < REPACK_AT, "the mirror was repacked");
+        assert!(mirror.pack_count() < tidy::REPACK_AT, "the mirror was repacked");
 
         git(&work, &["push", "-q", master.to_str().expect("utf-8"), &format!(":{name}")]);
         assert_eq!(mirror.fetch(&refs).expect("fetch").missing, refs);

@@ -104,6 +104,6 @@ pub(super) fn update(name: FullName, id: gix::ObjectId) -> RefEdit {
 }
 
 /// An edit that deletes `name`.
-fn delete(name: FullName) -> RefEdit {
+pub(super) fn delete(name: FullName) -> RefEdit {
     RefEdit { change: Change::Delete { expected: PreviousValue::Any, log: RefLog::AndReference }, name, deref: false }
 }
