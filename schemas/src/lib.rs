@@ -19,6 +19,7 @@
 
 pub mod connect;
 pub mod document;
+mod health;
 pub mod kind;
 pub mod message;
 pub mod path;
