@@ -137,8 +137,19 @@ impl Bus {
 
     /// The payload of the last message of every subject of the state stream matching
     /// `filter`.
-    async fn last_per_subject(&self, filter: &str) -> Result<Vec<Vec<u8>>, BusError> {
-        let stream = self.js.get_stream(subject::state_stream(&self.dc)).await.map_err(BusError::StateStream)?;
+    pub(crate) async fn last_per_subject(&self, filter: &str) -> Result<Vec<Vec<u8>>, BusError> {
+        self.last_per_subject_of(&subject::state_stream(&self.dc), filter).await
+    }
+
+    /// The last report of every host of `service`, from the status stream.
+    pub(crate) async fn statuses(&self, service: &ServiceId) -> Result<Vec<Vec<u8>>, BusError> {
+        let filter = subject::service_status_wildcard(&self.dc, service.kind, &service.name);
+        self.last_per_subject_of(&subject::status_stream(&self.dc), &filter).await
+    }
+
+    /// The payload of the last message of every subject of `stream` matching `filter`.
+    async fn last_per_subject_of(&self, stream: &str, filter: &str) -> Result<Vec<Vec<u8>>, BusError> {
+        let stream = self.js.get_stream(stream).await.map_err(BusError::StateStream)?;
         let consumer =
             stream.create_consumer(streams::last_per_subject(filter)).await.map_err(BusError::StateReader)?;
         let mut remaining = consumer.cached_info().num_pending;
@@ -219,6 +230,17 @@ impl Bus {
     pub async fn publish_head(&self, service: &ServiceId, msg_id: &str, payload: Vec<u8>) -> Result<u64, BusError> {
         let subject = subject::head_subject(&self.dc, service.kind, &service.name);
         self.publish(&self.state, subject, msg_id, payload).await
+    }
+
+    /// Publishes a service's rollout state on the state stream.
+    pub async fn publish_rollout(&self, service: &ServiceId, msg_id: &str, payload: Vec<u8>) -> Result<u64, BusError> {
+        let subject = subject::rollout_subject(&self.dc, service.kind, &service.name);
+        self.publish(&self.state, subject, msg_id, payload).await
+    }
+
+    /// The NATS connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
     }
 
     /// Publishes the datacenter's inventory on the state stream.

@@ -30,6 +30,19 @@ impl Cause {
         Cause { tag: format!("boot{now}"), event_seq: 0, pushed_at_ms: now, ref_name: None, commit: None, events: None }
     }
 
+    /// A rollout that moved by itself (halted): its commit and ref.
+    pub(crate) fn rollout(state: &confcast_schemas::rollout::RolloutState) -> Cause {
+        let now = now_ms();
+        Cause {
+            tag: format!("rollout{now}"),
+            event_seq: 0,
+            pushed_at_ms: now,
+            ref_name: Some(state.ref_name.clone()),
+            commit: Some(state.commit.clone()),
+            events: None,
+        }
+    }
+
     /// A batch of commit events, from the oldest (at stream sequence `first`) to the
     /// newest (at `last`).
     pub(crate) fn events(first: u64, oldest: &CommitEvent, last: u64, newest: &CommitEvent) -> Cause {

@@ -38,10 +38,25 @@ pub struct Config {
     pub git: GitCredentials,
     /// nkey seed file to sign every published message with (see [`confcast_schemas::sign`]).
     pub signing_key: Option<PathBuf>,
+    /// Operators' public keys whose rollout controls the relay accepts; with none,
+    /// controls are accepted unsigned and NATS permissions decide who may send them.
+    pub controls: Controls,
+    /// How the datacenters a rollout waits for are reached.
+    pub peers: crate::rollout::Peers,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub listen: Option<SocketAddr>,
     /// The relay's metrics and readiness (see [`crate::metrics`]).
     pub metrics: Arc<Metrics>,
+}
+
+/// Who may control the datacenter's rollouts: the operators' keys (`--trusted-key`).
+#[derive(Clone, Default)]
+pub struct Controls(pub Arc<confcast_schemas::sign::Verifier>);
+
+impl std::fmt::Debug for Controls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Controls").field(&if self.0.is_enabled() { "signed" } else { "unsigned" }).finish()
+    }
 }
 
 impl Config {

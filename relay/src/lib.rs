@@ -36,10 +36,12 @@ mod prepare;
 mod publish;
 mod reclaim;
 pub mod resolve;
+mod rollout;
 mod server;
 mod sync;
 
 pub use config::{Config, StreamLayout};
 pub use error::{BusError, RelayError};
 pub use metrics::Metrics;
+pub use rollout::Peers;
 pub use server::run;

@@ -59,6 +59,15 @@ struct Cli {
     /// refuse anything else.
     #[arg(long, env = "CONFCAST_SIGNING_KEY", value_name = "FILE")]
     signing_key: Option<PathBuf>,
+    /// An operator's public nkey (`publisher keygen`) whose rollout controls
+    /// (`publisher rollout pause|resume|abort|promote`) this relay accepts; repeat for
+    /// several. With none, controls need not be signed.
+    #[arg(long = "trusted-key", env = "CONFCAST_TRUSTED_KEYS", value_delimiter = ',', value_name = "KEY")]
+    trusted_keys: Vec<String>,
+    /// The datacenters named in `datacenter.json`'s `rollout.after` each keep their
+    /// streams in a JetStream domain named after the datacenter (the leaf-node topology).
+    #[arg(long, env = "CONFCAST_ROLLOUT_DOMAINS")]
+    rollout_domains: bool,
     /// Address (`127.0.0.1:9101`) to serve `GET /metrics` (Prometheus/OpenMetrics text:
     /// commit events, fetch time and bytes, updates and error events published, lease,
     /// last sync) and `GET /healthz` (200 once ready) on.
@@ -101,6 +110,10 @@ async fn main() -> ExitCode {
     if let Err(e) = confcast_relay::mirror::check_master(&master) {
         return process::cannot_start("relay", format, &e);
     }
+    let controls = match confcast_schemas::sign::Verifier::new(&cli.trusted_keys) {
+        Ok(verifier) => confcast_relay::config::Controls(std::sync::Arc::new(verifier)),
+        Err(e) => return process::cannot_start("relay", format, &e),
+    };
     let git = confcast_relay::mirror::GitCredentials { ssh_key: cli.git_ssh_key, token, http_user: cli.git_http_user };
     let metrics = std::sync::Arc::new(confcast_relay::Metrics::default());
     let config = confcast_relay::Config {
@@ -115,6 +128,8 @@ async fn main() -> ExitCode {
         streams: confcast_relay::StreamLayout { commits_domain: cli.commits_domain, replicas: cli.replicas },
         nats_auth: cli.nats_auth,
         signing_key: cli.signing_key,
+        controls,
+        peers: confcast_relay::Peers { domains: cli.rollout_domains },
         listen: cli.listen,
         metrics: metrics.clone(),
     };

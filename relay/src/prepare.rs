@@ -129,6 +129,7 @@ pub(crate) fn prepare(
         event_seq: cause.event_seq,
         pushed_at_ms: cause.pushed_at_ms,
         published_at_ms: now_ms(),
+        staged: false,
     };
     let snapshot =
         ServiceUpdate { v: SNAPSHOT_BY_OBJECTS, from: None, snapshot: true, entries: Vec::new(), ..update.clone() };

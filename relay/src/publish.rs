@@ -92,6 +92,7 @@ impl Publisher {
             event_seq: cause.event_seq,
             pushed_at_ms: cause.pushed_at_ms,
             published_at_ms: now_ms(),
+            staged: false,
         };
         let snapshot = ServiceUpdate { snapshot: true, from: None, ..removal.clone() };
         let (kind, name) = (service.kind, &service.name);

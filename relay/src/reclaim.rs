@@ -89,18 +89,25 @@ impl Ledger {
 }
 
 /// Purges every object of `service` on the bus that `tree`, its published tree, does
-/// not reach, and stores again any it reaches that the bus lacks. Returns how many
-/// were purged.
+/// not reach, nor `kept` (the tree a rollout under way still needs), and stores again
+/// any they reach that the bus lacks. Returns how many were purged.
 pub(crate) async fn sweep(
     ledger: &Ledger,
     bus: &Bus,
     mirror: &Mirror,
     service: &ServiceId,
     tree: ObjectId,
+    kept: Option<ObjectId>,
 ) -> Result<usize, SyncError> {
     let reader = mirror.clone();
-    let reachable: HashSet<ObjectId> =
-        tokio::task::spawn_blocking(move || crate::objects::reachable(&reader, tree)).await??;
+    let reachable: HashSet<ObjectId> = tokio::task::spawn_blocking(move || {
+        let mut reachable = crate::objects::reachable(&reader, tree)?;
+        if let Some(kept) = kept {
+            reachable.extend(crate::objects::reachable(&reader, kept)?);
+        }
+        Ok::<_, MirrorError>(reachable)
+    })
+    .await??;
     let stored = bus.stored_objects(service).await?;
     let stored_ids: HashSet<ObjectId> = stored.iter().filter_map(|id| ObjectId::from_hex(id.as_bytes()).ok()).collect();
     let garbage: Vec<String> = stored

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use confcast_schemas::document::{HostInventory, CONFIGURATION_FILE, DATACENTER_FILE};
+use confcast_schemas::rollout::Policy;
 use confcast_schemas::{refs, DatacenterConfiguration, DatacenterDoc, DocumentError, Kind, ServiceId};
 use gix::ObjectId;
 
@@ -30,6 +31,8 @@ pub struct Pin {
     pub branch: String,
     /// Tag named by the pin, or `latest`.
     pub version: String,
+    /// How a change of it rolls out; `None`: every host at once.
+    pub policy: Option<Policy>,
 }
 
 impl Pin {
@@ -40,7 +43,13 @@ impl Pin {
 
     /// The target of this pin at `commit`.
     pub fn at(&self, commit: ObjectId) -> Target {
-        Target { ref_name: self.ref_name.clone(), branch: self.branch.clone(), version: self.version.clone(), commit }
+        Target {
+            ref_name: self.ref_name.clone(),
+            branch: self.branch.clone(),
+            version: self.version.clone(),
+            policy: self.policy.clone(),
+            commit,
+        }
     }
 }
 
@@ -53,6 +62,8 @@ pub struct Target {
     pub branch: String,
     /// Tag named by the pin, or `latest`.
     pub version: String,
+    /// How a change of it rolls out; `None`: every host at once.
+    pub policy: Option<Policy>,
     /// The commit it resolves to.
     pub commit: ObjectId,
 }
@@ -60,7 +71,12 @@ pub struct Target {
 impl Target {
     /// The pin this target follows.
     pub fn pin(&self) -> Pin {
-        Pin { ref_name: self.ref_name.clone(), branch: self.branch.clone(), version: self.version.clone() }
+        Pin {
+            ref_name: self.ref_name.clone(),
+            branch: self.branch.clone(),
+            version: self.version.clone(),
+            policy: self.policy.clone(),
+        }
     }
 }
 
@@ -75,6 +91,9 @@ pub struct Resolution {
     pub unresolved: BTreeMap<ServiceId, Pin>,
     /// Hosts and what they run.
     pub hosts: BTreeMap<String, HostInventory>,
+    /// The datacenters a commit must have completed its rollout in before this one
+    /// starts it (`datacenter.json`'s `rollout.after`).
+    pub after: Vec<String>,
 }
 
 /// Why a datacenter cannot be resolved at all; the last good resolution stays.
@@ -175,6 +194,7 @@ fn resolve_into(dc: &str, source: &impl RefSource, watched: &mut BTreeSet<String
                 ref_name: entry.ref_name(kind),
                 branch: entry.branch.clone(),
                 version: entry.version().to_owned(),
+                policy: conf.policy_of(entry).cloned(),
             };
             watched.insert(pin.ref_name.clone());
             let service = ServiceId::new(kind, entry.name.clone());
@@ -188,7 +208,8 @@ fn resolve_into(dc: &str, source: &impl RefSource, watched: &mut BTreeSet<String
             }
         }
     }
-    Ok(Resolution { conf_ref, targets, unresolved, hosts: doc.inventories.hosts })
+    let after = doc.rollout.map(|r| r.after).unwrap_or_default();
+    Ok(Resolution { conf_ref, targets, unresolved, hosts: doc.inventories.hosts, after })
 }
 
 #[cfg(test)]

@@ -23,7 +23,9 @@ use crate::lease::Lease;
 use crate::mirror::Mirror;
 use crate::publish::Publisher;
 use crate::resolve::datacenter_ref;
+use crate::rollout::Rollouts;
 use crate::sync::Datacenter;
+use std::sync::Arc;
 
 /// How long a relay waits for the lease before it reports itself ready as a standby.
 const STANDBY_READY_AFTER: Duration = Duration::from_secs(2);
@@ -228,11 +230,24 @@ impl Relay<'_> {
             () = stop.cancelled() => return,
         };
         let Some(heads) = heads else { return };
+        let (dc, peers) = (&self.config.dc, self.config.peers.clone());
+        let rollouts = tokio::select! {
+            loaded = retry("loading the rollouts", &nats_shown, stop, || Rollouts::load(dc, self.bus, peers.clone())) => loaded,
+            () = stop.cancelled() => return,
+        };
+        let Some(rollouts) = rollouts else { return };
+        let rollouts = Arc::new(rollouts);
         let publisher = Publisher::new(&self.config.dc, self.bus.clone(), self.config.metrics.clone());
-        let mut datacenter = Datacenter::new(self.config, self.mirror.clone(), publisher, heads);
+        let mut datacenter =
+            Datacenter::new(self.config, self.mirror.clone(), publisher.clone(), heads, rollouts.clone());
+        // Controls are answered from the start: an operator's "abort" must not wait for
+        // a slow catch-up.
+        let verifier = self.config.controls.0.clone();
+        tokio::spawn(crate::rollout::control::serve(rollouts.clone(), verifier, stop.clone()));
         if !catch_up(&mut datacenter, &nats_shown, stop).await {
             return;
         }
+        tokio::spawn(rollouts.run(publisher, stop.clone()));
         let (services, watched) = (datacenter.heads.len(), datacenter.watched.len());
         tracing::info!(dc = %datacenter.dc, services, watched, "relay ready");
         self.config.metrics.set_ready();

@@ -31,6 +31,8 @@ use crate::mirror::{Fetched, Mirror};
 use crate::prepare::{prepare, PrepareError};
 use crate::publish::Publisher;
 use crate::resolve::{resolve, Pin, Resolution, Resolved, Target};
+use crate::rollout::Rollouts;
+use confcast_schemas::rollout::Policy;
 use followed::Followed;
 
 /// How many services the relay publishes at once.
@@ -55,6 +57,12 @@ pub(crate) struct Datacenter {
     /// The last good resolution while the syncs since the last full one succeeded:
     /// a push of only its pinned refs then moves just their services.
     followed: Option<Followed>,
+    /// The datacenter's rollouts.
+    rollouts: Arc<Rollouts>,
+    /// Each service's rollout policy as last resolved, kept for the last-good fallback.
+    pub(crate) policies: BTreeMap<ServiceId, Policy>,
+    /// `datacenter.json`'s `rollout.after` as last resolved.
+    pub(crate) after: Vec<String>,
     fetch_timeout: Duration,
     pub(crate) metrics: Arc<Metrics>,
     /// The mirror's pack directory, whose growth is what a fetch transferred.
@@ -99,6 +107,7 @@ impl Datacenter {
         mirror: Mirror,
         publisher: Publisher,
         heads: BTreeMap<ServiceId, ServiceHead>,
+        rollouts: Arc<Rollouts>,
     ) -> Datacenter {
         Datacenter {
             dc: config.dc.clone(),
@@ -110,6 +119,9 @@ impl Datacenter {
             consul: config.consul.clone().map(|client| Feed::start(client, &config.dc)),
             index_moves: BTreeMap::new(),
             followed: None,
+            rollouts,
+            policies: BTreeMap::new(),
+            after: Vec::new(),
             fetch_timeout: config.fetch_timeout,
             metrics: config.metrics.clone(),
             pack_dir: config.mirror_dir().join("objects").join("pack"),
@@ -204,10 +216,24 @@ impl Datacenter {
             Ok(resolution) => resolution,
         };
         self.watched = resolved.watched;
+        self.learn_policies(&resolution);
         let published = self.apply(cause, &resolution, true).await?;
         let resolved = resolution.targets.len() + resolution.unresolved.len();
         self.followed = Some(Followed::new(&self.dc, resolution));
         Ok(Synced { published, resolved, last_good: false })
+    }
+
+    /// Keeps the rollout policies of a good resolution, for the last-good fallback, and
+    /// hands its `after` to the rollouts.
+    fn learn_policies(&mut self, resolution: &Resolution) {
+        let targets = resolution.targets.iter().map(|(s, t)| (s, &t.policy));
+        let unresolved = resolution.unresolved.iter().map(|(s, p)| (s, &p.policy));
+        self.policies = targets
+            .chain(unresolved)
+            .filter_map(|(service, policy)| Some((service.clone(), policy.clone()?)))
+            .collect();
+        self.after = resolution.after.clone();
+        self.rollouts.set_after(self.after.clone());
     }
 
     /// Fetches `first`, resolves, and fetches again while the resolution names refs not
@@ -356,21 +382,28 @@ impl Datacenter {
         };
         let (dc, job_cause, job_service, job_target) =
             (self.dc.clone(), cause.clone(), service.clone(), target.clone());
-        let prepared = self
+        let mut prepared = self
             .blocking(move |m| Ok(prepare(&m, &dc, &job_cause, &job_service, &job_target, base.as_ref())))
             .await?
             .map_err(|e| match e {
                 PrepareError::Mirror(e) => PublishError::Sync(e.into()),
                 PrepareError::BadTree(bad) => PublishError::BadTree(bad),
             })?;
+        // The rollout state goes first: no host reads a staged update before it.
+        let begun = self.rollouts.begin(service, target, prepared.update.tree.as_deref(), head.as_ref()).await?;
+        prepared.update.staged = begun.staged;
+        prepared.snapshot.staged = begun.staged;
         let published = self.publisher.service(cause, target, &prepared, head.as_ref()).await?;
         if ledger.published(service, prepared.replaced) {
             let tree = self.blocking({
                 let commit = target.commit;
                 move |m| Ok(m.tree_of(&commit)?)
             });
+            let kept = self.rollouts.kept_tree(service).await.and_then(|t| gix::ObjectId::from_hex(t.as_bytes()).ok());
             let swept = match tree.await {
-                Ok(tree) => crate::reclaim::sweep(ledger, self.publisher.bus(), &self.mirror, service, tree).await,
+                Ok(tree) => {
+                    crate::reclaim::sweep(ledger, self.publisher.bus(), &self.mirror, service, tree, kept).await
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = swept {

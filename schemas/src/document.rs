@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub use crate::kind::Kind;
 use crate::kind::ServiceId;
 use crate::refs;
+use crate::rollout::{DatacenterRollout, Policy};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,9 @@ pub struct Pin {
     /// A tag under `refs/tags/<kind>s/<name>/`, or `latest` to follow the branch head.
     #[serde(default = "latest")]
     pub tag: String,
+    /// How a change of it rolls out, instead of the configuration's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Policy>,
 }
 
 fn latest() -> String {
@@ -70,6 +74,10 @@ pub struct DatacenterConfiguration {
     /// Devices, pinned like services.
     #[serde(default)]
     pub devices: Vec<Pin>,
+    /// How a change rolls out, for every entry without its own `rollout`; absent:
+    /// every host at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Policy>,
 }
 
 impl DatacenterConfiguration {
@@ -89,7 +97,17 @@ impl DatacenterConfiguration {
         Ok(doc)
     }
 
+    /// The rollout policy of one entry: its own, or the configuration's default.
+    pub fn policy_of<'a>(&'a self, pin: &'a Pin) -> Option<&'a Policy> {
+        pin.rollout.as_ref().or(self.rollout.as_ref())
+    }
+
     fn validate(&self) -> Result<(), DocumentError> {
+        let policy = |policy: Option<&Policy>, at: &str| match policy.map(|p| p.validate(at)) {
+            Some(Err((field, problem))) => Err(DocumentError::invalid(CONFIGURATION_FILE, field, problem)),
+            _ => Ok(()),
+        };
+        policy(self.rollout.as_ref(), "rollout")?;
         for kind in Kind::ALL {
             let mut seen = BTreeSet::new();
             for (i, pin) in self.pins(kind).iter().enumerate() {
@@ -97,6 +115,7 @@ impl DatacenterConfiguration {
                 check_name(CONFIGURATION_FILE, &at("name"), &pin.name)?;
                 check_ref_component(CONFIGURATION_FILE, &at("branch"), &pin.branch)?;
                 check_ref_component(CONFIGURATION_FILE, &at("tag"), &pin.tag)?;
+                policy(pin.rollout.as_ref(), &at("rollout"))?;
                 if !seen.insert(pin.name.as_str()) {
                     return Err(DocumentError::invalid(
                         CONFIGURATION_FILE,
@@ -168,6 +187,9 @@ pub struct DatacenterDoc {
     /// Which host runs what.
     #[serde(default)]
     pub inventories: Inventories,
+    /// How this datacenter's rollouts follow other datacenters'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<DatacenterRollout>,
 }
 
 impl DatacenterDoc {
@@ -175,6 +197,9 @@ impl DatacenterDoc {
     pub fn parse(bytes: &[u8]) -> Result<Self, DocumentError> {
         let doc: Self = parse_json(DATACENTER_FILE, bytes)?;
         doc.conf_ref()?;
+        for (i, dc) in doc.rollout.iter().flat_map(|r| r.after.iter()).enumerate() {
+            check_name(DATACENTER_FILE, &format!("rollout.after[{i}]"), dc)?;
+        }
         for (host, inv) in &doc.inventories.hosts {
             check_name(DATACENTER_FILE, "inventories.hosts", host)?;
             for (kind, i, name) in inv.entries() {
@@ -315,7 +340,7 @@ mod reference_tests {
         assert_eq!(Kind::of_ref("refs/heads/datacenters/dc1"), None);
         assert_eq!(Kind::Application.branch_prefix("billing"), "refs/heads/applications/billing/");
         assert_eq!(Kind::Service.tag_prefix("web"), "refs/tags/services/web/");
-        let pin = Pin { name: "web".into(), branch: "master".into(), tag: "v1".into() };
+        let pin = Pin { name: "web".into(), branch: "master".into(), tag: "v1".into(), rollout: None };
         assert_eq!(pin.ref_field(), ("tag", "v1"));
         assert!(pin.ref_name(Kind::Service).starts_with(&Kind::Service.tag_prefix("web")));
         let pin = Pin { tag: LATEST.into(), ..pin };
@@ -326,7 +351,7 @@ mod reference_tests {
     #[test]
     fn conf_naming_is_the_inverse_of_conf_ref() {
         for conf in ["datacenter-configuration/big", "datacenter-configuration/big/v1.1"] {
-            let doc = DatacenterDoc { conf: conf.into(), inventories: Inventories::default() };
+            let doc = DatacenterDoc { conf: conf.into(), inventories: Inventories::default(), rollout: None };
             assert_eq!(refs::conf_naming(&doc.conf_ref().expect("valid")).as_deref(), Some(conf));
         }
         assert_eq!(refs::conf_naming("refs/heads/datacenter-configuration/a/b"), None);

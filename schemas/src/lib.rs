@@ -26,6 +26,7 @@ pub mod path;
 pub mod process;
 pub mod refs;
 pub mod retry;
+pub mod rollout;
 pub mod sign;
 pub mod streams;
 pub mod subject;

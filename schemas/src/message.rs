@@ -196,6 +196,11 @@ pub struct ServiceUpdate {
     pub pushed_at_ms: u64,
     /// When the relay published this, ms since the Unix epoch.
     pub published_at_ms: u64,
+    /// The commit rolls out in waves: a host applies it only once the service's
+    /// rollout state ([`crate::rollout::RolloutState`]) releases it. Absent (false)
+    /// without a rollout policy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub staged: bool,
 }
 
 impl ServiceUpdate {

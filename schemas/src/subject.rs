@@ -197,6 +197,30 @@ pub fn objects_wildcard(dc: &str, kind: Kind, name: &str) -> String {
     format!("{}.state.object.{}.{}.>", dc_prefix(dc), kind.as_str(), encode_token(name))
 }
 
+/// Subject holding the rollout state of one service of `dc` ([`crate::rollout::RolloutState`]).
+pub fn rollout_subject(dc: &str, kind: Kind, name: &str) -> String {
+    format!("{}.state.rollout.{}.{}", dc_prefix(dc), kind.as_str(), encode_token(name))
+}
+
+/// Wildcard covering the rollout states of every service of `dc`.
+pub fn rollouts_wildcard(dc: &str) -> String {
+    format!("{}.state.rollout.>", dc_prefix(dc))
+}
+
+/// Subject on which operators send rollout controls to the relay of `dc`
+/// ([`crate::rollout::Control`], a NATS request): `confcast-control.dc.<dc>.rollout`.
+/// Outside `confcast.>` on purpose: the leaf-node topology keeps `confcast.>` from
+/// crossing the links between a datacenter and the hub, and a control must cross them,
+/// from an operator on the hub to the datacenter's relay.
+pub fn control_subject(dc: &str) -> String {
+    format!("confcast-control.dc.{}.rollout", encode_token(dc))
+}
+
+/// Every status subject of one service of `dc`, whichever host reported it.
+pub fn service_status_wildcard(dc: &str, kind: Kind, name: &str) -> String {
+    format!("{}.status.*.{}.{}", dc_prefix(dc), kind.as_str(), encode_token(name))
+}
+
 /// Subject holding the last published head (commit and tree) of one service of `dc`.
 pub fn head_subject(dc: &str, kind: Kind, name: &str) -> String {
     format!("{}.state.head.{}.{}", dc_prefix(dc), kind.as_str(), encode_token(name))

@@ -5,7 +5,9 @@
 //! Building the tree is [`crate::materialize`]'s; this decides what to build from, what
 //! the position records after it, and what is said and reported when it fails. Every
 //! new tree is shown to `--check-cmd` before it goes live ([`check`]). The current tree
-//! stays in place whatever fails, and whatever the check refuses.
+//! stays in place whatever fails, and whatever the check refuses. A staged commit (one
+//! rolled out in waves) is applied only once its wave releases this host
+//! ([`crate::rollout`]); until then the service is held ([`Outcome::Held`]).
 
 mod batch;
 mod check;
@@ -25,6 +27,7 @@ use crate::host::{Host, SubscriberError};
 use crate::live::ServiceLabel;
 use crate::materialize::{self, ApplyError, Staged, Start};
 use crate::position::ServiceState;
+use crate::rollout::Admitted;
 use crate::schedule::Job;
 use crate::selection::Removal;
 
@@ -61,6 +64,10 @@ pub(crate) enum Outcome {
     Applied(Applied),
     Removed,
     Skipped,
+    /// A staged commit this host's wave does not release yet: the service stays where it
+    /// stands (its position does not move past the update), or, with nothing in place,
+    /// takes the commit before it (`Some`).
+    Held(Option<Applied>),
 }
 
 /// The identity of what was applied.
@@ -86,7 +93,7 @@ impl Applied {
         }
     }
 
-    fn of(update: &ServiceUpdate) -> Applied {
+    pub(crate) fn of(update: &ServiceUpdate) -> Applied {
         Applied {
             commit: update.to.clone(),
             tree: update.tree.clone(),
@@ -166,9 +173,12 @@ impl Host {
     /// Records what became of an update from the stream; saved by
     /// [`Host::persist`], after the exec is submitted (the API is woken then).
     fn handled(&mut self, id: &ServiceId, mut state: ServiceState, outcome: Outcome, origin: &Origin) {
-        let moved = matches!(outcome, Outcome::Applied(_) | Outcome::Removed);
+        let moved = matches!(outcome, Outcome::Applied(_) | Outcome::Removed | Outcome::Held(Some(_)));
         let seq = origin.seq;
         match outcome {
+            // The position stays before the held update: a restart replays it.
+            Outcome::Held(None) => return,
+            Outcome::Held(Some(previous)) => state = previous.into_state(state.seq),
             Outcome::Applied(applied) => {
                 state = applied.into_state(seq);
                 let lag = now_ms().saturating_sub(origin.pushed_at_ms);
@@ -191,6 +201,8 @@ impl Host {
         self.position.services.insert(id.clone(), state);
         self.unsaved += 1;
         if moved {
+            let commit = self.state(id).commit;
+            self.rollout_moved(id, commit.as_deref());
             self.forget_refusal(id);
             self.submitted.remove(id);
             self.changed.push(id.clone());
@@ -206,7 +218,7 @@ impl Host {
         let state = self.state(id);
         match self.resync(id, &state).await {
             Ok(outcome) => {
-                let moved = matches!(outcome, Outcome::Applied(_) | Outcome::Removed);
+                let moved = matches!(outcome, Outcome::Applied(_) | Outcome::Removed | Outcome::Held(Some(_)));
                 self.handled(id, state, outcome, origin);
                 moved
             }
@@ -234,7 +246,7 @@ impl Host {
             let state = self.state(&id);
             let ServiceId { kind, name } = &id;
             match self.resync(&id, &state).await {
-                Ok(Outcome::Applied(applied)) => {
+                Ok(Outcome::Applied(applied) | Outcome::Held(Some(applied))) => {
                     tracing::info!(%kind, %name, commit = applied.commit.as_deref().unwrap_or(""), "applied on retry");
                     self.record(&id, applied).await?;
                 }
@@ -246,7 +258,7 @@ impl Host {
                     self.forget_refusal(&id);
                     self.save().await?;
                 }
-                Ok(Outcome::Skipped) => {}
+                Ok(Outcome::Skipped | Outcome::Held(None)) => {}
                 // Refused: not retried (a commit refused before is not even checked).
                 Err(UpdateError::Refused(refusal)) => self.refuse(&id, &refusal).await,
                 Err(e) => {
@@ -262,6 +274,17 @@ impl Host {
     /// its exec as due; the stream position is left where it is.
     pub(crate) async fn record(&mut self, id: &ServiceId, applied: Applied) -> Result<(), SubscriberError> {
         let seq = self.state(id).seq;
+        self.record_at(id, applied, seq).await
+    }
+
+    /// [`Host::record`], the stream position moved to `seq` (a held update now handled).
+    pub(crate) async fn record_at(
+        &mut self,
+        id: &ServiceId,
+        applied: Applied,
+        seq: u64,
+    ) -> Result<(), SubscriberError> {
+        self.rollout_moved(id, applied.commit.as_deref());
         self.position.services.insert(id.clone(), applied.into_state(seq));
         self.save().await?;
         self.forget_refusal(id);
@@ -283,11 +306,20 @@ impl Host {
         if let Some(commit) = snapshot.to.as_ref().filter(|c| self.refused_before(id, Some(c))) {
             return Err(Refusal::Before { commit: commit.clone() }.into());
         }
-        self.apply(&snapshot, None).await?;
-        Ok(Outcome::Applied(Applied::of(&snapshot)))
+        match self.admit(id, state.commit.as_deref(), &snapshot, None).await? {
+            Admitted::Take => {
+                self.apply(&snapshot, None).await?;
+                Ok(Outcome::Applied(Applied::of(&snapshot)))
+            }
+            Admitted::Held => Ok(Outcome::Held(None)),
+            Admitted::Instead(previous) => {
+                self.apply(&previous, None).await?;
+                Ok(Outcome::Held(Some(Applied::of(&previous))))
+            }
+        }
     }
 
-    async fn apply(&self, update: &ServiceUpdate, current: Option<&str>) -> Result<(), UpdateError> {
+    pub(crate) async fn apply(&self, update: &ServiceUpdate, current: Option<&str>) -> Result<(), UpdateError> {
         let started = Instant::now();
         self.build_and_switch(update, current).await?;
         let metrics = &self.live.metrics;
@@ -427,11 +459,27 @@ impl Host {
         let mut info = stream.clone();
         let last = info.info().await.map_err(UpdateError::StreamInfo)?.state.last_sequence;
         let mut fresh = ServiceState { seq: last, ..ServiceState::default() };
-        if let Some(snapshot) = self.reader.snapshot(id).await? {
+        if let Some(mut snapshot) = self.reader.snapshot(id).await? {
+            // A staged commit not released here: the service keeps its position (its
+            // held update is replayed after a restart), or starts from the stream's
+            // end if it had none, and takes the commit before it if nothing is in place.
+            let held_seq = if self.position.services.contains_key(id) { state.seq } else { last };
+            let mut seq = last;
+            match self.admit(id, state.commit.as_deref(), &snapshot, None).await? {
+                Admitted::Take => {}
+                Admitted::Held => {
+                    self.position.services.insert(id.clone(), ServiceState { seq: held_seq, ..state });
+                    return Ok(());
+                }
+                Admitted::Instead(previous) => {
+                    snapshot = *previous;
+                    seq = held_seq;
+                }
+            }
             if snapshot.to.is_some() {
                 match self.apply(&snapshot, None).await {
                     Ok(()) => {
-                        fresh = Applied::of(&snapshot).into_state(last);
+                        fresh = Applied::of(&snapshot).into_state(seq);
                         self.forget_refusal(id);
                         let ServiceId { kind, name } = id;
                         tracing::info!(%kind, %name, commit = snapshot.to.as_deref().unwrap_or(""), "bootstrapped from snapshot");

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream::{self, object_store, stream::LastRawMessageErrorKind};
 use confcast_schemas::message::DecodeError;
+use confcast_schemas::rollout::RolloutState;
 use confcast_schemas::sign::{SignatureError, Verifier, EXPECTED_SEQUENCE_HEADER, SIGNATURE_HEADER};
 use confcast_schemas::{decode, streams, subject, Inventory, ServiceHead, ServiceId, ServiceUpdate};
 use futures::StreamExt;
@@ -95,6 +96,11 @@ impl ReadError {
     }
 }
 
+/// `bytes` decoded as a rollout state, as the watch of the rollout subjects reads them.
+pub fn decode_rollout(bytes: &[u8]) -> Result<RolloutState, ReadError> {
+    decoded("rollout state", bytes)
+}
+
 /// Read access for one datacenter.
 pub struct Reader {
     js: jetstream::Context,
@@ -179,11 +185,52 @@ impl Reader {
         };
         let mut snapshot: ServiceUpdate = decoded("snapshot", &bytes)?;
         if snapshot.is_by_objects() {
-            let objects = self.tree_objects(id).await?;
-            snapshot.entries = tree_objects::entries(snapshot.tree.as_deref(), &objects)
-                .map_err(|source| ReadError::Snapshot { service: id.to_string(), source })?;
+            snapshot.entries = self.tree_entries(id, snapshot.tree.as_deref()).await?;
         }
         Ok(Some(snapshot))
+    }
+
+    /// A full snapshot of `commit` of a service, whose tree is `tree`, rebuilt from the
+    /// service's objects on the state stream as a snapshot by objects is: how a host
+    /// reaches a commit that is not the service's latest snapshot (a rollout's commit or
+    /// the one before it). `like` gives the ref, branch and version it is announced as.
+    pub async fn commit_snapshot(
+        &self,
+        like: &ServiceUpdate,
+        commit: &str,
+        tree: &str,
+    ) -> Result<ServiceUpdate, ReadError> {
+        let entries = self.tree_entries(&like.service(), Some(tree)).await?;
+        Ok(ServiceUpdate {
+            dc: self.dc.clone(),
+            from: None,
+            to: Some(commit.to_owned()),
+            tree: Some(tree.to_owned()),
+            snapshot: true,
+            entries,
+            staged: false,
+            ..like.clone()
+        })
+    }
+
+    /// Every file of the tree `tree` of a service, as a snapshot's entries, from the
+    /// service's objects on the state stream.
+    async fn tree_entries(
+        &self,
+        id: &ServiceId,
+        tree: Option<&str>,
+    ) -> Result<Vec<confcast_schemas::Entry>, ReadError> {
+        let objects = self.tree_objects(id).await?;
+        tree_objects::entries(tree, &objects).map_err(|source| ReadError::Snapshot { service: id.to_string(), source })
+    }
+
+    /// The rollout state of a service, if its relay wrote one (only a service with a
+    /// rollout policy has one).
+    pub async fn rollout(&self, id: &ServiceId) -> Result<Option<RolloutState>, ReadError> {
+        match self.last_on(&subject::rollout_subject(&self.dc, id.kind, &id.name)).await? {
+            Some(bytes) => Ok(Some(decoded("rollout state", &bytes)?)),
+            None => Ok(None),
+        }
     }
 
     /// Every object of a service's trees the state stream holds, by id. Objects are

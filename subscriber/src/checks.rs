@@ -104,6 +104,18 @@ impl Checks {
     }
 }
 
+impl Checks {
+    /// What `--health-cmd` says of `change` now, if there is one: how a host watches a
+    /// commit while its rollout wave bakes, between the processes being told of it.
+    pub async fn health(&self, change: &Change<'_>) -> Option<Health> {
+        let cmd = self.health.as_deref()?;
+        Some(match judge(HEALTH, cmd, change, self.timeout).await {
+            Ok(()) => Health::healthy(now_ms()),
+            Err(failed) => Health::unhealthy(now_ms(), failed.reason()),
+        })
+    }
+}
+
 /// Runs `cmd`, given by `flag`, for `change`: it passes when it exits 0 within `timeout`.
 async fn judge(flag: &'static str, cmd: &str, change: &Change<'_>, timeout: Duration) -> Result<(), Failed> {
     let finished = command::run(flag, cmd, change, timeout).await?;

@@ -134,9 +134,13 @@ impl Host {
         }
         // A commit --check-cmd refused since stays the last word on the service until
         // another one is applied.
+        // A commit a halted rollout sent the host back to is reported `reverted`.
         let (error, health) = match self.refused(&id) {
             Some(refused) => (Some(refused.error.clone()), Some(refused.health.clone())),
-            None => (error, ran.health.clone()),
+            None => match self.reverted_health(&id, ran.job.commit.as_deref()).filter(|_| ran.result.is_ok()) {
+                Some(reverted) => (error, Some(reverted)),
+                None => (error, ran.health.clone()),
+            },
         };
         self.report_judged(&id, ran.job.commit.clone(), error, status, health).await;
         if ran.result.is_ok() {

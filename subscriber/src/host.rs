@@ -133,6 +133,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         submitted: BTreeSet::new(),
         unsaved: 0,
         changed: Vec::new(),
+        rollouts: crate::rollout::Rollouts::default(),
     };
     host.run(&shutdown).await
 }
@@ -213,6 +214,9 @@ pub(crate) struct Host {
     /// services they changed (see [`Host::persist`]).
     pub(crate) unsaved: usize,
     pub(crate) changed: Vec<ServiceId>,
+    /// Staged rollouts of the followed services: their states, what is held, what went
+    /// back ([`crate::rollout`]).
+    pub(crate) rollouts: crate::rollout::Rollouts,
 }
 
 /// How often services whose update failed are retried.
@@ -220,6 +224,13 @@ const RETRY_FAILED: Duration = Duration::from_secs(2);
 
 /// How often a `--service` with nothing published is looked for.
 const CHECK_UNPUBLISHED: Duration = Duration::from_secs(2);
+
+/// What is watched on the state stream while following: the inventory (with `--host`)
+/// and the rollout states of the followed services.
+struct Watches {
+    inventory: Option<consumer::pull::Ordered>,
+    rollouts: Option<consumer::pull::Ordered>,
+}
 
 /// What comes due while following, besides messages.
 struct Ticks {
@@ -229,6 +240,8 @@ struct Ticks {
     /// Reports every service at start and then now and again, so the datacenter's
     /// status stream knows this host even when nothing changes.
     status: Interval,
+    /// Runs `--health-cmd` while a commit bakes in its rollout wave.
+    bake: Interval,
 }
 
 impl Ticks {
@@ -238,6 +251,13 @@ impl Ticks {
             retry: interval_at(Instant::now() + RETRY_FAILED, RETRY_FAILED),
             unpublished: interval(CHECK_UNPUBLISHED),
             status: interval(confcast_schemas::message::STATUS_REFRESH),
+            bake: {
+                let every = crate::rollout::BAKE_HEALTH;
+                let mut bake = interval_at(Instant::now() + every, every);
+                // Idle while nothing bakes: no burst of runs when something starts to.
+                bake.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                bake
+            },
         }
     }
 }
@@ -351,6 +371,9 @@ impl Host {
             Selection::Host(_) => self.watch_inventory().await,
             Selection::Services(_) => None,
         };
+        // Read before the updates are replayed: what a held update meets is then the
+        // state of its wave, and a host killed mid-wave does what its wave requires.
+        let rollouts = self.watch_rollouts().await;
         self.check_integrity().await?;
         self.flush_execs();
         let ticks = Ticks::new(self.config.verify_interval);
@@ -363,7 +386,7 @@ impl Host {
         // Under systemd's `Type=notify`, the unit is started once every service has its
         // configuration in place (or is known to have none yet).
         confcast_schemas::process::sd_notify("READY=1\nSTATUS=following updates");
-        self.follow_stream(shutdown, messages, inventory, ticks).await
+        self.follow_stream(shutdown, messages, Watches { inventory, rollouts }, ticks).await
     }
 
     /// An ordered consumer of the updates of `services` from the stream sequence
@@ -395,9 +418,10 @@ impl Host {
         &mut self,
         shutdown: &CancellationToken,
         mut messages: Option<consumer::pull::Ordered>,
-        mut inventory: Option<consumer::pull::Ordered>,
+        watches: Watches,
         mut ticks: Ticks,
     ) -> Result<Followed, SubscriberError> {
+        let Watches { mut inventory, mut rollouts } = watches;
         loop {
             let next = async {
                 match messages.as_mut() {
@@ -407,6 +431,12 @@ impl Host {
             };
             let inventory_changed = async {
                 match inventory.as_mut() {
+                    Some(watch) => watch.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let rollout_changed = async {
+                match rollouts.as_mut() {
                     Some(watch) => watch.next().await,
                     None => std::future::pending().await,
                 }
@@ -432,9 +462,28 @@ impl Host {
                     self.execs_done(ran).await?;
                     None
                 }
-                _ = ticks.retry.tick(), if !self.failed.is_empty() => {
+                _ = ticks.retry.tick(), if !self.failed.is_empty() || !self.rollouts.retry.is_empty() => {
                     self.retry_failed().await?;
+                    self.retry_rollouts().await?;
                     self.flush_execs();
+                    None
+                }
+                _ = ticks.bake.tick(), if self.baking() => {
+                    self.judge_bakes();
+                    None
+                }
+                Some(judged) = self.rollouts.judged.recv() => {
+                    self.bake_judged(judged).await;
+                    None
+                }
+                Some(state) = rollout_changed => {
+                    match state {
+                        Ok(message) => {
+                            self.rollout_changed(message).await?;
+                            self.flush_execs();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "rollout watch error; the consumer recovers by itself"),
+                    }
                     None
                 }
                 _ = ticks.unpublished.tick(), if !self.unpublished.is_empty() => {

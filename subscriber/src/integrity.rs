@@ -137,7 +137,7 @@ impl Host {
         let _ = std::fs::remove_dir_all(layout.tree_dir(commit));
         let forced = ServiceState { commit: None, ..state.clone() };
         match self.resync(id, &forced).await {
-            Ok(crate::apply::Outcome::Applied(applied)) => {
+            Ok(crate::apply::Outcome::Applied(applied) | crate::apply::Outcome::Held(Some(applied))) => {
                 tracing::info!(%kind, %name, commit = applied.commit.as_deref().unwrap_or(""), "restored");
                 self.record(id, applied).await?;
             }

@@ -14,7 +14,8 @@
 //! Which services it follows, and when one leaves the host, is [`selection`] (with
 //! `--host`, read from the datacenter's [`inventory`]); what it reads from the bus
 //! besides its stream, [`bus`]; one subscriber per state directory, [`lock`]; what it
-//! does and says while the datacenter's relay is not there, [`waiting`].
+//! does and says while the datacenter's relay is not there, [`waiting`]; a commit rolled
+//! out in waves, taken only once its wave is released, [`rollout`].
 
 pub mod api;
 pub mod apply;
@@ -35,6 +36,7 @@ pub mod materialize;
 pub mod perms;
 pub mod position;
 pub mod report;
+pub mod rollout;
 pub mod schedule;
 pub mod selection;
 pub mod tree_hash;

@@ -24,6 +24,8 @@ pub struct ServiceLive {
     /// What the host's checks last said of it (`None`: not judged since the commit in
     /// place was applied).
     pub health: Option<Health>,
+    /// A staged commit held on this host, not released to it yet.
+    pub pending: Option<String>,
     /// Change index: grows whenever anything about the service changes.
     pub index: u64,
 }

@@ -44,6 +44,28 @@ pub fn host_status(nats_url: &str, dc: &str, host: &str, service: &str) -> Optio
     })
 }
 
+/// The rollout state the relay of `dc` last wrote for service `service`, if any.
+pub fn rollout_state(nats_url: &str, dc: &str, service: &str) -> Option<confcast_schemas::rollout::RolloutState> {
+    block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.ok()?);
+        let stream = js.get_stream(subject::state_stream(dc)).await.ok()?;
+        let subject = subject::rollout_subject(dc, Kind::Service, service);
+        let message = stream.get_last_raw_message_by_subject(&subject).await.ok()?;
+        confcast_schemas::decode(&message.payload).ok()
+    })
+}
+
+/// Waits until the rollout state of `service` in `dc` satisfies `want`.
+pub fn wait_rollout(
+    nats_url: &str,
+    dc: &str,
+    service: &str,
+    what: &str,
+    want: impl Fn(&confcast_schemas::rollout::RolloutState) -> bool,
+) -> confcast_schemas::rollout::RolloutState {
+    wait_for(Duration::from_secs(30), what, || rollout_state(nats_url, dc, service).filter(|s| want(s)))
+}
+
 /// The value of a key of the configuration index, if present.
 pub fn index_value(nats_url: &str, key: &str) -> Option<String> {
     block_on(async {
@@ -97,5 +119,6 @@ pub fn forged_update(
         event_seq: 0,
         pushed_at_ms: 0,
         published_at_ms: 0,
+        staged: false,
     }
 }

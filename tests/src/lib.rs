@@ -26,6 +26,7 @@ pub use tempfile::TempDir;
 
 pub mod consul;
 pub mod git_http;
+pub mod staged;
 pub mod store;
 pub mod topology;
 
@@ -44,7 +45,8 @@ mod relay;
 mod subscriber;
 
 pub use bus::{
-    block_on, commit_events, forged_update, host_status, index_value, latest_error, publish_raw, wait_error,
+    block_on, commit_events, forged_update, host_status, index_value, latest_error, publish_raw, rollout_state,
+    wait_error, wait_rollout,
 };
 pub use datacenter::{Datacenter, DatacenterSetup};
 pub use fault::{count_from_env, Fault, FaultProxy, Rng};

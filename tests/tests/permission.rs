@@ -12,12 +12,13 @@ use confcast_schemas::{decode, encode, subject, Kind, ServiceUpdate};
 use confcast_tests::{bin, block_on, wait_for, Master, NatsServer, Relay, Subscriber};
 use futures::StreamExt;
 
-const USERS: [(&str, &str); 6] = [
+const USERS: [(&str, &str); 7] = [
     ("master", "CONFCAST_MASTER_PASSWORD"),
     ("relay_dc1", "CONFCAST_RELAY_DC1_PASSWORD"),
     ("relay_dc2", "CONFCAST_RELAY_DC2_PASSWORD"),
     ("dc1_host1", "CONFCAST_DC1_HOST1_PASSWORD"),
     ("dc2_host1", "CONFCAST_DC2_HOST1_PASSWORD"),
+    ("operator", "CONFCAST_OPERATOR_PASSWORD"),
     ("admin", "CONFCAST_ADMIN_PASSWORD"),
 ];
 

@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use confcast_schemas::ServiceHead;
+use confcast_schemas::rollout::Policy;
+use confcast_schemas::{ServiceHead, ServiceId};
 
 use super::Datacenter;
 use crate::error::SyncError;
@@ -27,21 +28,35 @@ impl Datacenter {
             self.fetch(missing).await?;
         }
         self.watched = watched.into_iter().chain(fallback_refs).collect();
-        self.blocking(move |m| Ok(last_good(&m, &heads)?)).await
+        let (policies, after) = (self.policies.clone(), self.after.clone());
+        self.blocking(move |m| Ok(last_good(&m, &heads, &policies, after)?)).await
     }
 }
 
 /// The last good resolution, rebuilt from the published heads: each service stays on
-/// the ref it was published from, at that ref's current commit.
-fn last_good(mirror: &Mirror, heads: &[ServiceHead]) -> Result<Resolution, MirrorError> {
+/// the ref it was published from, at that ref's current commit, and rolls out as the
+/// last good resolution said (`policies`, `after`): a bad document does not make a
+/// staged service's next push reach every host at once.
+fn last_good(
+    mirror: &Mirror,
+    heads: &[ServiceHead],
+    policies: &BTreeMap<ServiceId, Policy>,
+    after: Vec<String>,
+) -> Result<Resolution, MirrorError> {
     let mut resolution = Resolution {
         conf_ref: String::new(),
         targets: BTreeMap::new(),
         unresolved: BTreeMap::new(),
         hosts: BTreeMap::new(),
+        after,
     };
     for head in heads {
-        let pin = Pin { ref_name: head.ref_name.clone(), branch: head.branch.clone(), version: head.version.clone() };
+        let pin = Pin {
+            ref_name: head.ref_name.clone(),
+            branch: head.branch.clone(),
+            version: head.version.clone(),
+            policy: policies.get(&head.service()).cloned(),
+        };
         match pin.follow(mirror)? {
             Some(target) => {
                 resolution.targets.insert(head.service(), target);

@@ -93,6 +93,7 @@ impl Api {
             index: service_index(&live, state),
             kind: id.kind,
             name: id.name.clone(),
+            pending: live.pending.clone(),
             ref_name: state.ref_name.clone(),
             status: if live.error.is_some() { Status::Error } else { Status::Ok },
             tree: state.tree.clone(),

@@ -52,6 +52,10 @@ pub struct Service {
     pub kind: Kind,
     /// Its name.
     pub name: String,
+    /// A commit of a staged rollout this host holds, not released to it yet; absent
+    /// when none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
     /// The ref it was resolved through.
     #[serde(rename = "ref")]
     pub ref_name: String,
@@ -130,6 +134,7 @@ mod tests {
             index: 42,
             kind: Kind::Service,
             name: "service0".into(),
+            pending: None,
             ref_name: "refs/heads/services/service0/master".into(),
             status: Status::Ok,
             tree: None,

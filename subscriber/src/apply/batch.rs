@@ -39,6 +39,7 @@ use super::{Applied, Origin, Outcome, UpdateError};
 use crate::host::Host;
 use crate::live::ServiceLabel;
 use crate::materialize::{self, ApplyError, Staged};
+use crate::rollout::Admitted;
 
 /// At most this many messages of the update stream are applied in one step.
 pub(crate) const MAX_BATCH: usize = 256;
@@ -222,6 +223,7 @@ impl Host {
                 Some(p) => p.origin.seq = seq,
                 None => self.handled(&id, self.state(&id), Outcome::Skipped, &origin),
             },
+            Plan::Build if update.staged && !self.admitted(pending, &id, have.as_deref(), update, &origin).await => {}
             Plan::Build => match self.stage(update, have.as_deref(), spare.as_deref()).await {
                 Ok(tree) => {
                     // The tree built before is one nothing reads, unless it is in place.
@@ -240,6 +242,45 @@ impl Host {
                     tracing::info!(%kind, %name, have = have.as_deref().unwrap_or("-"), from = update.from.as_deref().unwrap_or("-"), "gap before update; resyncing from the snapshot");
                 }
                 self.resync_instead(pending, &id, &origin, tally).await;
+            }
+        }
+    }
+
+    /// Whether the staged `update` of `id` may be built here (see [`crate::rollout`]).
+    /// Held, it is left out of the batch and its position stays before it; with nothing
+    /// in place, the commit before it is applied on its own meanwhile. A rollout state
+    /// that cannot be read holds it too, said: the next update, a restart or the watch
+    /// of the rollout states decides again.
+    async fn admitted(
+        &mut self,
+        pending: &BTreeMap<ServiceId, Pending>,
+        id: &ServiceId,
+        have: Option<&str>,
+        update: &ServiceUpdate,
+        origin: &Origin,
+    ) -> bool {
+        let ServiceId { kind, name } = id;
+        let commit = update.to.as_deref().unwrap_or("-");
+        match self.admit(id, have, update, Some(origin.seq)).await {
+            Ok(Admitted::Take) => true,
+            Ok(Admitted::Held) => false,
+            // Nothing in place, so nothing of it pending in this batch either.
+            Ok(Admitted::Instead(previous)) if !pending.contains_key(id) => {
+                let state = self.state(id);
+                match self.apply(&previous, None).await {
+                    Ok(()) => self.handled(id, state, Outcome::Held(Some(Applied::of(&previous))), origin),
+                    Err(UpdateError::Refused(refusal)) => self.refuse(id, &refusal).await,
+                    Err(e) => {
+                        tracing::warn!(%kind, %name, %commit, error = %e, "cannot take the commit before the held one; retrying");
+                        self.failed.insert(id.clone());
+                    }
+                }
+                false
+            }
+            Ok(Admitted::Instead(_)) => false,
+            Err(e) => {
+                tracing::warn!(%kind, %name, %commit, error = %e, "cannot read the rollout state of a staged commit; holding it");
+                false
             }
         }
     }
@@ -382,6 +423,7 @@ mod tests {
             event_seq: 1,
             pushed_at_ms: 0,
             published_at_ms: 0,
+            staged: false,
         }
     }
 

@@ -78,6 +78,7 @@ fn update(from: Option<&str>, to: &str, tree: String, entries: Vec<Entry>) -> Se
         event_seq: 0,
         pushed_at_ms: 0,
         published_at_ms: 0,
+        staged: false,
     }
 }
 

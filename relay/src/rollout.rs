@@ -1,0 +1,598 @@
+//! Staged rollouts: the datacenter's relay, while it holds the lease, is the only
+//! coordinator of every rollout of the datacenter (docs/ROLLOUT-DESIGN.md).
+//!
+//! A change of a service whose pin has a rollout policy begins a rollout ([`Rollouts::begin`]):
+//! the waves are planned once ([`plan`]: the hosts that reported a status for the
+//! service, in an order fixed by the commit), written as the service's
+//! [`RolloutState`] on the state stream, and only then is the update published, marked
+//! `staged`, so that no host takes it before the state says whether it may. From then on
+//! the engine ([`Rollouts::run`]) judges the released hosts by their status reports
+//! ([`verdict`]) about once a second, and moves the state on: the next wave once the
+//! current one has been healthy for `bake_secs`, `complete` after the last, `halted`
+//! with every reason when more than `max_unhealthy` hosts are unhealthy. Operators'
+//! controls change it too ([`control`]).
+//!
+//! Everything the engine needs is on the bus — the state (with absolute times) and the
+//! hosts' reports — so a relay that takes the lease over continues every rollout where
+//! it stood, and nothing is kept per host on the server beyond the status stream.
+//! Every state change is written under one lock, so the sync, the engine and the
+//! controls never write a service's state over each other.
+
+pub(crate) mod control;
+mod verdict;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confcast_schemas::message::now_ms;
+use confcast_schemas::rollout::{plan, Phase, Policy, RolloutState};
+use confcast_schemas::{decode, encode, subject, HostStatus, ServiceHead, ServiceId, WIRE_VERSION};
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::cause::Cause;
+use crate::error::BusError;
+use crate::publish::Publisher;
+use crate::resolve::Target;
+
+/// How often the engine looks at the rollouts under way.
+const TICK: Duration = Duration::from_secs(1);
+/// How long the engine lets a burst of reports gather before it looks.
+const REPORTS_SETTLE: Duration = Duration::from_millis(50);
+
+/// How the relay reaches the state of the datacenters a rollout waits for.
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    /// Each datacenter's streams are in a JetStream domain named after it (the
+    /// leaf-node topology); otherwise they share the relay's JetStream.
+    pub domains: bool,
+}
+
+/// The rollouts of one datacenter, as written on its state stream.
+pub(crate) struct Rollouts {
+    dc: String,
+    bus: Bus,
+    peers: Peers,
+    states: tokio::sync::Mutex<BTreeMap<ServiceId, RolloutState>>,
+    /// The datacenters a commit completes in first (`datacenter.json`), as last resolved.
+    after: std::sync::Mutex<Vec<String>>,
+}
+
+/// What [`Rollouts::begin`] decided for a service's new commit.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Begun {
+    /// The update rolls out in waves: hosts wait for the state to release them.
+    pub(crate) staged: bool,
+}
+
+impl Rollouts {
+    /// The rollouts of datacenter `dc` as its state stream holds them.
+    pub(crate) async fn load(dc: &str, bus: &Bus, peers: Peers) -> Result<Rollouts, BusError> {
+        let mut states = BTreeMap::new();
+        for payload in bus.last_per_subject(&subject::rollouts_wildcard(dc)).await? {
+            match decode::<RolloutState>(&payload) {
+                Ok(state) => {
+                    states.insert(state.service(), state);
+                }
+                Err(e) => tracing::warn!(%dc, error = %e, "ignoring an unreadable rollout state"),
+            }
+        }
+        let active = states.values().filter(|s| !s.phase.is_final()).count();
+        if active > 0 {
+            tracing::info!(%dc, active, "continuing the rollouts under way");
+        }
+        Ok(Rollouts {
+            dc: dc.to_owned(),
+            bus: bus.clone(),
+            peers,
+            states: tokio::sync::Mutex::new(states),
+            after: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Records the datacenters a commit must complete in before this one starts it.
+    pub(crate) fn set_after(&self, after: Vec<String>) {
+        *self.after.lock().unwrap_or_else(|e| e.into_inner()) = after;
+    }
+
+    fn after(&self) -> Vec<String> {
+        self.after.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The tree a rollout under way of `service` still needs besides the published one:
+    /// what hosts outside its released waves hold, and what it goes back to.
+    pub(crate) async fn kept_tree(&self, service: &ServiceId) -> Option<String> {
+        let states = self.states.lock().await;
+        states.get(service).filter(|s| !matches!(s.phase, Phase::Complete | Phase::Promoted))?.previous_tree.clone()
+    }
+
+    /// Decides how `target`, the new commit of `service` whose tree is `tree`, reaches
+    /// the hosts, and writes the service's rollout state before its update goes out.
+    /// `head` is what was published before. Without a policy nothing is staged; a state
+    /// left from an earlier rollout is moved to the new commit as complete, so that no
+    /// host ever reads a state older than the update it gets.
+    pub(crate) async fn begin(
+        &self,
+        service: &ServiceId,
+        target: &Target,
+        tree: Option<&str>,
+        head: Option<&ServiceHead>,
+    ) -> Result<Begun, BusError> {
+        let commit = target.commit.to_string();
+        let mut states = self.states.lock().await;
+        let existing = states.get(service);
+        if let Some(state) = existing.filter(|s| s.commit == commit) {
+            // Begun before (a sync redone after a failure): the plan stands.
+            return Ok(Begun { staged: state.policy_staged() });
+        }
+        // The last commit whose rollout completed: what every host had before this one.
+        let published_before = head.is_some_and(|h| h.commit.is_some());
+        let (previous, previous_tree) = match existing {
+            // Removed since (its objects are gone) or never published: a first publish.
+            _ if !published_before => (None, None),
+            Some(s) if matches!(s.phase, Phase::Complete | Phase::Promoted) => (Some(s.commit.clone()), s.tree.clone()),
+            Some(s) => (s.previous.clone(), s.previous_tree.clone()),
+            None => (head.and_then(|h| h.commit.clone()), head.and_then(|h| h.tree.clone())),
+        };
+        let now = now_ms();
+        let after = self.after();
+        // Following another datacenter stages a change even without a policy of its
+        // own: one wave of every host, once the others completed it.
+        let policy = target.policy.clone().or_else(|| (!after.is_empty()).then(Policy::all_at_once));
+        let state = match (&policy, &previous) {
+            (Some(policy), Some(_)) => {
+                let hosts: Vec<String> = self.statuses(service).await?.into_keys().collect();
+                let waves = plan(policy, &self.dc, service, &commit, &hosts);
+                let (phase, reason) = match after.is_empty() {
+                    true => (Phase::Rolling, None),
+                    false => (Phase::Waiting, Some(format!("waiting for {} to complete it", after.join(", ")))),
+                };
+                RolloutState {
+                    v: WIRE_VERSION,
+                    dc: self.dc.clone(),
+                    kind: service.kind,
+                    name: service.name.clone(),
+                    ref_name: target.ref_name.clone(),
+                    commit: commit.clone(),
+                    tree: tree.map(str::to_owned),
+                    previous,
+                    previous_tree,
+                    policy: policy.clone(),
+                    waves,
+                    wave: 0,
+                    wave_started_ms: now,
+                    healthy_since_ms: None,
+                    phase,
+                    started: after.is_empty(),
+                    reason,
+                    unhealthy: BTreeMap::new(),
+                    started_ms: now,
+                    updated_ms: now,
+                }
+            }
+            // Nothing to stage: no policy, or nothing published before (waves apply
+            // to a change). A state left from before follows the commit, complete.
+            _ => {
+                let Some(old) = existing else { return Ok(Begun::default()) };
+                let reason = match policy {
+                    None => "no rollout policy: every host at once",
+                    Some(_) => "first publish: every host at once",
+                };
+                RolloutState {
+                    ref_name: target.ref_name.clone(),
+                    commit: commit.clone(),
+                    tree: tree.map(str::to_owned),
+                    previous: None,
+                    previous_tree: None,
+                    waves: Vec::new(),
+                    wave: 0,
+                    wave_started_ms: now,
+                    healthy_since_ms: None,
+                    phase: Phase::Complete,
+                    started: true,
+                    reason: Some(reason.to_owned()),
+                    unhealthy: BTreeMap::new(),
+                    started_ms: now,
+                    updated_ms: now,
+                    ..old.clone()
+                }
+            }
+        };
+        let staged = state.policy_staged();
+        if staged {
+            let waves: Vec<usize> = state.waves.iter().map(Vec::len).collect();
+            let (kind, name) = (service.kind, &service.name);
+            tracing::info!(%kind, %name, %commit, ?waves, canary = ?state.waves.first(), phase = %state.phase, "rolling out in waves");
+        }
+        self.write(&mut states, state).await?;
+        Ok(Begun { staged })
+    }
+
+    /// Writes `state` (signed like every message of the relay) and records it.
+    async fn write(
+        &self,
+        states: &mut BTreeMap<ServiceId, RolloutState>,
+        mut state: RolloutState,
+    ) -> Result<(), BusError> {
+        state.updated_ms = now_ms();
+        let service = state.service();
+        let id = format!(
+            "{}/{}/{}/rollout/{}/{}/{}",
+            self.dc, service.kind, service.name, state.commit, state.phase, state.updated_ms
+        );
+        self.bus.publish_rollout(&service, &id, encode(&state)).await?;
+        states.insert(service, state);
+        Ok(())
+    }
+
+    /// The last report of every host of `service`, by host.
+    async fn statuses(&self, service: &ServiceId) -> Result<BTreeMap<String, HostStatus>, BusError> {
+        let mut statuses = BTreeMap::new();
+        for payload in self.bus.statuses(service).await? {
+            match decode::<HostStatus>(&payload) {
+                Ok(status) if status.service() == *service => {
+                    statuses.insert(status.host.clone(), status);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "ignoring an unreadable host status"),
+            }
+        }
+        Ok(statuses)
+    }
+
+    /// Moves every rollout under way on until `stop`: as soon as a host reports (the
+    /// reports travel on core NATS subjects the relay listens to as well, so a wave
+    /// moves on within a moment of its last host's report), and about once a second
+    /// for what time alone decides (a bake's end, a report's timeout) and for reports
+    /// missed while the connection was down.
+    pub(crate) async fn run(self: Arc<Self>, publisher: Publisher, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wildcard = subject::status_stream_subjects(&self.dc).remove(0);
+        let mut reports = match self.bus.client().subscribe(wildcard).await {
+            Ok(reports) => Some(reports),
+            Err(e) => {
+                tracing::warn!(dc = %self.dc, error = %e, "cannot listen to the hosts' reports; judging waves once a second");
+                None
+            }
+        };
+        let mut due: Option<tokio::time::Instant> = None;
+        loop {
+            let bake_ends = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let report = async {
+                match reports.as_mut() {
+                    Some(reports) => reports.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = bake_ends => {}
+                Some(_) = report => {
+                    // Reports come in bursts (a wave's hosts at once): one step for all.
+                    tokio::time::sleep(REPORTS_SETTLE).await;
+                    while let Some(Some(_)) = reports.as_mut().and_then(|r| r.next().now_or_never()) {}
+                    if !self.any_rolling().await {
+                        continue;
+                    }
+                }
+                () = stop.cancelled() => return,
+            }
+            if let Err(e) = self.step(&publisher).await {
+                tracing::warn!(dc = %self.dc, error = %confcast_schemas::process::error_chain(&e), "could not move the rollouts on; trying again");
+            }
+            due = self.next_bake_end().await;
+        }
+    }
+
+    /// When the first bake under way ends, so the next wave starts on time rather than
+    /// at the next tick.
+    async fn next_bake_end(&self) -> Option<tokio::time::Instant> {
+        let states = self.states.lock().await;
+        let end = states.values().filter(|s| s.phase == Phase::Rolling).filter_map(RolloutState::bake_ends_ms).min()?;
+        let wait = Duration::from_millis(end.saturating_sub(now_ms()));
+        Some(tokio::time::Instant::now() + wait)
+    }
+
+    /// Whether a rollout is moving (rolling or waiting).
+    async fn any_rolling(&self) -> bool {
+        self.states.lock().await.values().any(|s| matches!(s.phase, Phase::Waiting | Phase::Rolling))
+    }
+
+    /// One look at every rollout under way.
+    async fn step(&self, publisher: &Publisher) -> Result<(), BusError> {
+        let under_way: Vec<ServiceId> = {
+            let states = self.states.lock().await;
+            states
+                .iter()
+                .filter(|(_, s)| matches!(s.phase, Phase::Waiting | Phase::Rolling))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for service in under_way {
+            // Read before the lock: the sync and the controls need not wait for it.
+            let statuses = self.statuses(&service).await?;
+            let mut states = self.states.lock().await;
+            let Some(state) = states.get(&service).cloned() else { continue };
+            let next = match state.phase {
+                Phase::Waiting => self.after_done(&state).await?,
+                Phase::Rolling => advance(&state, &statuses, now_ms()),
+                _ => None,
+            };
+            let Some(next) = next else { continue };
+            let (kind, name) = (service.kind, &service.name);
+            let (commit, wave, waves) = (&next.commit, next.wave + 1, next.waves.len());
+            match next.phase {
+                Phase::Halted => {
+                    let message = halt_message(&next);
+                    tracing::error!(%kind, %name, %commit, "{message}");
+                    self.write(&mut states, next.clone()).await?;
+                    drop(states);
+                    publisher.error(&Cause::rollout(&next), message).await?;
+                    continue;
+                }
+                Phase::Complete => tracing::info!(%kind, %name, %commit, "rollout complete"),
+                Phase::Rolling if next.wave != state.wave || state.phase == Phase::Waiting => {
+                    tracing::info!(%kind, %name, %commit, wave, waves, hosts = ?next.waves.get(next.wave), "next wave")
+                }
+                _ => {}
+            }
+            self.write(&mut states, next).await?;
+        }
+        Ok(())
+    }
+
+    /// The state of a waiting rollout once every datacenter it follows completed the
+    /// commit; `None` while it must wait (the reason updated when it changed).
+    async fn after_done(&self, state: &RolloutState) -> Result<Option<RolloutState>, BusError> {
+        let mut waiting_for = Vec::new();
+        for dc in self.after() {
+            match self.peer_state(&dc, state).await {
+                PeerState::Complete => {}
+                PeerState::Halted => waiting_for.push(format!("{dc} halted it")),
+                PeerState::Under(phase) => waiting_for.push(format!("{dc} ({phase})")),
+                PeerState::Unknown(why) => waiting_for.push(format!("{dc} ({why})")),
+            }
+        }
+        let now = now_ms();
+        let next = match waiting_for.is_empty() {
+            true => RolloutState {
+                phase: Phase::Rolling,
+                started: true,
+                reason: None,
+                wave_started_ms: now,
+                healthy_since_ms: None,
+                ..state.clone()
+            },
+            false => {
+                let reason = Some(format!("waiting for {}", waiting_for.join(", ")));
+                if reason == state.reason {
+                    return Ok(None);
+                }
+                RolloutState { reason, ..state.clone() }
+            }
+        };
+        Ok(Some(next))
+    }
+
+    /// Where the rollout of `state`'s commit stands in datacenter `dc`.
+    async fn peer_state(&self, dc: &str, state: &RolloutState) -> PeerState {
+        let js = match self.peers.domains {
+            true => async_nats::jetstream::with_domain(self.bus.client().clone(), dc),
+            false => async_nats::jetstream::new(self.bus.client().clone()),
+        };
+        let stream = match js.get_stream(subject::state_stream(dc)).await {
+            Ok(stream) => stream,
+            Err(e) => return PeerState::Unknown(format!("its state cannot be read: {e}")),
+        };
+        let last = |subject: String| {
+            let stream = stream.clone();
+            async move { stream.get_last_raw_message_by_subject(&subject).await.ok().map(|m| m.payload.to_vec()) }
+        };
+        let service = state.service();
+        let theirs = last(subject::rollout_subject(dc, service.kind, &service.name)).await;
+        match theirs.and_then(|p| decode::<RolloutState>(&p).ok()) {
+            Some(theirs) if theirs.commit == state.commit => match theirs.phase {
+                Phase::Complete | Phase::Promoted => PeerState::Complete,
+                Phase::Halted => PeerState::Halted,
+                phase => PeerState::Under(phase),
+            },
+            // No rollout of this commit there: it rolled out at once if its head is there.
+            _ => {
+                let head = last(subject::head_subject(dc, service.kind, &service.name)).await;
+                match head.and_then(|p| decode::<ServiceHead>(&p).ok()) {
+                    Some(head) if head.commit.as_deref() == Some(state.commit.as_str()) => PeerState::Complete,
+                    _ => PeerState::Unknown("not published there yet".to_owned()),
+                }
+            }
+        }
+    }
+}
+
+/// Where a commit's rollout stands in another datacenter.
+enum PeerState {
+    Complete,
+    Halted,
+    Under(Phase),
+    Unknown(String),
+}
+
+/// The next state of a rolling rollout at `now`, judged from `statuses`; `None` when
+/// nothing changed.
+fn advance(state: &RolloutState, statuses: &BTreeMap<String, HostStatus>, now: u64) -> Option<RolloutState> {
+    let judged = verdict::judge(state, statuses, now);
+    if judged.unhealthy.len() > state.policy.max_unhealthy as usize {
+        let (wave, waves) = (state.wave + 1, state.waves.len());
+        let reason = format!(
+            "wave {wave} of {waves}: {} unhealthy (at most {} tolerated)",
+            judged.unhealthy.len(),
+            state.policy.max_unhealthy
+        );
+        return Some(RolloutState {
+            phase: Phase::Halted,
+            reason: Some(reason),
+            unhealthy: judged.unhealthy,
+            ..state.clone()
+        });
+    }
+    if judged.pending > 0 {
+        return None;
+    }
+    // The last wave that adds hosts needs no bake: nothing comes after it.
+    let last = state.waves.iter().rposition(|w| !w.is_empty()).unwrap_or(0);
+    if state.wave >= last {
+        return Some(RolloutState { phase: Phase::Complete, reason: None, ..state.clone() });
+    }
+    let Some(since) = state.healthy_since_ms else {
+        return Some(RolloutState { healthy_since_ms: Some(now), ..state.clone() });
+    };
+    if now < since + state.policy.bake_secs * 1000 {
+        return None;
+    }
+    // Waves that add no host (a count reached already) are passed over.
+    let mut wave = state.wave + 1;
+    while state.waves[wave].is_empty() {
+        wave += 1;
+    }
+    Some(RolloutState { wave, wave_started_ms: now, healthy_since_ms: None, ..state.clone() })
+}
+
+/// The error event of a halted rollout: the service, the commit, each host and reason.
+fn halt_message(state: &RolloutState) -> String {
+    let hosts: Vec<String> = state.unhealthy.iter().map(|(host, why)| format!("{host}: {why}")).collect();
+    let back = match &state.previous {
+        Some(previous) => format!("hosts that took it go back to {}", &previous[..previous.len().min(12)]),
+        None => "no host had an earlier commit".to_owned(),
+    };
+    format!(
+        "rollout of {} {:?} {} halted in {}: {}; {}; {back}",
+        state.kind,
+        state.name,
+        &state.commit[..state.commit.len().min(12)],
+        state.dc,
+        state.reason.as_deref().unwrap_or("halted"),
+        hosts.join("; "),
+    )
+}
+
+trait Staged {
+    /// Whether hosts must wait for the state to release them.
+    fn policy_staged(&self) -> bool;
+}
+
+impl Staged for RolloutState {
+    fn policy_staged(&self) -> bool {
+        !self.waves.is_empty() || !matches!(self.phase, Phase::Complete)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use confcast_schemas::message::Health;
+    use confcast_schemas::rollout::Policy;
+    use confcast_schemas::Kind;
+
+    use super::*;
+
+    fn state(waves: &[&[&str]], json: &str) -> RolloutState {
+        let policy: Policy = serde_json::from_str(json).expect("policy");
+        RolloutState {
+            v: WIRE_VERSION,
+            dc: "dc1".into(),
+            kind: Kind::Service,
+            name: "s0".into(),
+            ref_name: "refs/heads/services/s0/master".into(),
+            commit: "c1".into(),
+            tree: None,
+            previous: Some("c0".into()),
+            previous_tree: None,
+            policy,
+            waves: waves.iter().map(|w| w.iter().map(|h| (*h).to_owned()).collect()).collect(),
+            wave: 0,
+            wave_started_ms: 1_000,
+            healthy_since_ms: None,
+            phase: Phase::Rolling,
+            started: true,
+            reason: None,
+            unhealthy: BTreeMap::new(),
+            started_ms: 1_000,
+            updated_ms: 1_000,
+        }
+    }
+
+    fn reports(hosts: &[(&str, &str, bool)]) -> BTreeMap<String, HostStatus> {
+        hosts
+            .iter()
+            .map(|(host, commit, healthy)| {
+                let health = match healthy {
+                    true => Health::healthy(2_000),
+                    false => Health::unhealthy(2_000, "--health-cmd exited with exit status: 1"),
+                };
+                let status = HostStatus {
+                    v: WIRE_VERSION,
+                    dc: "dc1".into(),
+                    host: (*host).into(),
+                    kind: Kind::Service,
+                    name: "s0".into(),
+                    commit: Some((*commit).into()),
+                    ok: true,
+                    error: None,
+                    exec_status: Some(0),
+                    at_ms: 2_000,
+                    health: Some(health),
+                };
+                ((*host).to_owned(), status)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_healthy_wave_bakes_then_the_next_begins_and_the_last_completes() {
+        let s = state(&[&["a"], &["b", "c"]], r#"{"waves": [1, "100%"], "bake_secs": 10}"#);
+        let healthy = reports(&[("a", "c1", true), ("b", "c0", true), ("c", "c0", true)]);
+        let baking = advance(&s, &healthy, 3_000).expect("the bake starts");
+        assert_eq!(baking.healthy_since_ms, Some(3_000));
+        assert_eq!(advance(&baking, &healthy, 12_000), None, "still baking");
+        let next = advance(&baking, &healthy, 13_000).expect("next wave");
+        assert_eq!((next.wave, next.wave_started_ms, next.healthy_since_ms), (1, 13_000, None));
+        assert_eq!(advance(&next, &healthy, 14_000), None, "b and c have not reported c1 yet");
+        let all = reports(&[("a", "c1", true), ("b", "c1", true), ("c", "c1", true)]);
+        assert_eq!(advance(&next, &all, 14_000).expect("done").phase, Phase::Complete, "the last wave has no bake");
+    }
+
+    #[test]
+    fn an_unhealthy_canary_halts_with_its_reason() {
+        let s = state(&[&["a"], &["b", "c"]], r#"{"waves": [1, "100%"], "bake_secs": 10}"#);
+        let sick = reports(&[("a", "c1", false)]);
+        let halted = advance(&s, &sick, 3_000).expect("halts");
+        assert_eq!(halted.phase, Phase::Halted);
+        assert_eq!(halted.unhealthy.get("a").map(String::as_str), Some("--health-cmd exited with exit status: 1"));
+        let message = halt_message(&halted);
+        assert!(message.contains("a: --health-cmd exited") && message.contains("go back to c0"), "{message}");
+        let tolerant = state(&[&["a"], &["b"]], r#"{"waves": [1, "100%"], "max_unhealthy": 1}"#);
+        assert_eq!(advance(&tolerant, &sick, 3_000).expect("bakes").phase, Phase::Rolling);
+    }
+
+    #[test]
+    fn a_wave_followed_only_by_empty_ones_is_the_last() {
+        // One host and waves [1, "100%"]: the canary is every host.
+        let s = state(&[&["a"], &[]], r#"{"waves": [1, "100%"], "bake_secs": 600}"#);
+        let healthy = reports(&[("a", "c1", true)]);
+        assert_eq!(advance(&s, &healthy, 3_000).expect("done").phase, Phase::Complete, "no bake before nothing");
+    }
+
+    #[test]
+    fn empty_waves_are_passed_over() {
+        let s = state(&[&["a"], &[], &["b"]], r#"{"waves": [1, 1, "100%"]}"#);
+        let healthy = reports(&[("a", "c1", true)]);
+        let baking = advance(&s, &healthy, 3_000).expect("bake");
+        assert_eq!(advance(&baking, &healthy, 3_000).expect("next").wave, 2);
+    }
+}
