@@ -76,11 +76,32 @@ pub async fn wait_rollout(
         }
         Verdict::InProgress => {
             let (failed, pending) = rollout.counts();
-            format!(
-                "confcast: rollout not complete after {}s ({failed} host(s) failed, {pending} pending); \
-                 the push itself succeeded: follow it with `publisher status <commit>`",
-                wait.as_secs_f64()
-            )
+            let halted: Vec<&str> = rollout.halted().map(|d| d.dc.as_str()).collect();
+            let in_waves: Vec<&str> = affected
+                .iter()
+                .filter(|d| !d.halted() && d.services.iter().any(|s| s.staged()))
+                .map(|d| d.dc.as_str())
+                .collect();
+            if !halted.is_empty() {
+                format!(
+                    "confcast: rollout halted in {}: the hosts that took it go back (see above); \
+                     the push itself succeeded: see `publisher status <commit>`",
+                    halted.join(", ")
+                )
+            } else if !in_waves.is_empty() {
+                format!(
+                    "confcast: rolling out in waves in {} ({:.1}s after the push); \
+                     the push itself succeeded: follow it with `publisher status <commit>`",
+                    in_waves.join(", "),
+                    elapsed.as_secs_f64()
+                )
+            } else {
+                format!(
+                    "confcast: rollout not complete after {}s ({failed} host(s) failed, {pending} pending); \
+                     the push itself succeeded: follow it with `publisher status <commit>`",
+                    wait.as_secs_f64()
+                )
+            }
         }
     });
     lines

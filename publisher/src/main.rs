@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Subcommand;
+use confcast_publisher::control::{self, ControlRequest};
 use confcast_publisher::keygen::{keygen, KeygenError};
 use confcast_publisher::rollout::{Target, Verdict};
 use confcast_publisher::screen::{self, Screen};
 use confcast_publisher::status::{self, StatusRequest};
 use confcast_publisher::{backfill, bus, drain, install, publish_event, NatsAuth, Settings, Spool};
 use confcast_schemas::process::{self, LogFormat, EXIT_FAILED, EXIT_OK, EXIT_UNABLE};
+use confcast_schemas::rollout::Action;
 
 /// Publishes the master repository's ref updates as commit events on NATS JetStream.
 #[derive(Debug, clap::Parser)]
@@ -31,6 +33,9 @@ struct Cli {
 
 /// How long `publisher status` follows a rollout unless told otherwise, in seconds.
 const STATUS_TIMEOUT_SECS: u64 = 60;
+/// How long `publisher rollout` waits for each relay's answer unless told otherwise,
+/// in seconds.
+const CONTROL_TIMEOUT_SECS: u64 = 10;
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -73,10 +78,13 @@ enum Command {
     },
     /// Show how far a change has reached the hosts: per datacenter, how many hosts of
     /// the services it concerns are at its commit with a good status, and which failed
-    /// or are pending. Follows the rollout live until it is complete or the timeout
-    /// passes; a ref nobody follows, or a commit no datacenter has or is on its way to,
-    /// is told at once. Exit status: 0 complete, 1 not complete at the timeout or
-    /// concerning nobody, 2 on usage errors, an unknown datacenter or NATS unreachable.
+    /// or are pending. A commit rolled out in waves shows its phase, the current wave
+    /// and its hosts, the bake left, and hosts whose wave is not released as held.
+    /// Follows the rollout live until it is complete or the timeout passes; a ref
+    /// nobody follows, a commit no datacenter has or is on its way to, or a halted
+    /// rollout (with every unhealthy host and why) is told at once. Exit status: 0
+    /// complete, 1 not complete at the timeout, halted, or concerning nobody, 2 on usage
+    /// errors, an unknown datacenter or NATS unreachable.
     Status {
         /// A commit id (7 to 40 hex digits: every service whose relay published a commit
         /// starting with it, or that follows a ref last pushed to it), or a ref
@@ -102,6 +110,41 @@ enum Command {
         #[command(flatten)]
         nats_auth: NatsAuth,
     },
+    /// Pause, resume, abort or promote the rollout in waves of a ref or commit: asks
+    /// the relay of each datacenter and prints its answer (what changed, or why not).
+    /// Exit status: 0 every datacenter addressed did it, 1 one refused or did not
+    /// answer, 2 on usage errors, an unreadable signing key or NATS unreachable.
+    Rollout {
+        /// pause (no further wave starts), resume (a paused rollout goes on, a halted
+        /// one starts again from its first wave), abort (halt: hosts that took the
+        /// commit go back), promote (every host takes the commit now).
+        action: Action,
+        /// The rollout's ref (`services/web/master`, `refs/heads/...`) or commit (7 to
+        /// 40 hex digits).
+        target: String,
+        /// NATS URL of the datacenters' servers.
+        #[arg(long, env = "CONFCAST_NATS", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// Datacenter to ask (repeatable, or comma-separated in CONFCAST_ROLLOUT_DC;
+        /// default: every datacenter with a rollout of the target).
+        #[arg(long = "dc", env = "CONFCAST_ROLLOUT_DC", value_delimiter = ',')]
+        dcs: Vec<String>,
+        /// The operator's nkey seed (`publisher keygen`), to sign the request: relays
+        /// given trusted keys refuse unsigned controls.
+        #[arg(long, env = "CONFCAST_SIGNING_KEY", value_name = "FILE")]
+        signing_key: Option<PathBuf>,
+        /// How long each relay has to answer, in seconds [default: 10].
+        #[arg(long = "timeout-secs", env = "CONFCAST_TIMEOUT_SECS", value_name = "SECS")]
+        timeout_secs: Option<u64>,
+        /// The leaf-node topology, as for `publisher status`: controls are plain NATS
+        /// requests, which the leaf nodes route to each datacenter's relay, so only the
+        /// datacenters given with --dc are asked. Needs --dc.
+        #[arg(long, env = "CONFCAST_DOMAINS", requires = "dcs")]
+        domains: bool,
+        /// NATS credentials.
+        #[command(flatten)]
+        nats_auth: NatsAuth,
+    },
     /// Publish the events spooled while NATS was unreachable, oldest first.
     Drain {
         /// The bare master repository.
@@ -116,9 +159,10 @@ enum Command {
         #[command(flatten)]
         nats_auth: NatsAuth,
     },
-    /// Create a relay signing key: writes a new nkey seed to FILE (readable only by its
-    /// owner; never overwrites) and prints the public key hosts are given with
-    /// `subscriber --trusted-key`.
+    /// Create a signing key: writes a new nkey seed to FILE (readable only by its owner;
+    /// never overwrites) and prints the public key: for a relay's key, the one hosts are
+    /// given with `subscriber --trusted-key`; for an operator's key (`publisher rollout
+    /// --signing-key`), the one relays are given to trust controls.
     Keygen {
         /// Where to write the seed.
         file: PathBuf,
@@ -159,6 +203,24 @@ async fn main() -> ExitCode {
             timeout: Duration::from_secs(timeout),
         };
         return status(&request, format).await;
+    }
+    if let Command::Rollout { action, target, nats, dcs, signing_key, timeout_secs, domains: _, nats_auth } =
+        cli.command
+    {
+        let signer = match signing_key.as_deref().map(control::signer).transpose() {
+            Ok(signer) => signer,
+            Err(e) => return fail(format, Failure::Unable(e.into())),
+        };
+        let request = ControlRequest {
+            action,
+            target,
+            nats_url: nats,
+            auth: nats_auth,
+            dcs,
+            timeout: Duration::from_secs(timeout_secs.unwrap_or(CONTROL_TIMEOUT_SECS)),
+            signer,
+        };
+        return rollout_control(&request, format).await;
     }
     match run(cli.command).await {
         Ok(()) => process::exit(EXIT_OK),
@@ -230,9 +292,31 @@ async fn status(request: &StatusRequest, format: LogFormat) -> ExitCode {
     })
 }
 
+/// `publisher rollout`: prints each datacenter's answer; 0 when every datacenter
+/// addressed did what was asked, 1 when one refused or did not answer, 2 when nothing
+/// could be sent.
+async fn rollout_control(request: &ControlRequest, format: LogFormat) -> ExitCode {
+    let answers = match control::send(request).await {
+        Ok(answers) => answers,
+        Err(e) => return fail(format, Failure::Unable(e.into())),
+    };
+    for line in answers.lines(request.action, &request.target, request.timeout) {
+        println!("{line}");
+    }
+    if answers.succeeded() {
+        return process::exit(EXIT_OK);
+    }
+    let failure = anyhow::anyhow!(
+        "{} of the rollout of {} not done in every datacenter",
+        request.action.as_str(),
+        request.target
+    );
+    fail(format, Failure::Failed(failure))
+}
+
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Status { .. } => unreachable!("handled in main"),
+        Command::Status { .. } | Command::Rollout { .. } => unreachable!("handled in main"),
         Command::InstallHooks { repo, nats, repo_name, bin_dir, force, replicas, wait_rollout_secs, nats_auth } => {
             if nats_auth.user.is_some() && nats_auth.password_file.is_none() {
                 return Err(Failure::Unable(anyhow::anyhow!(

@@ -1,6 +1,8 @@
 //! What `publisher status` prints: on a terminal, one progress bar per datacenter
 //! redrawn in place; otherwise (a pipe, a log, a script), a plain summary line each time
-//! a datacenter's line changes; and at the end, one line with the verdict.
+//! a datacenter's line changes; and at the end, one line with the verdict. A commit
+//! rolled out in waves shows, in its datacenter's line, the phase, the current wave and
+//! its hosts, the bake left, and for a halted rollout every unhealthy host and why.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -67,7 +69,7 @@ fn bar(dc: &DcProgress) -> String {
 }
 
 /// The last line of `publisher status`, followed for `timeout`: complete, concerning
-/// nobody (and why), or not complete yet.
+/// nobody (and why), halted, or not complete yet.
 pub fn conclusion(target: &Target, followed: &Followed, timeout: Duration) -> String {
     let label = target.to_string();
     match followed.rollout.verdict() {
@@ -84,6 +86,11 @@ pub fn conclusion(target: &Target, followed: &Followed, timeout: Duration) -> St
                 }
                 _ => format!("no datacenter follows {label}"),
             }
+        }
+        Verdict::InProgress if followed.rollout.stopped() => {
+            let halted: Vec<&str> = followed.rollout.halted().map(|d| d.dc.as_str()).collect();
+            let (failed, pending) = followed.rollout.counts();
+            format!("rollout of {label} halted in {}: {failed} host(s) failed, {pending} pending", halted.join(", "))
         }
         Verdict::InProgress => {
             let (failed, pending) = followed.rollout.counts();

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use confcast_schemas::message::HealthState;
+use confcast_schemas::rollout::{Phase, RolloutState};
 use confcast_schemas::{HostStatus, ServiceHead, ServiceId};
 
 use super::pushed::Pushed;
@@ -16,6 +17,8 @@ pub struct Observed {
     pub heads: BTreeMap<ServiceId, ServiceHead>,
     /// The latest report of every host, per service.
     pub hosts: BTreeMap<ServiceId, BTreeMap<String, HostStatus>>,
+    /// The relay's rollout state of every service rolled out in waves.
+    pub rollouts: BTreeMap<ServiceId, RolloutState>,
 }
 
 impl Observed {
@@ -29,6 +32,11 @@ impl Observed {
         let id = status.service();
         self.hosts.entry(id).or_default().insert(status.host.clone(), status);
     }
+
+    /// Records a rollout state.
+    pub fn rollout(&mut self, state: RolloutState) {
+        self.rollouts.insert(state.service(), state);
+    }
 }
 
 /// Where one host stands.
@@ -39,6 +47,19 @@ pub enum HostState {
     /// Not there yet, with the commit it has in place.
     Pending {
         /// The host's commit, if it has one.
+        at: Option<String>,
+    },
+    /// Not there, and not to go there yet: the commit rolls out in waves and the
+    /// host's wave is not released (or the rollout waits or halted). Counted as pending,
+    /// never as failed, whatever the host last reported of the commit it holds.
+    Held {
+        /// The host's commit, if it has one.
+        at: Option<String>,
+    },
+    /// It took the commit, the rollout halted, and it went back by itself to the
+    /// previous commit (`at`), as it reported.
+    Reverted {
+        /// The commit it went back to.
         at: Option<String>,
     },
     /// It reported a failure: an update it could not apply or its `--check-cmd`
@@ -71,6 +92,29 @@ pub struct ServiceProgress {
     pub relay_at: Option<String>,
     /// Its hosts, by id.
     pub hosts: Vec<HostProgress>,
+    /// The relay's rollout state of `commit`, when it rolls out in waves.
+    pub rollout: Option<RolloutState>,
+}
+
+impl ServiceProgress {
+    /// Whether its rollout of the commit is halted.
+    pub fn halted(&self) -> bool {
+        self.rollout.as_ref().is_some_and(|r| r.phase == Phase::Halted)
+    }
+
+    /// Whether it rolls out in waves and is not over yet (waiting, rolling, paused).
+    pub fn staged(&self) -> bool {
+        self.rollout.as_ref().is_some_and(|r| !r.phase.is_final())
+    }
+
+    /// Whether nothing is left to wait for now: every host is done, or the rollout
+    /// halted, or it is staged and no host of a released wave is still on its way
+    /// (the others wait for their wave, a bake, or an operator).
+    pub fn settled(&self) -> bool {
+        let pending = self.hosts.iter().any(|h| matches!(h.state, HostState::Pending { .. }));
+        let all_done = self.hosts.iter().all(|h| h.state == HostState::Done);
+        self.relay_at.is_none() && (all_done || self.halted() || self.staged() && !pending)
+    }
 }
 
 /// One datacenter.
@@ -103,9 +147,24 @@ impl DcProgress {
     }
 
     /// Affected, and every host there is done. A service no host reports for counts as
-    /// done: there is nobody to wait for.
+    /// done: there is nobody to wait for. A halted rollout is never complete.
     pub fn complete(&self) -> bool {
-        self.affected() && self.services.iter().all(|s| s.relay_at.is_none()) && self.done() == self.total()
+        self.affected()
+            && self.services.iter().all(|s| s.relay_at.is_none() && !s.halted())
+            && self.done() == self.total()
+    }
+
+    /// Whether the rollout of some affected service halted here: it will not complete
+    /// without an operator.
+    pub fn halted(&self) -> bool {
+        self.services.iter().any(ServiceProgress::halted)
+    }
+
+    /// Whether there is nothing to wait for here now: complete, halted, or each
+    /// unfinished service rolls out in waves and waits for a wave, a bake or an
+    /// operator, not for hosts of a released wave ([`ServiceProgress::settled`]).
+    pub fn settled(&self) -> bool {
+        !self.affected() || self.halted() || self.services.iter().all(ServiceProgress::settled)
     }
 }
 
@@ -141,12 +200,25 @@ impl Rollout {
         }
     }
 
-    /// Hosts (per service) failed and pending, over every datacenter.
+    /// Hosts (per service) failed and pending (held ones included), over every
+    /// datacenter.
     pub fn counts(&self) -> (usize, usize) {
         let hosts = || self.dcs.iter().flat_map(|d| d.hosts());
         let failed = hosts().filter(|h| matches!(h.state, HostState::Failed { .. })).count();
-        let pending = hosts().filter(|h| matches!(h.state, HostState::Pending { .. })).count();
+        let pending = hosts().filter(|h| matches!(h.state, HostState::Pending { .. } | HostState::Held { .. })).count();
         (failed, pending)
+    }
+
+    /// The datacenters where the rollout of some affected service halted.
+    pub fn halted(&self) -> impl Iterator<Item = &DcProgress> {
+        self.dcs.iter().filter(|d| d.halted())
+    }
+
+    /// Whether following it longer changes nothing by itself: every affected
+    /// datacenter is complete or halted, and one halted.
+    pub fn stopped(&self) -> bool {
+        let affected = || self.dcs.iter().filter(|d| d.affected());
+        self.halted().next().is_some() && affected().all(|d| d.complete() || d.halted())
     }
 }
 
@@ -265,14 +337,25 @@ fn commit_refs(targets: &[Target], observed: &BTreeMap<String, Observed>, pushed
 }
 
 /// Where the hosts of `service` stand in one datacenter, on their way to `commit`.
+/// When the relay rolls `commit` out in waves, a host its rollout does not release
+/// (yet) and that is not at `commit` is held, not pending or failed.
 fn service_progress(seen: &Observed, service: ServiceId, commit: String) -> ServiceProgress {
     let relay_at = seen.heads.get(&service).and_then(|h| h.commit.clone()).filter(|c| *c != commit);
+    let rollout = seen.rollouts.get(&service).filter(|r| r.commit == commit).cloned();
+    let reverted = |status: &HostStatus| status.health.as_ref().is_some_and(|h| h.state == HealthState::Reverted);
+    let state = |status: &HostStatus| match &rollout {
+        Some(_) if status.commit.as_deref() != Some(commit.as_str()) && reverted(status) => {
+            HostState::Reverted { at: status.commit.clone() }
+        }
+        Some(r) if status.commit.as_deref() != Some(commit.as_str()) && !r.releases(&status.host) => {
+            HostState::Held { at: status.commit.clone() }
+        }
+        _ => host_state(status, &commit),
+    };
     let hosts = seen
         .hosts
         .get(&service)
-        .map(|hosts| {
-            hosts.values().map(|s| HostProgress { host: s.host.clone(), state: host_state(s, &commit) }).collect()
-        })
+        .map(|hosts| hosts.values().map(|s| HostProgress { host: s.host.clone(), state: state(s) }).collect())
         .unwrap_or_default();
-    ServiceProgress { service, commit, relay_at, hosts }
+    ServiceProgress { service, commit, relay_at, hosts, rollout }
 }

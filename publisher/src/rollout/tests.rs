@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use confcast_schemas::message::{Health, HealthState};
+use confcast_schemas::rollout::{Phase, Policy, RolloutState, Wave};
 use confcast_schemas::{HostStatus, Kind, ServiceHead, WIRE_VERSION};
 
 use super::progress::host_state;
@@ -184,4 +185,115 @@ fn a_host_its_health_command_judged_unhealthy_is_failed_with_the_first_line_of_w
     assert_eq!(host_state(&well, B), HostState::Done);
     // A host not at the target yet is pending whatever its health at its own commit.
     assert_eq!(host_state(&sick, C), HostState::Pending { at: Some(B.into()) });
+}
+
+fn rollout_state(phase: Phase, wave: usize) -> RolloutState {
+    RolloutState {
+        v: WIRE_VERSION,
+        dc: "dc1".into(),
+        kind: Kind::Service,
+        name: "service0".into(),
+        ref_name: REF.into(),
+        commit: B.into(),
+        tree: None,
+        previous: Some(A.into()),
+        previous_tree: None,
+        policy: two_waves(),
+        waves: vec![vec!["h3".into()], vec!["h1".into(), "h2".into()]],
+        wave,
+        wave_started_ms: 1_000,
+        healthy_since_ms: Some(10_000),
+        phase,
+        started: true,
+        reason: None,
+        unhealthy: BTreeMap::new(),
+        started_ms: 1_000,
+        updated_ms: 10_000,
+    }
+}
+
+/// Two waves (the canary, then the rest) with a 30 s bake.
+fn two_waves() -> Policy {
+    Policy {
+        waves: vec![Wave::Hosts(1), Wave::Percent("100%".into())],
+        bake_secs: 30,
+        max_unhealthy: 0,
+        report_timeout_secs: 60,
+    }
+}
+
+/// dc1 running service0 on h1, h2 (at A) and h3 (at B), with `state` for B.
+fn rolling(state: RolloutState) -> BTreeMap<String, Observed> {
+    let mut seen = dc(
+        vec![head("service0", REF, B)],
+        vec![
+            status("h1", "service0", A, None, None),
+            status("h2", "service0", A, Some("held for its wave"), None),
+            status("h3", "service0", B, None, Some(0)),
+        ],
+    );
+    seen.rollout(state);
+    BTreeMap::from([("dc1".to_owned(), seen)])
+}
+
+#[test]
+fn hosts_outside_the_released_waves_are_held_and_the_line_names_the_wave_and_bake() {
+    let rollout = progress(&[Target::Ref(REF.into())], &rolling(rollout_state(Phase::Rolling, 0)));
+    let dc1 = &rollout.dcs[0];
+    assert_eq!(dc1.services[0].hosts[1].state, HostState::Held { at: Some(A.into()) }, "held, not failed");
+    assert_eq!(rollout.verdict(), Verdict::InProgress);
+    assert_eq!(rollout.counts(), (0, 2));
+    assert!(dc1.settled() && !rollout.stopped(), "nothing to wait for before the bake ends");
+    assert_eq!(
+        dc1.line_at("x", 20_000),
+        "dc1: 1/3 at bbbbbbb (rolling out in waves, wave 1/2 (h3), bake 20 s left; 2 held: h1, h2)"
+    );
+    assert!(dc1.line_at("x", 45_000).contains("bake over, next wave due"), "{}", dc1.line_at("x", 45_000));
+
+    // Released: h1 and h2 are on their way now, and waited for.
+    let second = progress(&[Target::Ref(REF.into())], &rolling(rollout_state(Phase::Rolling, 1)));
+    assert_eq!(second.counts(), (1, 1), "h2 reported a failure of its own");
+    assert!(!second.dcs[0].settled(), "h1 is pending in a released wave");
+
+    // A state for another commit says nothing of this one.
+    let mut other = rollout_state(Phase::Rolling, 0);
+    other.commit = C.into();
+    let unrelated = progress(&[Target::Ref(REF.into())], &rolling(other));
+    assert_eq!(unrelated.dcs[0].services[0].hosts[0].state, HostState::Pending { at: Some(A.into()) });
+}
+
+#[test]
+fn a_halted_rollout_names_every_unhealthy_host_and_stops_the_watch() {
+    let mut state = rollout_state(Phase::Halted, 0);
+    state.reason = Some("wave 1 unhealthy".into());
+    state.unhealthy = BTreeMap::from([
+        ("h3".to_owned(), "exec exited 1".to_owned()),
+        ("h4".to_owned(), "no report within 60 s".to_owned()),
+    ]);
+    let rollout = progress(&[Target::Ref(REF.into())], &rolling(state));
+    let dc1 = &rollout.dcs[0];
+    assert!(dc1.halted() && !dc1.complete() && rollout.stopped());
+    assert_eq!(rollout.verdict(), Verdict::InProgress, "a halt is not complete: status exits 1");
+    assert_eq!(
+        dc1.line_at("x", 20_000),
+        "dc1: 1/3 at bbbbbbb (rollout halted at wave 1/2: wave 1 unhealthy; unhealthy: h3 exec exited 1, \
+         h4 no report within 60 s; 2 held: h1, h2)"
+    );
+}
+
+#[test]
+fn waiting_paused_and_finished_rollouts_say_so_or_nothing() {
+    let mut waiting = rollout_state(Phase::Waiting, 0);
+    waiting.reason = Some("after dc-canary".into());
+    let line = progress(&[Target::Ref(REF.into())], &rolling(waiting)).dcs[0].line_at("x", 0);
+    assert_eq!(line, "dc1: 1/3 at bbbbbbb (waiting to roll out in waves: after dc-canary; 2 held: h1, h2)");
+    let mut paused = rollout_state(Phase::Paused, 0);
+    paused.reason = Some("paused by ops@desk".into());
+    let line = progress(&[Target::Ref(REF.into())], &rolling(paused)).dcs[0].line_at("x", 0);
+    assert!(line.contains("rollout paused at wave 1/2 (h3): paused by ops@desk"), "{line}");
+    let complete = progress(&[Target::Ref(REF.into())], &rolling(rollout_state(Phase::Complete, 1)));
+    assert_eq!(
+        complete.dcs[0].line_at("x", 0),
+        "dc1: 1/3 at bbbbbbb (1 failed: h2 held for its wave at aaaaaaa; 1 pending: h1 at aaaaaaa)"
+    );
 }

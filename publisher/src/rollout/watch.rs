@@ -1,9 +1,11 @@
-//! Following a rollout live: the latest head and host report of every service in each
-//! datacenter, then every new one, recomputing [`progress_pushed`] on each change.
+//! Following a rollout live: the latest head, rollout state and host report of every
+//! service in each datacenter, then every new one, recomputing [`progress_pushed`] on
+//! each change.
 
 use std::collections::BTreeMap;
 
 use async_nats::jetstream::{self, consumer::pull::Ordered};
+use confcast_schemas::rollout::RolloutState;
 use confcast_schemas::{decode, streams, subject, HostStatus, ServiceHead};
 use futures::StreamExt;
 
@@ -97,12 +99,33 @@ pub async fn datacenters_to_follow(
         .collect())
 }
 
+/// What a feed carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carries {
+    /// The relay's heads.
+    Heads,
+    /// The relay's rollout states.
+    Rollouts,
+    /// The hosts' status reports.
+    Statuses,
+}
+
 /// One live feed: the latest message per subject, then every new one.
 struct Feed {
     dc: usize,
-    heads: bool,
+    carries: Carries,
     /// Messages still to come from the initial replay; 0 once caught up.
     initial: u64,
+}
+
+/// When a watch stops before its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The rollout is complete, or halted where it is not complete.
+    Stopped,
+    /// Nothing is left to wait for now: what is not complete waits for a wave, a bake
+    /// or an operator ([`super::DcProgress::settled`]), or halted.
+    Settled,
 }
 
 /// Opens a feed of `stream` filtered by `filter`, with how many messages its initial
@@ -130,7 +153,9 @@ async fn open_feed(
 /// Follows the rollout of `targets` in `dcs` live: calls `on_change` with every new
 /// state, once each datacenter's heads and reports have been read, and returns when it
 /// is complete, when nothing is affected and cannot become so (a ref target no relay
-/// follows), or at `deadline` with the last state. Each datacenter's streams are read
+/// follows), when nothing is left to wait for now (each datacenter complete, halted, or
+/// rolling out in waves with every host of the released waves done: a bake or the next
+/// wave can take far longer than a push waits), or at `deadline` with the last state. Each datacenter's streams are read
 /// through the JetStream context given with it: the same one for every datacenter on
 /// one NATS, or `jetstream::with_domain(client, dc)` from the master's NATS in the
 /// leaf-node topology.
@@ -140,13 +165,13 @@ pub async fn watch(
     deadline: tokio::time::Instant,
     on_change: impl FnMut(&Rollout),
 ) -> Result<Rollout, WatchError> {
-    watch_pushed(dcs, targets, &Pushed::default(), deadline, on_change).await
+    watch_until(dcs, targets, &Pushed::default(), deadline, Until::Settled, on_change).await
 }
 
-/// A message of one datacenter's feed: (datacenter index, heads or statuses), message.
-type Keyed = ((usize, bool), Result<jetstream::Message, jetstream::consumer::pull::OrderedError>);
+/// A message of one datacenter's feed: (datacenter index, what it carries), message.
+type Keyed = ((usize, Carries), Result<jetstream::Message, jetstream::consumer::pull::OrderedError>);
 
-/// Opens the head and status feeds of every datacenter.
+/// Opens the head, rollout and status feeds of every datacenter.
 async fn open_feeds(
     dcs: &[(String, jetstream::Context)],
 ) -> Result<(Vec<Feed>, futures::stream::SelectAll<futures::stream::BoxStream<'static, Keyed>>), WatchError> {
@@ -157,41 +182,66 @@ async fn open_feeds(
         else {
             return Err(WatchError::UnknownDatacenter(dc.clone()));
         };
-        streams.push(heads.map(move |m| ((i, true), m)).boxed());
-        feeds.push(Feed { dc: i, heads: true, initial: pending });
+        streams.push(heads.map(move |m| ((i, Carries::Heads), m)).boxed());
+        feeds.push(Feed { dc: i, carries: Carries::Heads, initial: pending });
+        // Rollout states share the state stream; without a rollout policy there are none.
+        if let Some((pending, rollouts)) =
+            open_feed(js, &subject::state_stream(dc), subject::rollouts_wildcard(dc)).await?
+        {
+            streams.push(rollouts.map(move |m| ((i, Carries::Rollouts), m)).boxed());
+            feeds.push(Feed { dc: i, carries: Carries::Rollouts, initial: pending });
+        }
         // A relay from before host status reports has no status stream: no hosts.
         let status_filter = subject::status_stream_subjects(dc).remove(0);
         if let Some((pending, statuses)) = open_feed(js, &subject::status_stream(dc), status_filter).await? {
-            streams.push(statuses.map(move |m| ((i, false), m)).boxed());
-            feeds.push(Feed { dc: i, heads: false, initial: pending });
+            streams.push(statuses.map(move |m| ((i, Carries::Statuses), m)).boxed());
+            feeds.push(Feed { dc: i, carries: Carries::Statuses, initial: pending });
         }
     }
     Ok((feeds, futures::stream::select_all(streams)))
 }
 
-/// Records a head (`heads`) or a host report read from a datacenter's feed.
-fn observe(seen: &mut Observed, dc: &str, heads: bool, payload: &[u8]) {
-    if heads {
-        match decode::<ServiceHead>(payload) {
+/// Records a head, a rollout state or a host report read from a datacenter's feed.
+fn observe(seen: &mut Observed, dc: &str, carries: Carries, payload: &[u8]) {
+    match carries {
+        Carries::Heads => match decode::<ServiceHead>(payload) {
             Ok(head) => seen.head(head),
             Err(e) => tracing::debug!(dc = %dc, error = %e, "ignoring an unreadable head"),
-        }
-    } else {
-        match decode::<HostStatus>(payload) {
+        },
+        Carries::Rollouts => match decode::<RolloutState>(payload) {
+            Ok(state) => seen.rollout(state),
+            Err(e) => tracing::debug!(dc = %dc, error = %e, "ignoring an unreadable rollout state"),
+        },
+        Carries::Statuses => match decode::<HostStatus>(payload) {
             Ok(status) => seen.status(status),
             Err(e) => tracing::debug!(dc = %dc, error = %e, "ignoring an unreadable host status"),
-        }
+        },
     }
 }
 
-/// [`watch`], knowing what the refs were last pushed to ([`super::pushed()`]): then a
-/// commit is known to concern nobody as soon as the heads are read — no datacenter
-/// published it and none follows a ref last pushed to it — and the watch returns at once.
+/// What `publisher status` follows: [`watch`], knowing what the refs were last pushed
+/// to ([`super::pushed()`]), so that a commit is known to concern nobody as soon as the
+/// heads are read — no datacenter published it and none follows a ref last pushed to
+/// it — and the watch returns at once. A rollout in waves is followed through its
+/// waves until the deadline; one halted where it is not complete ends the watch.
 pub async fn watch_pushed(
     dcs: &[(String, jetstream::Context)],
     targets: &[Target],
     pushed: &Pushed,
     deadline: tokio::time::Instant,
+    on_change: impl FnMut(&Rollout),
+) -> Result<Rollout, WatchError> {
+    watch_until(dcs, targets, pushed, deadline, Until::Stopped, on_change).await
+}
+
+/// Follows the rollout until it is complete, concerns nobody for good, `until` says
+/// there is no need to go on, or `deadline`.
+async fn watch_until(
+    dcs: &[(String, jetstream::Context)],
+    targets: &[Target],
+    pushed: &Pushed,
+    deadline: tokio::time::Instant,
+    until: Until,
     mut on_change: impl FnMut(&Rollout),
 ) -> Result<Rollout, WatchError> {
     let mut observed: BTreeMap<String, Observed> =
@@ -209,6 +259,10 @@ pub async fn watch_pushed(
             match rollout.verdict() {
                 Verdict::Complete => return Ok(rollout),
                 Verdict::NothingAffected if final_when_unaffected => return Ok(rollout),
+                Verdict::InProgress if rollout.stopped() => return Ok(rollout),
+                Verdict::InProgress if until == Until::Settled && rollout.dcs.iter().all(|d| d.settled()) => {
+                    return Ok(rollout)
+                }
                 _ => {}
             }
         }
@@ -216,14 +270,14 @@ pub async fn watch_pushed(
             Ok(next) => next,
             Err(_) => return Ok(last.unwrap_or_else(|| progress_pushed(targets, &observed, pushed))),
         };
-        let ((dc, heads), message) = match next {
+        let ((dc, carries), message) = match next {
             Some((key, Ok(message))) => (key, message),
             Some((_, Err(e))) => return Err(WatchError::Follow(e)),
             None => return Err(WatchError::Closed),
         };
         let seen = observed.get_mut(&dcs[dc].0).expect("every datacenter is observed");
-        observe(seen, &dcs[dc].0, heads, &message.payload);
-        if let Some(feed) = feeds.iter_mut().find(|f| f.dc == dc && f.heads == heads) {
+        observe(seen, &dcs[dc].0, carries, &message.payload);
+        if let Some(feed) = feeds.iter_mut().find(|f| f.dc == dc && f.carries == carries) {
             if feed.initial > 0 {
                 feed.initial = message.info().map(|i| i.pending).unwrap_or(0).min(feed.initial - 1);
             }
