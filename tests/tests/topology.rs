@@ -11,9 +11,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use confcast_schemas::rollout::Phase;
 use confcast_schemas::subject;
 use confcast_tests::topology::{last_message, publish_core, Topology};
-use confcast_tests::{bin, git, index_value, wait_for, Master, Relay, Subscriber};
+use confcast_tests::{bin, git, index_value, rollout_state, run, wait_for, wait_rollout, Master, Relay, Subscriber};
 
 const DCS: [&str; 2] = ["dc1", "dc2"];
 /// Catching up after an outage includes the mirror noticing its source is back.
@@ -55,7 +56,10 @@ impl World {
         let master_path = master.bare.display().to_string();
         let relays: Vec<Relay> = DCS
             .iter()
-            .map(|dc| Relay::start_with(&topology.leaf(dc).url(), dc, &master_path, &["--commits-domain", "hub"]))
+            .map(|dc| {
+                let flags = ["--commits-domain", "hub", "--rollout-domains"];
+                Relay::start_with(&topology.leaf(dc).url(), dc, &master_path, &flags)
+            })
             .collect();
         let hosts: Vec<Subscriber> =
             DCS.iter().map(|dc| Subscriber::start(&topology.leaf(dc).url(), dc, &["--service", "service0"])).collect();
@@ -228,4 +232,49 @@ fn topology_a_datacenter_cut_off_from_the_hub_catches_up_and_the_other_is_unaffe
     for dc in DCS {
         world.assert_converged(dc, &next);
     }
+}
+
+/// `dc2` follows `dc1` (`rollout.after`) across the leaf links: its relay reads dc1's
+/// rollout in dc1's domain, and an operator on the hub steers both datacenters'
+/// rollouts with `publisher rollout --domains`, the controls crossing the leaf links.
+#[test]
+fn topology_a_datacenter_follows_another_and_operators_control_both_from_the_hub() {
+    let _serial = one_at_a_time();
+    let mut world = World::start();
+    let hub = world.topology.hub_urls();
+    let (dc1, dc2) = (world.topology.leaf("dc1").url(), world.topology.leaf("dc2").url());
+    // A second host in dc1, so that its canary wave leaves one host waiting.
+    let second = Subscriber::start(&dc1, "dc1", &["--service", "service0", "--host-id", "dc1-second"]);
+    second.wait_exec_within("service0", &world.pushed[0], CATCH_UP);
+    world.master.configuration(
+        "big",
+        r#"{"services":[{"name":"service0","branch":"master"}],"rollout":{"waves":[1,"100%"],"bake_secs":600}}"#,
+    );
+    world.master.datacenter("dc2", r#"{"conf":"datacenter-configuration/big","rollout":{"after":["dc1"]}}"#);
+    wait_for(CATCH_UP, "dc1's hosts to report", || {
+        ["dc1-second"].iter().all(|h| confcast_tests::host_status(&dc1, "dc1", h, "service0").is_some()).then_some(())
+    });
+    let commit = world.push("2\n");
+    wait_rollout(&dc1, "dc1", "service0", "dc1 to bake its canary", |s| {
+        s.commit == commit && s.healthy_since_ms.is_some()
+    });
+    let waiting = wait_rollout(&dc2, "dc2", "service0", "dc2 to wait for dc1", |s| s.commit == commit);
+    assert_eq!(waiting.phase, Phase::Waiting, "{waiting:?}");
+
+    let control = |args: &[&str]| {
+        let ran = run(Command::new(bin("publisher")).arg("rollout").args(args).args(["--nats", &hub, "--domains"]));
+        assert_eq!(ran.code, Some(0), "publisher rollout {args:?}: {ran:?}");
+        ran.stdout
+    };
+    // From the hub: dc2 paused, dc1 promoted; dc2 stays paused and its host holds.
+    assert!(control(&["pause", &commit, "--dc", "dc2"]).contains("waiting -> paused"));
+    assert!(control(&["promote", &commit, "--dc", "dc1"]).contains("-> promoted"));
+    world.assert_converged("dc1", &commit);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rollout_state(&dc2, "dc2", "service0").expect("dc2's state").phase, Phase::Paused);
+    assert!(!world.host("dc2").execs().iter().any(|l| l.contains(&commit)), "dc2 holds while paused");
+    // Resumed, dc2 finds dc1 done (promoted) and rolls the commit out.
+    control(&["resume", &commit, "--dc", "dc2"]);
+    world.assert_converged("dc2", &commit);
+    wait_rollout(&dc2, "dc2", "service0", "dc2 to complete", |s| s.phase == Phase::Complete);
 }

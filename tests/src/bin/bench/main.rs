@@ -13,7 +13,8 @@
 //! feels: [`tree_size`] (8, a one-line change at 100 to 100,000 files), [`bootstrap`]
 //! (9, a new host next to `git checkout`), [`datacenters`] (10, every host of several
 //! datacenters over `git://`, next to `git fetch`), [`services`] (11, one push in a
-//! datacenter of thousands of services). [`synthetic`] writes large trees and many
+//! datacenter of thousands of services), [`rollout`] (12, a staged rollout's timeline).
+//! [`synthetic`] writes large trees and many
 //! services with `git fast-import`, [`stage`] sets up a datacenter serving one,
 //! [`observe`] watches exec logs and processes, [`proxy`] counts what the master serves
 //! and [`report`] prints the tables.
@@ -28,6 +29,7 @@ mod load;
 mod observe;
 mod proxy;
 mod report;
+mod rollout;
 mod services;
 mod stage;
 mod synthetic;
@@ -61,6 +63,9 @@ enum Scenario {
     Datacenters,
     /// A push to one of 5 and of 3,000 services (table 11).
     Services,
+    /// A staged rollout's timeline: a good commit wave by wave, a bad one halted at
+    /// its canary (table 12).
+    Rollout,
 }
 
 /// A fan-out size: `DxH`, e.g. `10x1000`.
@@ -167,6 +172,9 @@ fn main() {
     });
     run(Scenario::Datacenters, &mut |tables| {
         tables.push(datacenters::datacenters(3, 2, if quick { 10 } else { 30 }));
+    });
+    run(Scenario::Rollout, &mut |tables| {
+        tables.push(rollout::rollout(if quick { 4 } else { 10 }));
     });
     run(Scenario::Services, &mut |tables| {
         let counts: &[usize] = if quick { &[5, 300] } else { &[5, 3_000] };
