@@ -109,10 +109,15 @@ pub fn signer(path: &Path) -> Result<Signer, ControlError> {
 /// Sends the control to every datacenter addressed, at once, and collects the answers.
 pub async fn send(request: &ControlRequest) -> Result<Answers, ControlError> {
     let client = connect(&request.nats_url, &request.auth, request.timeout).await?;
+    send_on(&client, request).await
+}
+
+/// [`send`] through a connection already open (`publisher dashboard` keeps one).
+pub(crate) async fn send_on(client: &async_nats::Client, request: &ControlRequest) -> Result<Answers, ControlError> {
     let named = !request.dcs.is_empty();
     let dcs = match named {
         true => request.dcs.clone(),
-        false => datacenters_with_rollout(&client, &request.target, request.timeout).await?,
+        false => datacenters_with_rollout(client, &request.target, request.timeout).await?,
     };
     if dcs.is_empty() {
         return Err(ControlError::NoDatacenter { url: redact_url(&request.nats_url) });
@@ -128,7 +133,7 @@ pub async fn send(request: &ControlRequest) -> Result<Answers, ControlError> {
             at_ms: now_ms(),
             nonce: nonce(),
         };
-        ask(&client, control, request.signer.as_ref(), request.timeout)
+        ask(client, control, request.signer.as_ref(), request.timeout)
     }))
     .await;
     let dcs = dcs.into_iter().zip(answers).map(|(dc, answer)| DcAnswer { dc, answer }).collect();

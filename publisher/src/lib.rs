@@ -12,12 +12,14 @@
 //! * [`announce`], [`bus`], [`spool`]: publishing commit events, or keeping them;
 //! * [`rollout`]: how far a change has reached the hosts, and following it live;
 //! * the commands: [`install`] (`install-hooks`), [`backfill`], [`keygen`], [`status`]
-//!   with its [`screen`], [`control`] (`rollout pause|resume|abort|promote`).
+//!   with its [`screen`], [`control`] (`rollout pause|resume|abort|promote`),
+//!   [`dashboard`] (a live web page of the fleet).
 
 pub mod announce;
 pub mod backfill;
 pub mod bus;
 pub mod control;
+pub mod dashboard;
 pub mod git;
 pub mod install;
 pub mod keygen;

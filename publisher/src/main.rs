@@ -6,6 +6,7 @@
 //! rollout not complete, events or refs left unpublished); 2 nothing was done: a usage
 //! or configuration error, or NATS unreachable.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Subcommand;
 use confcast_publisher::control::{self, ControlRequest};
+use confcast_publisher::dashboard::{self, DashboardRequest};
 use confcast_publisher::keygen::{keygen, KeygenError};
 use confcast_publisher::rollout::{Target, Verdict};
 use confcast_publisher::screen::{self, Screen};
@@ -145,6 +147,39 @@ enum Command {
         #[command(flatten)]
         nats_auth: NatsAuth,
     },
+    /// Serve a live web page of the fleet: per datacenter, every service with its
+    /// commit, subject, author and push time, how many hosts are at it, pending, failed
+    /// or reverted, its rollout in waves with a timeline, and the relays' errors; a page
+    /// per service with each host. Updates as hosts report, without reloading; JSON
+    /// under /api/v1. Runs until SIGINT or SIGTERM and outlives NATS restarts. Exit
+    /// status: 0 stopped by a signal, 2 on usage errors, an address it cannot listen on,
+    /// an unreadable signing key or NATS unreachable at start.
+    Dashboard {
+        /// Address to serve on, e.g. 127.0.0.1:8080 (anyone who reaches it sees the
+        /// fleet: keep it local or behind an authenticating proxy).
+        #[arg(long, env = "CONFCAST_DASHBOARD_LISTEN", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// NATS URL of the datacenters' servers.
+        #[arg(long, env = "CONFCAST_NATS", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// Datacenter to show (repeatable, or comma-separated in CONFCAST_DASHBOARD_DC;
+        /// default: every datacenter a relay published for, looked for every 10 s).
+        #[arg(long = "dc", env = "CONFCAST_DASHBOARD_DC", value_delimiter = ',')]
+        dcs: Vec<String>,
+        /// The leaf-node topology, as for `publisher status`. Needs --dc.
+        #[arg(long, env = "CONFCAST_DOMAINS", requires = "dcs")]
+        domains: bool,
+        /// Let the service page pause, resume, abort and promote rollouts in waves.
+        #[arg(long, env = "CONFCAST_DASHBOARD_ALLOW_CONTROL")]
+        allow_control: bool,
+        /// The operator's nkey seed (`publisher keygen`), to sign the page's controls
+        /// (read only with --allow-control).
+        #[arg(long, env = "CONFCAST_SIGNING_KEY", value_name = "FILE")]
+        signing_key: Option<PathBuf>,
+        /// NATS credentials.
+        #[command(flatten)]
+        nats_auth: NatsAuth,
+    },
     /// Publish the events spooled while NATS was unreachable, oldest first.
     Drain {
         /// The bare master repository.
@@ -221,6 +256,14 @@ async fn main() -> ExitCode {
             signer,
         };
         return rollout_control(&request, format).await;
+    }
+    if let Command::Dashboard { listen, nats, dcs, domains, allow_control, signing_key, nats_auth } = cli.command {
+        let request =
+            DashboardRequest { listen, nats_url: nats, auth: nats_auth, dcs, domains, allow_control, signing_key };
+        return match dashboard::serve(request).await {
+            Ok(()) => process::exit(EXIT_OK),
+            Err(e) => fail(format, Failure::Unable(e.into())),
+        };
     }
     match run(cli.command).await {
         Ok(()) => process::exit(EXIT_OK),
@@ -316,7 +359,9 @@ async fn rollout_control(request: &ControlRequest, format: LogFormat) -> ExitCod
 
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Status { .. } | Command::Rollout { .. } => unreachable!("handled in main"),
+        Command::Status { .. } | Command::Rollout { .. } | Command::Dashboard { .. } => {
+            unreachable!("handled in main")
+        }
         Command::InstallHooks { repo, nats, repo_name, bin_dir, force, replicas, wait_rollout_secs, nats_auth } => {
             if nats_auth.user.is_some() && nats_auth.password_file.is_none() {
                 return Err(Failure::Unable(anyhow::anyhow!(

@@ -404,6 +404,17 @@ impl Mirror {
         Ok(tree.id)
     }
 
+    /// A commit's subject line, author (`Name <email>`) and author time (seconds since
+    /// the Unix epoch), as people know it.
+    pub fn about(&self, commit: &gix::oid) -> Result<(String, String, i64), MirrorError> {
+        let repo = self.repo.to_thread_local();
+        let object = repo.find_object(commit).map_err(self.local())?;
+        let decoded = gix::objs::CommitRef::from_bytes(&object.data, commit.kind()).map_err(self.local())?;
+        let author = decoded.author().map_err(self.local())?;
+        let subject = decoded.message().summary().to_string();
+        Ok((subject, format!("{} <{}>", author.name.to_string().trim(), author.email), author.seconds()))
+    }
+
     /// Every blob and symlink of a commit's tree. Submodule entries (gitlinks) carry no
     /// content and are skipped.
     pub fn listing(&self, commit: &gix::oid) -> Result<Listing, MirrorError> {

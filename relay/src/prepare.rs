@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use confcast_schemas::message::now_ms;
+use confcast_schemas::message::CommitAbout;
 use confcast_schemas::path::{self, PathError};
 use confcast_schemas::{
     ChangeKind, Entry, FileMode, ServiceHead, ServiceId, ServiceUpdate, SNAPSHOT_BY_OBJECTS, WIRE_VERSION,
@@ -37,6 +38,8 @@ pub(crate) struct Prepared {
     pub(crate) objects: Vec<(ObjectId, Vec<u8>)>,
     /// Objects of the old tree the new one replaced (see [`crate::reclaim`]).
     pub(crate) replaced: usize,
+    /// The commit as people know it, for the head; `None` if it could not be read.
+    pub(crate) about: Option<CommitAbout>,
 }
 
 /// Why a service's new state cannot be prepared.
@@ -133,7 +136,19 @@ pub(crate) fn prepare(
     };
     let snapshot =
         ServiceUpdate { v: SNAPSHOT_BY_OBJECTS, from: None, snapshot: true, entries: Vec::new(), ..update.clone() };
-    Ok(Prepared { update, snapshot, large, objects, replaced })
+    let about = match mirror.about(&target.commit) {
+        Ok((subject, author, authored_secs)) => Some(CommitAbout {
+            subject,
+            author,
+            authored_ms: u64::try_from(authored_secs).unwrap_or(0).saturating_mul(1000),
+            pushed_ms: cause.pushed_at_ms,
+        }),
+        Err(e) => {
+            tracing::warn!(commit = %target.commit, error = %e, "cannot read the commit's subject and author");
+            None
+        }
+    };
+    Ok(Prepared { update, snapshot, large, objects, replaced, about })
 }
 
 /// Checks that no path of the tree leaves it, and that no link does. Containment is a

@@ -63,7 +63,7 @@ impl Publisher {
         let (kind, name) = (service.kind, &service.name);
         tracing::info!(%kind, %name, from = update.from.as_deref().unwrap_or("-"), to = %target.commit, entries = update.entries.len(), objects = prepared.objects.len(), "published update");
         let commit = Some(target.commit.to_string());
-        let head = next_head(&service, old, Some(target), commit, update.tree.clone());
+        let head = next_head(&service, old, Some(target), commit, update.tree.clone(), prepared.about.clone());
         self.write_head(cause, old, &head).await?;
         Ok(head)
     }
@@ -119,7 +119,9 @@ impl Publisher {
         commit: Option<String>,
         tree: Option<String>,
     ) -> Result<ServiceHead, BusError> {
-        let head = next_head(service, old, target, commit, tree);
+        // The same commit under another name, or none: what is known of it stays.
+        let about = old.filter(|o| o.commit == commit).and_then(|o| o.about.clone());
+        let head = next_head(service, old, target, commit, tree, about);
         self.write_head(cause, old, &head).await?;
         Ok(head)
     }
@@ -174,6 +176,7 @@ fn next_head(
     target: Option<&Target>,
     commit: Option<String>,
     tree: Option<String>,
+    about: Option<confcast_schemas::message::CommitAbout>,
 ) -> ServiceHead {
     ServiceHead {
         v: WIRE_VERSION,
@@ -184,5 +187,6 @@ fn next_head(
         version: target.map(|t| t.version.clone()).or_else(|| old.map(|h| h.version.clone())).unwrap_or_default(),
         commit,
         tree,
+        about,
     }
 }

@@ -236,6 +236,24 @@ pub struct ServiceHead {
     pub commit: Option<String>,
     /// Its tree.
     pub tree: Option<String>,
+    /// Who wrote the commit and what it says, for people looking at the datacenter
+    /// (`publisher dashboard`); absent from heads of older relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<CommitAbout>,
+}
+
+/// A commit as people know it: its subject line, its author, when it was written and
+/// when it was pushed. Text from pushers: whoever shows it must escape it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitAbout {
+    /// The first line of the commit message.
+    pub subject: String,
+    /// The author, `Name <email>`.
+    pub author: String,
+    /// The author's time, ms since the Unix epoch.
+    pub authored_ms: u64,
+    /// When the push reached the master (the commit event), ms since the Unix epoch.
+    pub pushed_ms: u64,
 }
 
 /// The datacenter's inventory as last resolved, so hosts can find their services

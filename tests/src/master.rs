@@ -155,6 +155,17 @@ impl Master {
         git(&self.work, &["rev-parse", "HEAD"])
     }
 
+    /// Commits everything as `author` (`name <email>`) with `message`, pushes, and
+    /// returns the commit: what any pusher can write, hostile markup included.
+    pub fn commit_as(&self, message: &str, name: &str, email: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        let author = format!("{name} <{email}>");
+        git(&self.work, &["commit", "-q", "--allow-empty", "--author", &author, "-m", message]);
+        let pushed = self.push();
+        assert!(pushed.ok, "push failed: {}", pushed.stderr);
+        pushed.commit
+    }
+
     /// Pushes the current branch to `refs/heads/<same name>` of the master.
     pub fn push(&self) -> Pushed {
         let branch = git(&self.work, &["symbolic-ref", "--short", "HEAD"]);

@@ -108,6 +108,7 @@ impl StagedBus {
             version: "latest".into(),
             commit: Some(commit.id.clone()),
             tree: Some(commit.tree.clone()),
+            about: None,
         };
         self.publish(&subject::head_subject(DC, Kind::Service, SERVICE), encode(&head));
     }

@@ -155,6 +155,7 @@ fn dc1_rolling_out(nats: &NatsServer) {
         version: "latest".into(),
         commit: Some(NEW.into()),
         tree: None,
+        about: None,
     };
     publish(nats, subject::head_subject("dc1", Kind::Service, "service0"), encode(&head));
     for (host, commit) in [("h1", OLD), ("h2", OLD), ("h3", NEW)] {

@@ -339,7 +339,7 @@ fn commit_refs(targets: &[Target], observed: &BTreeMap<String, Observed>, pushed
 /// Where the hosts of `service` stand in one datacenter, on their way to `commit`.
 /// When the relay rolls `commit` out in waves, a host its rollout does not release
 /// (yet) and that is not at `commit` is held, not pending or failed.
-fn service_progress(seen: &Observed, service: ServiceId, commit: String) -> ServiceProgress {
+pub(crate) fn service_progress(seen: &Observed, service: ServiceId, commit: String) -> ServiceProgress {
     let relay_at = seen.heads.get(&service).and_then(|h| h.commit.clone()).filter(|c| *c != commit);
     let rollout = seen.rollouts.get(&service).filter(|r| r.commit == commit).cloned();
     let reverted = |status: &HostStatus| status.health.as_ref().is_some_and(|h| h.state == HealthState::Reverted);

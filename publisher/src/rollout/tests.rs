@@ -24,6 +24,7 @@ fn head(name: &str, ref_name: &str, commit: &str) -> ServiceHead {
         version: "latest".into(),
         commit: Some(commit.into()),
         tree: None,
+        about: None,
     }
 }
 

@@ -130,7 +130,7 @@ enum Until {
 
 /// Opens a feed of `stream` filtered by `filter`, with how many messages its initial
 /// replay holds; `None` when the stream does not exist.
-async fn open_feed(
+pub(crate) async fn open_feed(
     js: &jetstream::Context,
     stream: &str,
     filter: String,
