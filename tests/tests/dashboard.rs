@@ -1,8 +1,9 @@
 //! `publisher dashboard` in a real browser: Debian's chromium, headless, driven over
 //! the DevTools protocol, against a real pipeline (nats-server, git push, relay, two
 //! hosts, one of whose `--exec` fails). The page lists the datacenter and its service,
-//! follows a push live without a reload, names the failing host and its exit status on
-//! the service's page, and shows a hostile commit subject and author as text.
+//! follows a push live without a reload, says when NATS is away and catches up when it
+//! is back, names the failing host and its exit status on the service's page, and shows
+//! a hostile commit subject and author as text.
 //!
 //! The test saves a screenshot of the page to `target/dashboard.png`; with
 //! `CONFCAST_UPDATE_SCREENSHOT=1` also to `docs/dashboard.png`, the one the README shows:
@@ -96,7 +97,7 @@ fn text(selector: &str) -> String {
 
 #[test]
 fn the_page_follows_a_push_live_names_a_failed_host_and_escapes_what_pushers_wrote() {
-    let dc = Datacenter::with_service0().host_flags(&["--service", "service0", "--host-id", "h0"]).start();
+    let mut dc = Datacenter::with_service0().host_flags(&["--service", "service0", "--host-id", "h0"]).start();
     let nats = dc.nats.url();
     let failing = Subscriber::start_with_exec(&nats, "dc1", &["--service", "service0", "--host-id", "h1"], "exit 3");
     failing.wait_exec("service0", &dc.first);
@@ -137,6 +138,16 @@ fn the_page_follows_a_push_live_names_a_failed_host_and_escapes_what_pushers_wro
         js(&tab, &format!("document.querySelectorAll('{} td.subject *').length", row.replace('\'', "\\'"))),
         "0"
     );
+
+    // NATS restarts: the page says so, then catches up with a push made after it.
+    dc.nats.stop();
+    wait_js(&tab, "document.querySelector('#bus').className", "lost", Duration::from_secs(20));
+    dc.nats.restart();
+    wait_js(&tab, "document.querySelector('#bus').className", "ok", Duration::from_secs(30));
+    let after = dc.master.on("services/service0/master").write("app.conf", "2\n").commit_push("after").commit;
+    dc.host.wait_exec_within("service0", &after, Duration::from_secs(60));
+    wait_js(&tab, &text(&format!("{row} td.commit")), &after[..7], Duration::from_secs(20));
+    assert_eq!(js(&tab, "window.confcastTestMark"), "loaded once", "the page was not reloaded");
 
     // The service's page names the failing host and its exit status.
     let service_page = format!("{}/services/dc1/service/service0", dashboard.url);
