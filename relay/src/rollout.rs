@@ -58,6 +58,8 @@ pub(crate) struct Rollouts {
     states: tokio::sync::Mutex<BTreeMap<ServiceId, RolloutState>>,
     /// The datacenters a commit completes in first (`datacenter.json`), as last resolved.
     after: std::sync::Mutex<Vec<String>>,
+    /// Wakes the engine when a rollout begins or an operator changes one.
+    wake: tokio::sync::Notify,
 }
 
 /// What [`Rollouts::begin`] decided for a service's new commit.
@@ -89,6 +91,7 @@ impl Rollouts {
             peers,
             states: tokio::sync::Mutex::new(states),
             after: std::sync::Mutex::default(),
+            wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -224,6 +227,8 @@ impl Rollouts {
         );
         self.bus.publish_rollout(&service, &id, encode(&state)).await?;
         states.insert(service, state);
+        // The engine looks again: it may have a rollout to follow now, or none.
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -243,23 +248,20 @@ impl Rollouts {
     }
 
     /// Moves every rollout under way on until `stop`: as soon as a host reports (the
-    /// reports travel on core NATS subjects the relay listens to as well, so a wave
-    /// moves on within a moment of its last host's report), and about once a second
-    /// for what time alone decides (a bake's end, a report's timeout) and for reports
-    /// missed while the connection was down.
+    /// reports travel on core NATS subjects the relay listens to while a rollout is
+    /// under way, so a wave moves on within a moment of its last host's report), on a
+    /// bake's end, and about once a second for what time alone decides (a report's
+    /// timeout) and for reports missed while the connection was down. With no rollout
+    /// under way it only waits to be woken ([`Rollouts::wake`]): the default path pays
+    /// nothing for it.
     pub(crate) async fn run(self: Arc<Self>, publisher: Publisher, stop: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let wildcard = subject::status_stream_subjects(&self.dc).remove(0);
-        let mut reports = match self.bus.client().subscribe(wildcard).await {
-            Ok(reports) => Some(reports),
-            Err(e) => {
-                tracing::warn!(dc = %self.dc, error = %e, "cannot listen to the hosts' reports; judging waves once a second");
-                None
-            }
-        };
+        let mut reports: Option<async_nats::Subscriber> = None;
         let mut due: Option<tokio::time::Instant> = None;
+        let mut rolling = self.any_rolling().await;
         loop {
+            self.listen(rolling, &mut reports).await;
             let bake_ends = async {
                 match due {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -272,16 +274,20 @@ impl Rollouts {
                     None => std::future::pending().await,
                 }
             };
+            let ticked = async {
+                match rolling {
+                    true => drop(tick.tick().await),
+                    false => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = tick.tick() => {}
+                () = ticked => {}
                 () = bake_ends => {}
+                () = self.wake.notified() => {}
                 Some(_) = report => {
                     // Reports come in bursts (a wave's hosts at once): one step for all.
                     tokio::time::sleep(REPORTS_SETTLE).await;
                     while let Some(Some(_)) = reports.as_mut().and_then(|r| r.next().now_or_never()) {}
-                    if !self.any_rolling().await {
-                        continue;
-                    }
                 }
                 () = stop.cancelled() => return,
             }
@@ -289,6 +295,25 @@ impl Rollouts {
                 tracing::warn!(dc = %self.dc, error = %confcast_schemas::process::error_chain(&e), "could not move the rollouts on; trying again");
             }
             due = self.next_bake_end().await;
+            rolling = self.any_rolling().await;
+        }
+    }
+
+    /// Listens to the hosts' reports while a rollout is `rolling`, and stops listening
+    /// once none is.
+    async fn listen(&self, rolling: bool, reports: &mut Option<async_nats::Subscriber>) {
+        match (rolling, reports.is_some()) {
+            (true, false) => {
+                let wildcard = subject::status_stream_subjects(&self.dc).remove(0);
+                match self.bus.client().subscribe(wildcard).await {
+                    Ok(subscriber) => *reports = Some(subscriber),
+                    Err(e) => {
+                        tracing::warn!(dc = %self.dc, error = %e, "cannot listen to the hosts' reports; judging waves once a second")
+                    }
+                }
+            }
+            (false, true) => *reports = None,
+            _ => {}
         }
     }
 
