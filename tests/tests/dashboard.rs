@@ -31,10 +31,15 @@ struct Dashboard {
 
 impl Dashboard {
     fn start(nats: &str, log: &Path) -> Dashboard {
+        Dashboard::start_with(nats, log, &[])
+    }
+
+    fn start_with(nats: &str, log: &Path, extra: &[&str]) -> Dashboard {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let child = Command::new(bin("publisher"))
             .args(["dashboard", "--listen", &format!("127.0.0.1:{port}"), "--nats", nats])
+            .args(extra)
             .stderr(std::fs::File::create(log).expect("dashboard log"))
             .spawn()
             .expect("publisher dashboard starts");
@@ -215,6 +220,51 @@ fn a_rollout_in_waves_shows_its_wave_and_timeline_and_a_relay_error_is_listed() 
     let errors = js(&tab, &text("#errors li.error"));
     assert!(errors.contains("typo"), "the error list says {errors:?}");
     screenshot(&tab);
+}
+
+/// POSTs a rollout control to the dashboard; its status and body.
+fn post_control(url: &str, header: bool) -> (u16, String) {
+    confcast_tests::block_on(async {
+        let mut request = reqwest::Client::new().post(url);
+        if header {
+            request = request.header("X-Confcast-Control", "1");
+        }
+        let response = request.send().await.expect("the dashboard answers");
+        (response.status().as_u16(), response.text().await.unwrap_or_default())
+    })
+}
+
+#[test]
+fn with_allow_control_the_dashboard_pauses_a_rollout_through_the_relay() {
+    let staged =
+        r#"{"services":[{"name":"service0","branch":"master"}],"rollout":{"waves":[1,"100%"],"bake_secs":600}}"#;
+    let dc = Datacenter::with_master(|master| {
+        master.configuration("big", staged);
+        master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
+        master.on("services/service0/master").write("app.conf", "0\n").commit_push("first").commit
+    })
+    .host_flags(&["--service", "service0", "--host-id", "h0"])
+    .start();
+    let nats = dc.nats.url();
+    let other = Subscriber::start(&nats, "dc1", &["--service", "service0", "--host-id", "h1"]);
+    other.wait_exec("service0", &dc.first);
+    let pushed = dc.master.on("services/service0/master").write("app.conf", "1\n").commit_push("next").commit;
+    confcast_tests::wait_rollout(&nats, "dc1", "service0", "the rollout", |s| s.commit == pushed);
+    let logs = tempfile::tempdir().expect("tempdir");
+    let read_only = Dashboard::start(&nats, &logs.path().join("read-only.log"));
+    let pause = "/api/v1/control/dc1/service/service0/pause";
+    assert_eq!(post_control(&format!("{}{pause}", read_only.url), true).0, 403, "read-only by default");
+    let dashboard = Dashboard::start_with(&nats, &logs.path().join("control.log"), &["--allow-control"]);
+    let url = format!("{}{pause}", dashboard.url);
+    assert_eq!(post_control(&url, false).0, 403, "a control needs the header a cross-site form cannot send");
+    let (status, body) = wait_for(Duration::from_secs(20), "the dashboard to know the rollout", || {
+        let answer = post_control(&url, true);
+        (answer.0 != 404).then_some(answer)
+    });
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("rolling -> paused"), "{body}");
+    let state = confcast_tests::rollout_state(&nats, "dc1", "service0").expect("state");
+    assert_eq!(state.phase, confcast_schemas::rollout::Phase::Paused);
 }
 
 /// Saves the page as `target/dashboard.png`, and as `docs/dashboard.png` when asked.
