@@ -363,3 +363,39 @@ fn the_push_output_says_the_commit_rolls_out_in_waves_without_waiting_for_the_ba
     assert!(pushed.stderr.contains("rolling out in waves in dc1"), "{}", pushed.stderr);
     assert!(started.elapsed() < Duration::from_secs(15), "the hook does not wait out a 600 s bake");
 }
+
+#[test]
+fn a_canary_whose_check_refuses_the_commit_halts_the_rollout_and_keeps_its_tree() {
+    let nats = NatsServer::start();
+    let master = Master::new(&nats.url());
+    master.configuration("big", CANARY_THEN_ALL);
+    master.datacenter("dc1", r#"{"conf":"datacenter-configuration/big"}"#);
+    let first = master.on("services/service0/master").write("app.conf", "0\n").commit_push("first").commit;
+    let _relay = Relay::start(&nats.url(), "dc1", &master.bare);
+    let check = r#"! grep -q bad "$CONFCAST_DIR/app.conf""#;
+    let hosts: Vec<Subscriber> = (0..2)
+        .map(|i| {
+            let id = format!("h{i}");
+            Subscriber::start(&nats.url(), "dc1", &["--service", "service0", "--host-id", &id, "--check-cmd", check])
+        })
+        .collect();
+    for (i, host) in hosts.iter().enumerate() {
+        host.wait_exec("service0", &first);
+        wait_for(Duration::from_secs(20), "the host to report", || {
+            host_status(&nats.url(), "dc1", &format!("h{i}"), "service0").filter(|s| s.commit.is_some())
+        });
+    }
+    let bad = master.on("services/service0/master").write("app.conf", "bad\n").commit_push("bad").commit;
+    let halted = wait_rollout(&nats.url(), "dc1", "service0", "the refused commit to halt", |s| {
+        s.commit == bad && s.phase == Phase::Halted
+    });
+    let canary = halted.waves[0][0].clone();
+    let why = halted.unhealthy.get(&canary).cloned().unwrap_or_default();
+    assert!(why.contains("--check-cmd"), "the halt names the check: {why:?}");
+    // The refused tree never went live anywhere: both hosts keep the first commit, no exec.
+    std::thread::sleep(Duration::from_secs(2));
+    for host in &hosts {
+        assert!(!host.execs().iter().any(|l| l.contains(&bad)), "no exec of the refused commit");
+        host.assert_tree(&master, "service0", &first);
+    }
+}
