@@ -107,6 +107,30 @@ fn pins_to_missing_branches_and_tags_are_refused() {
 }
 
 #[test]
+fn a_wrong_rollout_policy_is_refused_naming_the_field() {
+    let nats = NatsServer::start();
+    let (master, _) = master_with_web(&nats);
+    let before = master.rev(CONF);
+    let shrinking = r#"{"services":[{"name":"web","branch":"master","rollout":{"waves":["50%","10%","100%"]}}]}"#;
+    assert_refused(
+        &push_document(&master, "datacenter-configuration/web", "datacenter-configuration.json", shrinking),
+        &["confcast: rejected refs/heads/datacenter-configuration/web: datacenter-configuration.json: field \
+           `services[0].rollout.waves[1]`: waves are cumulative"],
+    );
+    let unfinished = r#"{"services":[{"name":"web","branch":"master"}],"rollout":{"waves":[1,"50%"]}}"#;
+    assert_refused(
+        &push_document(&master, "datacenter-configuration/web", "datacenter-configuration.json", unfinished),
+        &["field `rollout.waves`: the last wave must be \"100%\""],
+    );
+    let unknown = r#"{"services":[{"name":"web","branch":"master"}],"rollout":{"waves":["100%"],"bake":30}}"#;
+    assert_refused(
+        &push_document(&master, "datacenter-configuration/web", "datacenter-configuration.json", unknown),
+        &["datacenter-configuration.json", "bake"],
+    );
+    assert_eq!(master.rev(CONF), before, "the ref did not move");
+}
+
+#[test]
 fn deleting_a_pinned_branch_needs_the_override() {
     let nats = NatsServer::start();
     let (master, web) = master_with_web(&nats);
