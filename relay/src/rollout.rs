@@ -39,6 +39,10 @@ use crate::resolve::Target;
 
 /// How often the engine looks at the rollouts under way.
 const TICK: Duration = Duration::from_secs(1);
+/// How recent a host's last report must be for the host to be in a rollout's waves:
+/// hosts report every service at least daily ([`confcast_schemas::message::STATUS_REFRESH`]),
+/// plus an hour of slack.
+const LIVE_REPORT_MS: u64 = (24 + 1) * 3600 * 1000;
 /// How long the engine lets a burst of reports gather before it looks.
 const REPORTS_SETTLE: Duration = Duration::from_millis(50);
 
@@ -146,7 +150,12 @@ impl Rollouts {
         let policy = target.policy.clone().or_else(|| (!after.is_empty()).then(Policy::all_at_once));
         let state = match (&policy, &previous) {
             (Some(policy), Some(_)) => {
-                let hosts: Vec<String> = self.statuses(service).await?.into_keys().collect();
+                // Hosts that follow the service now: a report with a commit in place,
+                // repeated at least daily; a host gone (or that dropped the service)
+                // keeps its last report for days and must not be waited for.
+                let fresh = |s: &HostStatus| s.commit.is_some() && now.saturating_sub(s.at_ms) <= LIVE_REPORT_MS;
+                let statuses = self.statuses(service).await?;
+                let hosts: Vec<String> = statuses.into_iter().filter(|(_, s)| fresh(s)).map(|(h, _)| h).collect();
                 let waves = plan(policy, &self.dc, service, &commit, &hosts);
                 let (phase, reason) = match after.is_empty() {
                     true => (Phase::Rolling, None),
@@ -211,6 +220,19 @@ impl Rollouts {
         }
         self.write(&mut states, state).await?;
         Ok(Begun { staged })
+    }
+
+    /// Ends a rollout under way of a service that left the datacenter: nothing is left to
+    /// roll out, and no host of it is waited for.
+    pub(crate) async fn removed(&self, service: &ServiceId) -> Result<(), BusError> {
+        let mut states = self.states.lock().await;
+        let Some(state) = states.get(service).filter(|s| !s.phase.is_final()).cloned() else { return Ok(()) };
+        let done = RolloutState {
+            phase: Phase::Complete,
+            reason: Some("the service left the datacenter".to_owned()),
+            ..state
+        };
+        self.write(&mut states, done).await
     }
 
     /// Writes `state` (signed like every message of the relay) and records it.
@@ -468,7 +490,9 @@ fn advance(state: &RolloutState, statuses: &BTreeMap<String, HostStatus>, now: u
         });
     }
     if judged.pending > 0 {
-        return None;
+        // A released host that is on its way again (it restarted, say) restarts the
+        // bake once it is back.
+        return state.healthy_since_ms.is_some().then(|| RolloutState { healthy_since_ms: None, ..state.clone() });
     }
     // The last wave that adds hosts needs no bake: nothing comes after it.
     let last = state.waves.iter().rposition(|w| !w.is_empty()).unwrap_or(0);
@@ -590,6 +614,16 @@ mod tests {
         assert_eq!(advance(&next, &healthy, 14_000), None, "b and c have not reported c1 yet");
         let all = reports(&[("a", "c1", true), ("b", "c1", true), ("c", "c1", true)]);
         assert_eq!(advance(&next, &all, 14_000).expect("done").phase, Phase::Complete, "the last wave has no bake");
+    }
+
+    #[test]
+    fn a_host_on_its_way_again_restarts_the_bake() {
+        let s = state(&[&["a"], &["b"]], r#"{"waves": [1, "100%"], "bake_secs": 10}"#);
+        let baking = advance(&s, &reports(&[("a", "c1", true)]), 3_000).expect("the bake starts");
+        let restarted = reports(&[("a", "c0", true)]);
+        let reset = advance(&baking, &restarted, 4_000).expect("the bake is reset");
+        assert_eq!(reset.healthy_since_ms, None);
+        assert_eq!(advance(&reset, &restarted, 5_000), None, "then nothing until it is back");
     }
 
     #[test]

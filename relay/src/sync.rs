@@ -427,6 +427,7 @@ impl Datacenter {
             .map(|(service, _)| service.clone())
             .collect();
         for service in &dropped {
+            self.rollouts.removed(service).await?;
             let head = self.publisher.removal(cause, service, self.heads.get(service)).await?;
             self.set_head(service, head);
         }

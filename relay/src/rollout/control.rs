@@ -129,6 +129,9 @@ fn act(state: &RolloutState, control: &Control, after: bool, now: u64) -> Option
     let resumed = if after { Phase::Waiting } else { Phase::Rolling };
     let restarted = |phase: Phase| RolloutState {
         phase,
+        // Resumed straight into rolling (no datacenter to wait for), its waves are
+        // released from the current one.
+        started: state.started || phase == Phase::Rolling,
         reason: Some(by.clone()),
         wave_started_ms: now,
         healthy_since_ms: None,
@@ -213,6 +216,9 @@ mod tests {
         );
         assert!(act(&state(Phase::Complete), &control(Action::Abort), false, 9).is_none(), "a complete rollout stays");
         assert!(act(&state(Phase::Rolling), &control(Action::Resume), false, 9).is_none());
+        let never_started = RolloutState { started: false, ..paused.clone() };
+        let resumed = act(&never_started, &control(Action::Resume), false, 9).expect("resumes");
+        assert!(resumed.started && resumed.released().count() > 0, "resumed into rolling, its waves are released");
         let following = act(&paused, &control(Action::Resume), true, 9).expect("resumes");
         assert_eq!((following.phase, following.wave), (Phase::Waiting, 1), "waits for the others again");
     }

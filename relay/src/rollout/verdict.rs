@@ -67,7 +67,10 @@ pub(crate) fn verdict(
                 return Verdict::Unhealthy(reason);
             }
         }
-        if at_commit {
+        // A report at the commit before anything judged it (a host that restarted
+        // reports what it has at once, before `--exec` and `--health-cmd` ran again)
+        // says nothing of its health yet.
+        if at_commit && (status.health.is_some() || status.exec_status.is_some()) {
             return Verdict::Healthy;
         }
     }
@@ -126,7 +129,9 @@ mod tests {
         let good = status("c1", true, Some(Health::healthy(5)), 5);
         assert_eq!(verdict("c1", Some(&good), 1, 10, 60_000), Verdict::Healthy);
         let no_checks = status("c1", true, None, 5);
-        assert_eq!(verdict("c1", Some(&no_checks), 1, 10, 60_000), Verdict::Healthy);
+        assert_eq!(verdict("c1", Some(&no_checks), 1, 10, 60_000), Verdict::Healthy, "a good --exec");
+        let unjudged = HostStatus { exec_status: None, ..no_checks };
+        assert_eq!(verdict("c1", Some(&unjudged), 1, 10, 60_000), Verdict::Pending, "a report before any check");
     }
 
     #[test]
