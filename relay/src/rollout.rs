@@ -364,16 +364,22 @@ impl Rollouts {
                 .collect()
         };
         for service in under_way {
-            // Read before the lock: the sync and the controls need not wait for it.
+            // Everything is read without the lock — the hosts' reports, the other
+            // datacenters' rollouts (a peer that does not answer takes seconds) — so a
+            // push or an operator's control never waits for it; the outcome is written
+            // only if the state did not change meanwhile (else the next look decides).
             let statuses = self.statuses(&service).await?;
-            let mut states = self.states.lock().await;
-            let Some(state) = states.get(&service).cloned() else { continue };
+            let Some(state) = self.states.lock().await.get(&service).cloned() else { continue };
             let next = match state.phase {
                 Phase::Waiting => self.after_done(&state).await?,
                 Phase::Rolling => advance(&state, &statuses, now_ms()),
                 _ => None,
             };
             let Some(next) = next else { continue };
+            let mut states = self.states.lock().await;
+            if states.get(&service) != Some(&state) {
+                continue;
+            }
             let (kind, name) = (service.kind, &service.name);
             let (commit, wave, waves) = (&next.commit, next.wave + 1, next.waves.len());
             match next.phase {
